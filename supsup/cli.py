@@ -1,0 +1,126 @@
+"""Command line: the only place that parses argv.
+
+    supsup run CONFIG.yaml [--set key=value ...] [--out DIR] [--resume DIR]
+    supsup eval DIR [--scenario GG|GN|NN] [--set key=value ...]
+    supsup data mnist [--root DIR]
+
+Mistakes in a config or a command are one line on stderr and exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="supsup", description="Supermasks in Superposition: continual learning with 1-bit masks.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="train and evaluate an experiment")
+    run.add_argument("config", nargs="?", help="YAML config (optional with --resume: the checkpoint's config)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key (dotted, e.g. train.iterations=300); repeatable")
+    run.add_argument("--out", help="output directory (default runs/<config name>)")
+    run.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR after its last finished task")
+
+    ev = sub.add_parser("eval", help="evaluate a saved mask bank without training")
+    ev.add_argument("dir", help="a run directory holding checkpoint.pt")
+    ev.add_argument("--scenario", choices=["GG", "GN", "NN"], help="evaluation scenario (default: the run's)")
+    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override evaluation keys (eval.*, inference.*, device)")
+    ev.add_argument("--json", metavar="PATH", help="also write the results to PATH")
+
+    data = sub.add_parser("data", help="provision datasets")
+    data_sub = data.add_subparsers(dest="dataset", required=True)
+    mn = data_sub.add_parser("mnist", help="place real MNIST in torchvision's layout (offline-friendly)")
+    mn.add_argument("--root", help="data root (default $SUPSUP_DATA or ~/.cache/supsup)")
+    return p
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"supsup: error: {message}", file=sys.stderr)
+    return code
+
+
+def _cmd_run(args) -> int:
+    from .checkpoint import CheckpointError, load_checkpoint
+    from .config import apply_overrides, config_from_dict, load_config
+    from .runner import format_table, run_experiment
+
+    if args.resume:
+        out = Path(args.resume)
+        if args.out and Path(args.out) != out:
+            return _fail("--out and --resume name different directories")
+        if args.config:
+            cfg = load_config(args.config, args.overrides)
+        else:
+            _, meta = load_checkpoint(out)
+            cfg = config_from_dict(apply_overrides(meta["config"], args.overrides))
+    else:
+        if not args.config:
+            return _fail("run needs a CONFIG file (or --resume DIR)")
+        cfg = load_config(args.config, args.overrides)
+        out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    try:
+        results = run_experiment(cfg, out, resume=bool(args.resume))
+    except CheckpointError as err:
+        return _fail(str(err))
+    print(format_table(results))
+    print(f"wrote {out}/results.json, {out}/accuracy.png, {out}/config.yaml, {out}/checkpoint.pt")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .runner import evaluate_saved, format_table
+
+    results = evaluate_saved(args.dir, overrides=args.overrides, scenario=args.scenario)
+    print(format_table(results))
+    if args.json:
+        from .checkpoint import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def _cmd_data(args) -> int:
+    from .data.mnist import MNISTUnavailableError, ensure_mnist
+
+    t0 = time.perf_counter()
+    try:
+        root = ensure_mnist(args.root, progress=True)
+    except MNISTUnavailableError as err:
+        print(f"supsup: error: {err}", file=sys.stderr)
+        return 1
+    print(f"MNIST ready in {root / 'MNIST' / 'raw'} ({time.perf_counter() - t0:.2f} s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+
+    try:
+        if args.command == "run":
+            return _cmd_run(args)
+        if args.command == "eval":
+            return _cmd_eval(args)
+        return _cmd_data(args)
+    except (ConfigError, CheckpointError) as err:
+        return _fail(str(err))
+    except KeyboardInterrupt:
+        return _fail("interrupted (the last checkpoint is intact; continue with --resume)", 130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Fast task streams over real MNIST.
+
+MNIST is held once as uint8 tensors on the target device; each task's transform
+(permutation, rotation, class subset) is applied per *batch*, vectorised, never per sample.
+Shuffling uses a local generator seeded by (seed, task id), so batches reproduce bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ..registry import Registry
+from ..rng import make_generator
+from .mnist import MNIST_MEAN, MNIST_STD
+
+__all__ = ["STREAMS", "TaskStream", "PermutedMNIST", "RotatedMNIST", "SplitMNIST", "create_stream",
+           "avalanche_permutations"]
+
+STREAMS: Registry = Registry("benchmark")
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class TaskStream:
+    """A sequence of ``num_tasks`` classification tasks over one image set.
+
+    Inputs come out as float ``(B, 1, 28, 28)`` normalised with MNIST's mean/std; labels as
+    int64 ``(B,)`` in ``[0, num_classes)``.
+    """
+
+    name = "stream"
+    num_classes = 10
+    input_shape: tuple[int, ...] = (1, 28, 28)
+
+    def __init__(self, data: dict[str, torch.Tensor], *, num_tasks: int, seed: int = 0,
+                 device: torch.device | str = "cpu"):
+        self.num_tasks = num_tasks
+        self.seed = seed
+        self.device = torch.device(device)
+        self._images = {"train": data["train_images"].to(self.device), "test": data["test_images"].to(self.device)}
+        self._labels = {"train": data["train_labels"].to(self.device), "test": data["test_labels"].to(self.device)}
+
+    # -- what subclasses define
+    def _indices(self, task_id: int, split: str) -> torch.Tensor | None:
+        """Indices of the task's samples in ``split`` (None: all)."""
+        return None
+
+    def _transform(self, task_id: int, images: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(B, 28, 28)`` -> float ``(B, 1, 28, 28)`` in [0, 1], task transform applied."""
+        return images.unsqueeze(1).float().div_(255.0)
+
+    def _targets(self, task_id: int, labels: torch.Tensor) -> torch.Tensor:
+        return labels
+
+    # -- shared
+    def _check(self, task_id: int) -> None:
+        if not 0 <= task_id < self.num_tasks:
+            raise IndexError(f"task {task_id} out of range: the stream has {self.num_tasks} tasks")
+
+    def num_samples(self, task_id: int, split: str) -> int:
+        idx = self._indices(task_id, split)
+        return self._labels[split].numel() if idx is None else idx.numel()
+
+    def batch(self, task_id: int, split: str, positions: torch.Tensor) -> Batch:
+        """The samples at ``positions`` (within the task's subset) of ``split``, transformed."""
+        self._check(task_id)
+        idx = self._indices(task_id, split)
+        rows = positions if idx is None else idx[positions]
+        x = self._transform(task_id, self._images[split][rows])
+        x = (x - MNIST_MEAN) / MNIST_STD
+        return x, self._targets(task_id, self._labels[split][rows])
+
+    def train_batches(self, task_id: int, iterations: int, batch_size: int,
+                      generator: torch.Generator | None = None) -> Iterator[Batch]:
+        """``iterations`` batches, reshuffling every epoch (the last partial batch is dropped).
+
+        The default generator is derived from (seed, "train_order", task_id).
+        """
+        self._check(task_id)
+        n = self.num_samples(task_id, "train")
+        if batch_size > n:
+            raise ValueError(f"batch_size {batch_size} exceeds the task's {n} training samples")
+        gen = generator if generator is not None else make_generator(self.seed, "train_order", task_id)
+        order = torch.empty(0, dtype=torch.long)
+        pos = 0
+        for _ in range(iterations):
+            if pos + batch_size > order.numel():
+                order = torch.randperm(n, generator=gen).to(self.device)
+                pos = 0
+            yield self.batch(task_id, "train", order[pos: pos + batch_size])
+            pos += batch_size
+
+    def test_batches(self, task_id: int, batch_size: int, max_batches: int | None = None) -> Iterator[Batch]:
+        """The task's test set in order, in batches of ``batch_size`` (the last may be smaller)."""
+        self._check(task_id)
+        n = self.num_samples(task_id, "test")
+        starts = range(0, n, batch_size)
+        if max_batches is not None:
+            starts = starts[:max_batches]
+        for s in starts:
+            yield self.batch(task_id, "test", torch.arange(s, min(n, s + batch_size), device=self.device))
+
+
+def avalanche_permutations(seed: int, num_tasks: int, num_pixels: int = 784) -> list[torch.Tensor]:
+    """The permutations Avalanche's ``PermutedMNIST(seed=seed)`` uses, drawn in order."""
+    rs = np.random.RandomState(seed)
+    return [torch.from_numpy(rs.permutation(num_pixels)).long() for _ in range(num_tasks)]
+
+
+@STREAMS.register("permuted_mnist")
+class PermutedMNIST(TaskStream):
+    """Task ``t`` permutes the 784 pixels with a fixed random permutation (paper Sec. 4.2).
+
+    ``permutation_source="torch"`` draws task ``t``'s permutation from a generator seeded by
+    (seed, t), independent of the other tasks; ``"avalanche"`` reproduces Avalanche's
+    ``PermutedMNIST`` exactly (``np.random.RandomState(seed).permutation(784)`` in order).
+    """
+
+    name = "permuted_mnist"
+
+    def __init__(self, data, *, num_tasks: int, seed: int = 0, device="cpu", permutation_source: str = "torch"):
+        super().__init__(data, num_tasks=num_tasks, seed=seed, device=device)
+        if permutation_source == "torch":
+            perms = [torch.randperm(784, generator=make_generator(seed, "permutation", t)) for t in range(num_tasks)]
+        elif permutation_source == "avalanche":
+            perms = avalanche_permutations(seed, num_tasks)
+        else:
+            raise ValueError(f"unknown permutation_source {permutation_source!r}; known: torch, avalanche")
+        self.permutations = [p.to(self.device) for p in perms]
+
+    def _transform(self, task_id, images):
+        flat = images.reshape(images.shape[0], -1)[:, self.permutations[task_id]]
+        return flat.view(-1, 1, 28, 28).float().div_(255.0)
+
+
+@STREAMS.register("rotated_mnist")
+class RotatedMNIST(TaskStream):
+    """Task ``t`` rotates every image by ``angles[t]`` degrees (nearest, zero fill, as
+    torchvision's ``rotate``). Default angles: evenly spaced over 360 degrees."""
+
+    name = "rotated_mnist"
+
+    def __init__(self, data, *, num_tasks: int, seed: int = 0, device="cpu", angles: Sequence[float] | None = None):
+        super().__init__(data, num_tasks=num_tasks, seed=seed, device=device)
+        if angles is None:
+            angles = [360.0 * t / num_tasks for t in range(num_tasks)]
+        if len(angles) < num_tasks:
+            raise ValueError(f"need {num_tasks} angles, got {len(angles)}")
+        self.angles = [float(a) for a in angles[:num_tasks]]
+
+    def _transform(self, task_id, images):
+        from torchvision.transforms.v2.functional import rotate
+
+        x = images.unsqueeze(1)
+        if self.angles[task_id] % 360 != 0:
+            x = rotate(x, self.angles[task_id])  # batched: one affine grid for the whole batch
+        return x.float().div_(255.0)
+
+
+@STREAMS.register("split_mnist")
+class SplitMNIST(TaskStream):
+    """Task ``t`` holds digits ``2t`` and ``2t + 1``, relabelled 0 and 1."""
+
+    name = "split_mnist"
+    num_classes = 2
+
+    def __init__(self, data, *, num_tasks: int = 5, seed: int = 0, device="cpu"):
+        if not 1 <= num_tasks <= 5:
+            raise ValueError(f"split_mnist has 1 to 5 tasks, got {num_tasks}")
+        super().__init__(data, num_tasks=num_tasks, seed=seed, device=device)
+        self._subsets = {
+            split: [torch.nonzero((self._labels[split] // 2) == t).flatten() for t in range(num_tasks)]
+            for split in ("train", "test")
+        }
+
+    def _indices(self, task_id, split):
+        return self._subsets[split][task_id]
+
+    def _targets(self, task_id, labels):
+        return labels - 2 * task_id
+
+
+def create_stream(name: str, data: dict[str, torch.Tensor], *, num_tasks: int, seed: int = 0,
+                  device: torch.device | str = "cpu", **kwargs) -> TaskStream:
+    """Build a registered stream; ``kwargs`` are stream-specific (angles, permutation_source)."""
+    cls = STREAMS.get(name)
+    return cls(data, num_tasks=num_tasks, seed=seed, device=device, **kwargs)

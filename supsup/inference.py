@@ -1,0 +1,184 @@
+"""Task inference by superposition (paper Sec. 3.3, Algorithms 1 and 2).
+
+With coefficients ``alpha`` over ``k`` candidate masks, the network runs with
+``W_eff = W * sum_i alpha_i M_i``; the task is found from ``d obj / d alpha``:
+
+* ``one_shot``: ``argmin_i d obj / d alpha_i`` at ``alpha = 1/k``;
+* ``binary``: keep the best ``1/log_base`` of the candidates (most negative gradient), reset
+  alpha uniform over the survivors, repeat until one remains.
+
+Fast path (:func:`alpha_gradients`): ``d obj / d alpha_i = sum_l <G_l * W_l, M_{i,l}>`` with
+``G_l = d obj / d W_eff,l`` (eq. 4). ``G_l`` comes from one batched backward pass for ``G``
+inferences at once, and the products with every mask from one chunked pass over the *packed*
+bank (:func:`supsup.masks.bank_matmul`). Memory: O(G * P) floats plus the packed bank; the
+``k x P`` float stack of the original code is never built. :func:`alpha_gradients_reference`
+is the plain float-stack implementation, kept as the test oracle and benchmark reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import masks as M
+from .model import SupermaskModel
+from .objectives import OBJECTIVES
+
+__all__ = ["alpha_gradients", "alpha_gradients_reference", "infer_tasks", "InferenceError"]
+
+
+class InferenceError(ValueError):
+    """Bad input to task inference (e.g. non-finite images, no candidate masks)."""
+
+
+def _check_inputs(x: torch.Tensor) -> None:
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).sum().item()
+        raise InferenceError(f"task inference got {bad} non-finite input values (NaN or inf)")
+
+
+def _layer_weight_grads(model: SupermaskModel, x: torch.Tensor, objective: str, num_classes: int) -> list[torch.Tensor]:
+    """``d obj_g / d W_eff`` per layer, ``(G, *W.shape)``, for inputs ``x`` ``(G, n, ...)`` in
+    the model's current (superposed) mode."""
+    G, n = x.shape[:2]
+    layers = model.masked_layers
+    inputs: dict[int, torch.Tensor] = {}
+    outputs: dict[int, torch.Tensor] = {}
+
+    def hook(i):
+        def fn(module, args, out):
+            inputs[i] = args[0]
+            outputs[i] = out
+        return fn
+
+    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        with torch.enable_grad():  # Avalanche evaluates under no_grad; alpha needs gradients
+            xin = x.reshape(G * n, *x.shape[2:]).detach().requires_grad_(True)
+            logits = model(xin)
+            obj = OBJECTIVES.get(objective)(logits.view(G, n, -1), num_classes).sum()
+            douts = torch.autograd.grad(obj, [outputs[i] for i in range(len(layers))])
+    finally:
+        for h in handles:
+            h.remove()
+    grads = []
+    for i, layer in enumerate(layers):
+        xi = inputs[i].detach()
+        gi = douts[i]
+        grads.append(layer.weight_grad(xi.reshape(G, n, *xi.shape[1:]), gi.reshape(G, n, *gi.shape[1:])))
+    return grads
+
+
+def alpha_gradients(model: SupermaskModel, x: torch.Tensor, alphas: torch.Tensor, *, objective: str,
+                    num_classes: int, packed: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """``d obj_g / d alpha`` for ``G`` independent inferences.
+
+    Args:
+        x: ``(G, n, ...)``: ``n`` images per inference.
+        alphas: ``(G, k)`` coefficients (rows may differ, e.g. during binary search).
+        packed: candidate masks per layer, ``(k, ceil(P_l/8))`` (default: the bank).
+
+    Returns:
+        ``(G, k)`` gradients.
+    """
+    _check_inputs(x)
+    packed = packed if packed is not None else [layer.bank_rows for layer in model.masked_layers]
+    layers = model.masked_layers
+    G, k = alphas.shape
+    if packed[0].shape[0] != k:
+        raise InferenceError(f"alphas cover {k} masks, the candidates hold {packed[0].shape[0]}")
+    if k == 0:
+        raise InferenceError("no candidate masks: learn a task first")
+    alphas = alphas.to(device=x.device, dtype=x.dtype)
+    try:
+        if bool((alphas == alphas[:1]).all()):
+            coefs = [M.bank_weighted_sum(p, alphas[0], layer.num_weights).view_as(layer.weight)
+                     for p, layer in zip(packed, layers)]
+            model.superpose_fixed(coefs)
+            wgrads = _layer_weight_grads(model, x, objective, num_classes)
+        else:
+            coefs = [M.bank_weighted_sum(p, alphas, layer.num_weights) for p, layer in zip(packed, layers)]
+            per_group = []
+            for g in range(G):
+                model.superpose_fixed([c[g].view_as(layer.weight) for c, layer in zip(coefs, layers)])
+                per_group.append(_layer_weight_grads(model, x[g: g + 1], objective, num_classes))
+            wgrads = [torch.cat([pg[i] for pg in per_group]) for i in range(len(layers))]
+            del coefs
+    finally:
+        model.restore_mode()
+    out = x.new_zeros(k, G)
+    for p, layer, gw in zip(packed, layers, wgrads):
+        u = (gw * layer.weight).reshape(G, -1).t().contiguous()  # (P_l, G)
+        out += M.bank_matmul(p, u, layer.num_weights)
+    return out.t()
+
+
+def alpha_gradients_reference(model: SupermaskModel, x: torch.Tensor, alphas: torch.Tensor, *,
+                              objective: str, num_classes: int,
+                              packed: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Float-stack oracle for :func:`alpha_gradients` (the original implementation's method):
+    unpack every mask to a float ``(k, *W.shape)`` stack, ``W_eff = W * sum_i alpha_i M_i``,
+    autograd to alpha. Inputs ``(G, n, ...)``, alphas ``(G, k)``; returns ``(G, k)``."""
+    _check_inputs(x)
+    layers = model.masked_layers
+    packed = packed if packed is not None else [layer.bank_rows for layer in layers]
+    stacks = [M.unpack_bits(p, layer.num_weights).to(layer.weight.dtype).view(-1, *layer.weight.shape)
+              for p, layer in zip(packed, layers)]
+    out = []
+    try:
+        for g in range(alphas.shape[0]):
+            a = alphas[g].detach().clone().to(x.dtype).requires_grad_(True)
+            with torch.enable_grad():
+                coefs = [(a.view(-1, *([1] * layer.weight.dim())) * s).sum(0) for s, layer in zip(stacks, layers)]
+                model.superpose_fixed(coefs)
+                logits = model(x[g])
+                obj = OBJECTIVES.get(objective)(logits.unsqueeze(0), num_classes).sum()
+                out.append(torch.autograd.grad(obj, a)[0])
+    finally:
+        model.restore_mode()
+    return torch.stack(out)
+
+
+def infer_tasks(model: SupermaskModel, x: torch.Tensor, *, method: str = "one_shot", objective: str = "g",
+                num_classes: int = 10, log_base: float = 2.0,
+                packed: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
+    """Infer the task of each of ``G`` groups of images.
+
+    Args:
+        x: ``(G, n, ...)``.
+        method: ``one_shot`` or ``binary``.
+        packed: candidate masks per layer (default: the bank's finished tasks).
+
+    Returns:
+        ``(tasks, steps)``: ``(G,)`` int64 indices into the candidates, and the number of
+        gradient evaluations used (1 for one_shot, at most ``ceil(log_b k)`` for binary).
+    """
+    packed = packed if packed is not None else [layer.bank_rows for layer in model.masked_layers]
+    k = packed[0].shape[0]
+    G = x.shape[0]
+    if k == 0:
+        raise InferenceError("no candidate masks: learn a task first")
+    if k == 1:
+        return torch.zeros(G, dtype=torch.long, device=x.device), 0
+    if method == "one_shot":
+        alphas = torch.full((G, k), 1.0 / k, dtype=x.dtype, device=x.device)
+        grads = alpha_gradients(model, x, alphas, objective=objective, num_classes=num_classes, packed=packed)
+        return grads.argmin(dim=1), 1
+    if method != "binary":
+        raise ValueError(f"unknown inference method {method!r}; known: one_shot, binary")
+    alive = torch.ones(G, k, dtype=torch.bool, device=x.device)
+    steps = 0
+    while True:
+        counts = alive.sum(1)
+        if bool((counts == 1).all()):
+            return alive.float().argmax(dim=1), steps
+        alphas = alive.to(x.dtype) / counts.unsqueeze(1).to(x.dtype)
+        grads = alpha_gradients(model, x, alphas, objective=objective, num_classes=num_classes, packed=packed)
+        steps += 1
+        grads = grads.masked_fill(~alive, math.inf)
+        keep = torch.clamp(torch.ceil(counts.to(torch.float64) / log_base), min=1).long()
+        order = grads.argsort(dim=1, stable=True)
+        ranks = torch.empty_like(order)
+        ranks.scatter_(1, order, torch.arange(k, device=x.device).expand(G, k))
+        alive = ranks < keep.unsqueeze(1)

@@ -1,0 +1,234 @@
+"""Supermask layers: a frozen ``nn.Linear`` / ``nn.Conv2d`` plus per-task masks.
+
+Each wrapper keeps the original module as ``base_layer`` with its weight turned into a
+*buffer*: it is saved with the model but is not a parameter, so no optimizer (Avalanche adds
+every parameter before each experience) can ever touch it. The only parameter is the active
+task's ``scores``. Finished tasks live in ``bank``, 1 bit per weight.
+
+The layer's effective weight depends on the mode the owning :class:`~supsup.model.SupermaskModel`
+sets (the layers have no public setters of their own):
+
+* ``train``: ``W * binarize(scores)`` with a straight-through estimator (paper Sec. 3.1);
+* ``task``: ``W * M_t`` for a mask ``M_t`` read from the bank (cached);
+* ``superpose``: ``W * sum_i alpha_i M_i`` (paper eq. 3), either differentiable in ``alphas``
+  or with a fixed coefficient (the fast batched task-inference path).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import masks as M
+
+__all__ = ["SupermaskLayer", "MaskedLinear", "MaskedConv2d", "wrap_layer", "SUPPORTED_LAYERS"]
+
+
+class _SuperposedMask(torch.autograd.Function):
+    """``coef = alphas @ M`` over a packed bank, with ``d coef / d alpha_i = M_i``.
+
+    Memory is O(P) floats plus the packed bank: the float stack of masks that the original
+    implementation kept (k x P floats) is never built.
+    """
+
+    @staticmethod
+    def forward(ctx, alphas: torch.Tensor, packed: torch.Tensor, num_bits: int) -> torch.Tensor:
+        ctx.save_for_backward(packed)
+        ctx.num_bits = num_bits
+        return M.bank_weighted_sum(packed, alphas, num_bits)
+
+    @staticmethod
+    def backward(ctx, grad_coef: torch.Tensor):
+        (packed,) = ctx.saved_tensors
+        grad = M.bank_matmul(packed, grad_coef.reshape(-1, 1), ctx.num_bits).squeeze(1)
+        return grad, None, None
+
+
+class SupermaskLayer(nn.Module):
+    """Base class: a frozen base layer, the active task's scores and a packed mask bank."""
+
+    base_layer: nn.Module
+
+    def __init__(self, base_layer: nn.Module, *, mask_kind: str = "threshold", density: float = 0.5):
+        super().__init__()
+        weight = base_layer.weight.detach().clone()
+        bias = base_layer.bias.detach().clone() if getattr(base_layer, "bias", None) is not None else None
+        # Turn the frozen parameters into buffers: saved, moved with .to(), never optimised.
+        del base_layer.weight
+        base_layer.register_buffer("weight", weight)
+        if bias is not None:
+            del base_layer.bias
+            base_layer.register_buffer("bias", bias)
+        self.base_layer = base_layer
+        self.mask_kind = mask_kind
+        self.density = density
+        self.scores: nn.Parameter | None = None
+        self.register_buffer("bank", torch.zeros(0, M.packed_nbytes(weight.numel()), dtype=torch.uint8, device=weight.device))
+        self.num_masks = 0
+        self._mode = "idle"
+        self._task_mask: torch.Tensor | None = None  # bool, for mode "task"
+        self._cached_weight: torch.Tensor | None = None
+        self._alphas: torch.Tensor | None = None
+        self._packed: torch.Tensor | None = None  # candidates of the superposition
+        self._coef: torch.Tensor | None = None  # fixed superposition coefficient (fast path)
+
+    # --------------------------------------------------------------- sizes and bank storage
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen weight ``W``."""
+        return self.base_layer.weight
+
+    @property
+    def num_weights(self) -> int:
+        """``P_l``: number of masked weights of this layer."""
+        return self.weight.numel()
+
+    @property
+    def bank_rows(self) -> torch.Tensor:
+        """``(num_masks, ceil(P_l/8))`` uint8: the finished masks, packed."""
+        return self.bank[: self.num_masks]
+
+    def bank_nbytes(self) -> int:
+        """Bytes the bank holds in memory (allocated rows, not only the used ones)."""
+        return self.bank.numel() * self.bank.element_size()
+
+    def reserve(self, capacity: int) -> None:
+        """Grow the bank's storage to ``capacity`` rows (amortised: callers double)."""
+        if capacity <= self.bank.shape[0]:
+            return
+        new = self.bank.new_zeros(capacity, self.bank.shape[1])
+        new[: self.num_masks] = self.bank_rows
+        self.bank = new
+
+    def append_mask(self, mask: torch.Tensor, capacity_hint: int | None = None) -> None:
+        """Store a finished boolean mask at 1 bit per weight."""
+        if mask.shape != self.weight.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(self.weight.shape)}")
+        if self.num_masks == self.bank.shape[0]:
+            # Double (amortised O(1) appends), but never past the model's capacity so that a
+            # full bank holds exactly num_tasks * ceil(P/8) bytes.
+            target = 2 * max(1, self.num_masks)
+            if capacity_hint is not None:
+                target = min(target, capacity_hint)
+            self.reserve(max(self.num_masks + 1, target))
+        self.bank[self.num_masks] = M.pack_bits(mask)
+        self.num_masks += 1
+
+    def stored_mask(self, task_id: int) -> torch.Tensor:
+        """Boolean mask of a finished task, shape of the weight."""
+        if not 0 <= task_id < self.num_masks:
+            raise IndexError(f"no mask for task {task_id}; the bank holds {self.num_masks}")
+        return M.unpack_bits(self.bank[task_id], self.num_weights).view_as(self.weight)
+
+    def current_mask(self) -> torch.Tensor:
+        """Boolean mask of the active scores."""
+        if self.scores is None:
+            raise RuntimeError("no active scores")
+        return M.binarize(self.scores.detach(), self.mask_kind, self.density)
+
+    # ----------------------------------------------------------------------- scores
+    def initial_scores(self, generator: torch.Generator) -> torch.Tensor:
+        """A new task's scores: Kaiming-uniform (a = sqrt(5), nn.Linear's default), drawn on
+        the CPU so that every device gets the same numbers."""
+        scores = torch.empty(self.weight.shape, dtype=self.weight.dtype)
+        nn.init.kaiming_uniform_(scores, a=math.sqrt(5), generator=generator)
+        return scores.to(self.weight.device)
+
+    def init_scores(self, generator: torch.Generator) -> None:
+        """Start training a new task's scores."""
+        self.scores = nn.Parameter(self.initial_scores(generator))
+
+    def scores_from_mask(self, mask: torch.Tensor, magnitude: float) -> None:
+        """Scores that binarise to ``mask`` (to resume training a finished task)."""
+        scores = torch.where(mask, magnitude, -magnitude).to(self.weight.dtype)
+        self.scores = nn.Parameter(scores)
+
+    def release_scores(self) -> None:
+        self.scores = None
+
+    # ------------------------------------------------------------------------ modes
+    def _set_mode(self, mode: str, *, task_mask: torch.Tensor | None = None,
+                  alphas: torch.Tensor | None = None, packed: torch.Tensor | None = None,
+                  coef: torch.Tensor | None = None) -> None:
+        self._mode = mode
+        self._task_mask = task_mask
+        self._cached_weight = None
+        self._alphas = alphas
+        self._packed = packed
+        self._coef = coef
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the current mode uses; shape of ``W``."""
+        mode = self._mode
+        if mode == "train":
+            if self.scores is None:
+                raise RuntimeError("train mode without active scores")
+            return M.masked_weight(self.weight, self.scores, self.mask_kind, self.density)
+        if mode == "task":
+            if self._cached_weight is None:
+                # Same product as in training, so a banked mask gives bitwise-identical outputs.
+                self._cached_weight = self.weight * self._task_mask
+            return self._cached_weight
+        if mode == "superpose":
+            if self._coef is not None:
+                return self.weight * self._coef
+            coef = _SuperposedMask.apply(self._alphas, self._packed, self.num_weights)
+            return self.weight * coef.view_as(self.weight)
+        raise RuntimeError("the layer has no task to run: call add_task, set_task or superpose on the model")
+
+    def extra_repr(self) -> str:
+        return f"mask_kind={self.mask_kind!r}, num_masks={self.num_masks}, mode={self._mode!r}"
+
+
+class MaskedLinear(SupermaskLayer):
+    """A frozen ``nn.Linear`` with supermasks. Input ``(..., in)``, output ``(..., out)``."""
+
+    def __init__(self, base_layer: nn.Linear, **kwargs):
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"MaskedLinear wraps nn.Linear, got {type(base_layer).__name__}")
+        super().__init__(base_layer, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.effective_weight(), self.base_layer.bias)
+
+    def weight_grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+        """``d obj / d W_eff`` per group: ``x`` ``(G, n, in)``, ``grad_out`` ``(G, n, out)`` ->
+        ``(G, out, in)`` = sum over the group's samples of ``grad_out^T x``."""
+        return torch.bmm(grad_out.transpose(1, 2), x)
+
+
+class MaskedConv2d(SupermaskLayer):
+    """A frozen ``nn.Conv2d`` with supermasks. Input ``(N, C, H, W)``."""
+
+    def __init__(self, base_layer: nn.Conv2d, **kwargs):
+        if not isinstance(base_layer, nn.Conv2d):
+            raise TypeError(f"MaskedConv2d wraps nn.Conv2d, got {type(base_layer).__name__}")
+        if base_layer.padding_mode != "zeros":
+            raise TypeError(f"MaskedConv2d supports padding_mode='zeros' only, got {base_layer.padding_mode!r}")
+        super().__init__(base_layer, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.base_layer
+        return F.conv2d(x, self.effective_weight(), b.bias, b.stride, b.padding, b.dilation, b.groups)
+
+    def weight_grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(G, n, C, H, W)``, ``grad_out`` ``(G, n, O, H', W')`` -> ``(G, *W.shape)``."""
+        b = self.base_layer
+        return torch.stack([
+            torch.nn.grad.conv2d_weight(xg, self.weight.shape, gg, b.stride, b.padding, b.dilation, b.groups)
+            for xg, gg in zip(x, grad_out)
+        ])
+
+
+SUPPORTED_LAYERS: dict[type, type[SupermaskLayer]] = {nn.Linear: MaskedLinear, nn.Conv2d: MaskedConv2d}
+
+
+def wrap_layer(layer: nn.Module, **kwargs) -> SupermaskLayer:
+    """Wrap a frozen layer, dispatching on its type (``TypeError`` for anything else)."""
+    for cls, wrapper in SUPPORTED_LAYERS.items():
+        if type(layer) is cls:
+            return wrapper(layer, **kwargs)
+    raise TypeError(f"cannot mask {type(layer).__name__}; supported: {', '.join(c.__name__ for c in SUPPORTED_LAYERS)}")

@@ -1,0 +1,318 @@
+"""SupermaskModel: a frozen random backbone with a bank of per-task supermasks.
+
+State changes only through methods, guarded by :class:`Mode`:
+
+* :meth:`SupermaskModel.add_task` starts a new task (fresh scores, mode ``TRAIN``);
+* :meth:`SupermaskModel.finish_task` packs its mask into the bank (1 bit per weight) and
+  releases the float scores (mode ``IDLE``);
+* :meth:`SupermaskModel.set_task` runs one task's mask (mode ``TASK``);
+* :meth:`SupermaskModel.superpose` runs ``W * sum_i alpha_i M_i`` (mode ``SUPERPOSE``).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from . import masks as M
+from .backbones import create_backbone, init_weights
+from .layers import SupermaskLayer, wrap_layer
+from .rng import make_generator
+
+__all__ = ["Mode", "ModeError", "CapacityError", "SupermaskModel"]
+
+
+class Mode(enum.Enum):
+    IDLE = "idle"  # no task selected: forward raises
+    TRAIN = "train"  # active scores, straight-through gradients
+    TASK = "task"  # one mask (from the bank or the active scores)
+    SUPERPOSE = "superpose"  # weighted sum of several masks
+
+
+class ModeError(RuntimeError):
+    """An operation that the model's current mode does not allow."""
+
+
+class CapacityError(RuntimeError):
+    """The bank already holds ``num_tasks`` masks."""
+
+
+def _wrap_children(module: nn.Module, mask_kind: str, density: float) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, (nn.Linear, nn.Conv2d)):
+            setattr(module, name, wrap_layer(child, mask_kind=mask_kind, density=density))
+        elif isinstance(child, SupermaskLayer):
+            raise TypeError(f"{name} is already a supermask layer")
+        else:
+            if any(True for _ in child.parameters(recurse=False)):
+                raise TypeError(
+                    f"cannot freeze {type(child).__name__} ({name}): only nn.Linear and nn.Conv2d "
+                    "may hold parameters in a SupSup backbone")
+            _wrap_children(child, mask_kind, density)
+
+
+class SupermaskModel(nn.Module):
+    """A frozen backbone whose Linear/Conv2d layers carry per-task supermasks.
+
+    Args:
+        backbone: any module whose only parameterised submodules are ``nn.Linear`` /
+            ``nn.Conv2d``; they are wrapped in place and their weights frozen as buffers.
+        num_tasks: capacity of the mask bank.
+        seed: seeds every task's initial scores, via generators derived from (seed, task id).
+        mask_kind: ``threshold`` or ``topk``.
+        density: fraction kept by ``topk``.
+    """
+
+    def __init__(self, backbone: nn.Module, *, num_tasks: int, seed: int = 0,
+                 mask_kind: str = "threshold", density: float = 0.5):
+        super().__init__()
+        if num_tasks < 1:
+            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+        _wrap_children(backbone, mask_kind, density)
+        self.backbone = backbone
+        self.num_tasks = num_tasks
+        self.seed = seed
+        self.mask_kind = mask_kind
+        self.density = density
+        self._mode = Mode.IDLE
+        self._active_task: int | None = None
+        self._current_task: int | None = None
+        self._num_learned = 0
+        if not self.masked_layers:
+            raise TypeError("the backbone has no nn.Linear or nn.Conv2d layer to mask")
+
+    @classmethod
+    def from_name(cls, backbone: str, *, num_tasks: int, num_outputs: int, seed: int = 0,
+                  input_shape: Sequence[int] = (1, 28, 28), weight_init: str = "signed_constant",
+                  mask_kind: str = "threshold", density: float = 0.5,
+                  device: torch.device | str = "cpu") -> SupermaskModel:
+        """Build a registered backbone, initialise its weights from (seed, "backbone")."""
+        net = create_backbone(backbone, input_shape=input_shape, num_outputs=num_outputs)
+        init_weights(net, weight_init, make_generator(seed, "backbone"))
+        model = cls(net, num_tasks=num_tasks, seed=seed, mask_kind=mask_kind, density=density)
+        return model.to(device)
+
+    # ------------------------------------------------------------------------ properties
+    @property
+    def masked_layers(self) -> list[SupermaskLayer]:
+        return [m for m in self.backbone.modules() if isinstance(m, SupermaskLayer)]
+
+    @property
+    def mode(self) -> Mode:
+        return self._mode
+
+    @property
+    def num_learned_tasks(self) -> int:
+        """Tasks with a mask: finished ones plus the one being trained, if new."""
+        return self._num_learned
+
+    @property
+    def num_banked_tasks(self) -> int:
+        """Masks in the bank (finished tasks)."""
+        return self.masked_layers[0].num_masks
+
+    @property
+    def active_task(self) -> int | None:
+        """The task whose scores are being trained, if any."""
+        return self._active_task
+
+    @property
+    def current_task(self) -> int | None:
+        """The task selected by :meth:`set_task` (mode TASK)."""
+        return self._current_task
+
+    @property
+    def num_masked_weights(self) -> int:
+        """``P``: weights that carry a mask."""
+        return sum(layer.num_weights for layer in self.masked_layers)
+
+    @property
+    def bank_bytes(self) -> int:
+        """Bytes the packed bank holds in memory: ``<= num_tasks * (ceil(P/8) + num_layers)``."""
+        return sum(layer.bank_nbytes() for layer in self.masked_layers)
+
+    @property
+    def device(self) -> torch.device:
+        return self.masked_layers[0].weight.device
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The active task's scores (empty when no task is being trained)."""
+        return [layer.scores for layer in self.masked_layers if layer.scores is not None]
+
+    def frozen_weights_digest(self) -> str:
+        """SHA-256 over every frozen weight and bias, in layer order (the backbone's identity)."""
+        h = hashlib.sha256()
+        for name, buf in self.backbone.named_buffers():
+            if name.endswith("base_layer.weight") or name.endswith("base_layer.bias"):
+                h.update(name.encode())
+                h.update(buf.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    # ------------------------------------------------------------------------ task bank
+    def _set_layers(self, mode: str, **kwargs) -> None:
+        for layer in self.masked_layers:
+            layer._set_mode(mode, **{k: v[layer] if isinstance(v, dict) else v for k, v in kwargs.items()})
+
+    def add_task(self) -> int:
+        """Start the next task: fresh scores from (seed, task id), mode TRAIN. Returns its id."""
+        if self._active_task is not None:
+            raise ModeError(f"task {self._active_task} is still being trained: call finish_task() first")
+        task_id = self._num_learned
+        if task_id >= self.num_tasks:
+            raise CapacityError(f"the bank is full: all {self.num_tasks} tasks are learned")
+        gen = make_generator(self.seed, "scores", task_id)
+        for layer in self.masked_layers:
+            layer.init_scores(gen)
+        self._active_task = task_id
+        self._num_learned += 1
+        self.train_mode()
+        return task_id
+
+    def resume_task(self, task_id: int, magnitude: float = 1e-2) -> None:
+        """Train a finished task again (NN scenario): scores are rebuilt from its mask with
+        ``|score| = magnitude`` and the task's bank row is overwritten by :meth:`finish_task`."""
+        if self._active_task is not None:
+            raise ModeError(f"task {self._active_task} is still being trained: call finish_task() first")
+        if not 0 <= task_id < self.num_banked_tasks:
+            raise IndexError(f"task {task_id} has no mask in the bank")
+        for layer in self.masked_layers:
+            layer.scores_from_mask(layer.stored_mask(task_id), magnitude)
+        self._active_task = task_id
+        self.train_mode()
+
+    def train_mode(self) -> None:
+        """Run the active task's scores with straight-through gradients (mode TRAIN)."""
+        if self._active_task is None:
+            raise ModeError("no task is being trained: call add_task() first")
+        self._set_layers("train")
+        self._mode = Mode.TRAIN
+        self._current_task = self._active_task
+
+    def finish_task(self) -> int:
+        """Freeze the active task's mask into the bank and release its scores."""
+        task_id = self._active_task
+        if task_id is None:
+            raise ModeError("no task is being trained")
+        for layer in self.masked_layers:
+            mask = layer.current_mask()
+            if task_id < layer.num_masks:
+                layer.bank[task_id] = M.pack_bits(mask)
+            else:
+                layer.append_mask(mask, capacity_hint=self.num_tasks)
+            layer.release_scores()
+        self._active_task = None
+        self._set_layers("idle")
+        self._mode = Mode.IDLE
+        self._current_task = None
+        return task_id
+
+    def task_masks(self, task_id: int) -> list[torch.Tensor]:
+        """Boolean masks of a task, one per masked layer."""
+        if task_id == self._active_task:
+            return [layer.current_mask() for layer in self.masked_layers]
+        return [layer.stored_mask(task_id) for layer in self.masked_layers]
+
+    def set_task(self, task_id: int) -> None:
+        """Run task ``task_id``'s mask (mode TASK); the active task uses its current scores."""
+        if not 0 <= task_id < self._num_learned:
+            raise IndexError(f"task {task_id} is not learned; learned tasks: 0..{self._num_learned - 1}")
+        for layer, mask in zip(self.masked_layers, self.task_masks(task_id)):
+            layer._set_mode("task", task_mask=mask)
+        self._mode = Mode.TASK
+        self._current_task = task_id
+
+    # --------------------------------------------------------------------- superposition
+    def candidate_banks(self, *, include_active: bool = False, pad_to: int = 0) -> list[torch.Tensor]:
+        """Packed candidate masks per layer, ``(n, ceil(P_l/8))``: the bank's tasks, then the
+        active task's current mask (if asked), then untrained masks of future task ids (the
+        initial scores they will get from (seed, task id)) until ``n >= pad_to``."""
+        layers = self.masked_layers
+        rows: list[list[torch.Tensor]] = [[layer.bank_rows] for layer in layers]
+        n = self.num_banked_tasks
+        if include_active and self._active_task is not None and self._active_task >= n:
+            for r, layer in zip(rows, layers):
+                r.append(M.pack_bits(layer.current_mask()).unsqueeze(0))
+            n += 1
+        next_id = max(n, self._num_learned)
+        while n < pad_to:
+            gen = make_generator(self.seed, "scores", next_id)
+            for r, layer in zip(rows, layers):
+                scores = layer.initial_scores(gen)
+                r.append(M.pack_bits(M.binarize(scores, layer.mask_kind, layer.density)).unsqueeze(0))
+            n += 1
+            next_id += 1
+        return [torch.cat(r) if len(r) > 1 else r[0] for r in rows]
+
+    def superpose(self, alphas: torch.Tensor, packed: list[torch.Tensor] | None = None) -> None:
+        """Mode SUPERPOSE: effective weights ``W * sum_i alpha_i M_i`` (paper eq. 3).
+
+        Args:
+            alphas: ``(n,)``, may require grad; gradients reach it through the packed bank
+                without a float stack of masks.
+            packed: candidates per layer (default: the bank's finished tasks).
+        """
+        packed = packed if packed is not None else [layer.bank_rows for layer in self.masked_layers]
+        n = packed[0].shape[0]
+        if alphas.shape != (n,):
+            raise ValueError(f"alphas must have shape ({n},), got {tuple(alphas.shape)}")
+        for layer, p in zip(self.masked_layers, packed):
+            layer._set_mode("superpose", alphas=alphas, packed=p)
+        self._mode = Mode.SUPERPOSE
+        self._current_task = None
+
+    def superpose_fixed(self, coefs: list[torch.Tensor]) -> None:
+        """Mode SUPERPOSE with a fixed coefficient per layer (``sum_i alpha_i M_i``, shaped
+        like the weight): used by the batched task-inference path, which computes the alpha
+        gradients itself (:mod:`supsup.inference`)."""
+        for layer, c in zip(self.masked_layers, coefs):
+            layer._set_mode("superpose", coef=c)
+        self._mode = Mode.SUPERPOSE
+        self._current_task = None
+
+    def restore_mode(self) -> None:
+        """Back to TRAIN if a task is being trained, else IDLE (after evaluation/inference)."""
+        if self._active_task is not None:
+            self.train_mode()
+        else:
+            self._set_layers("idle")
+            self._mode = Mode.IDLE
+            self._current_task = None
+
+    # ------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._mode is Mode.IDLE:
+            raise ModeError("no task selected: call add_task(), set_task(t) or superpose(alphas) first")
+        return self.backbone(x)
+
+    # ------------------------------------------------------------------- (de)serialise
+    def bank_state(self) -> dict[str, torch.Tensor]:
+        """Packed bank rows per layer (exactly ``num_banked_tasks`` rows each)."""
+        return {f"bank.{i}": layer.bank_rows.detach().cpu().clone() for i, layer in enumerate(self.masked_layers)}
+
+    def load_bank_state(self, state: dict[str, torch.Tensor], num_learned: int | None = None) -> None:
+        """Replace the bank (strict: every layer, right shapes, uint8)."""
+        if self._active_task is not None:
+            raise ModeError("cannot load a bank while a task is being trained")
+        layers = self.masked_layers
+        expected = {f"bank.{i}" for i in range(len(layers))}
+        if set(state) != expected:
+            raise ValueError(f"bank state has keys {sorted(state)}, expected {sorted(expected)}")
+        rows = {state[f"bank.{i}"].shape[0] for i in range(len(layers))}
+        if len(rows) != 1:
+            raise ValueError(f"bank layers hold different numbers of masks: {sorted(rows)}")
+        (k,) = rows
+        if k > self.num_tasks:
+            raise ValueError(f"bank holds {k} masks, more than the model's capacity {self.num_tasks}")
+        for i, layer in enumerate(layers):
+            t = state[f"bank.{i}"]
+            want = (k, M.packed_nbytes(layer.num_weights))
+            if t.dtype != torch.uint8 or tuple(t.shape) != want:
+                raise ValueError(f"bank.{i}: expected uint8 {want}, got {t.dtype} {tuple(t.shape)}")
+            layer.bank = t.to(layer.weight.device).clone()
+            layer.num_masks = k
+        self._num_learned = k if num_learned is None else num_learned
+        self.restore_mode()

@@ -1,0 +1,35 @@
+"""Task-inference objectives over logits, evaluated per group of images.
+
+Both take ``logits`` of shape ``(G, n, C_out)`` (``G`` independent inferences of ``n`` images)
+and return ``(G,)``; the task is found by following the gradient of the objective with respect
+to the superposition coefficients alpha (paper Sec. 3.3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .registry import Registry
+
+__all__ = ["OBJECTIVES", "entropy", "superfluous_g"]
+
+OBJECTIVES: Registry[Callable[[torch.Tensor, int], torch.Tensor]] = Registry("objective")
+
+
+@OBJECTIVES.register("entropy")
+def entropy(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """H: mean over the group's images of the entropy of ``softmax(logits)`` (all outputs)."""
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1).mean(-1)
+
+
+@OBJECTIVES.register("g")
+def superfluous_g(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """G: ``logsumexp`` of the outputs with the real-class logits detached, so only the
+    superfluous neurons (outputs ``num_classes:``) drive the gradient (paper Sec. 3.5)."""
+    if logits.shape[-1] <= num_classes:
+        raise ValueError(f"objective 'g' needs superfluous neurons: {logits.shape[-1]} outputs for {num_classes} classes")
+    z = torch.cat([logits[..., :num_classes].detach(), logits[..., num_classes:]], dim=-1)
+    return torch.logsumexp(z, dim=-1).mean(-1)

@@ -1,0 +1,346 @@
+"""One experiment end to end: build, train task after task, checkpoint, evaluate, report.
+
+Output directory layout::
+
+    DIR/config.yaml       the resolved config
+    DIR/checkpoint.pt     packed bank + state after the last finished task (supsup.checkpoint)
+    DIR/results.json      per-task and mean accuracies, timings, bank size
+    DIR/accuracy.png      accuracy per task
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
+from .config import RunConfig, config_from_dict, config_to_dict, save_config
+from .model import SupermaskModel
+from .training import (
+    NNState,
+    evaluate_given_task,
+    evaluate_inferred,
+    make_optimizer,
+    mask_to_task,
+    safe_mean,
+    train_nn_segment,
+    train_task,
+)
+
+__all__ = ["run_experiment", "evaluate_saved", "build_model", "build_stream", "resolve_device", "format_table"]
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+def build_stream(cfg: RunConfig, device: torch.device, *, progress: bool = True):
+    from .data.mnist import load_mnist
+    from .data.streams import create_stream
+
+    data = load_mnist(cfg.benchmark.data_root, progress=progress)
+    kwargs: dict[str, Any] = {}
+    if cfg.benchmark.name == "permuted_mnist":
+        kwargs["permutation_source"] = cfg.benchmark.permutation_source
+    elif cfg.benchmark.name == "rotated_mnist":
+        kwargs["angles"] = cfg.benchmark.angles
+    return create_stream(cfg.benchmark.name, data, num_tasks=cfg.benchmark.num_tasks, seed=cfg.seed,
+                         device=device, **kwargs)
+
+
+def build_model(cfg: RunConfig, device: torch.device, input_shape=(1, 28, 28)) -> SupermaskModel:
+    return SupermaskModel.from_name(
+        cfg.model.backbone, num_tasks=cfg.benchmark.num_tasks, num_outputs=cfg.model.num_outputs,
+        seed=cfg.seed, input_shape=input_shape, weight_init=cfg.model.weight_init,
+        mask_kind=cfg.mask.kind, density=cfg.mask.density, device=device)
+
+
+def _model_identity(cfg: RunConfig, model: SupermaskModel) -> dict[str, Any]:
+    return {"backbone": cfg.model.backbone, "weight_init": cfg.model.weight_init, "seed": cfg.seed,
+            "num_outputs": cfg.model.num_outputs, "num_tasks": model.num_tasks,
+            "mask_kind": cfg.mask.kind, "num_masked_weights": model.num_masked_weights,
+            "layer_shapes": [list(layer.weight.shape) for layer in model.masked_layers],
+            "frozen_weights_sha256": model.frozen_weights_digest()}
+
+
+def _new_results(cfg: RunConfig) -> dict[str, Any]:
+    return {"scenario": cfg.scenario, "benchmark": cfg.benchmark.name, "num_tasks": cfg.benchmark.num_tasks,
+            "backend": cfg.backend, "method": cfg.method, "backbone": cfg.model.backbone,
+            "tasks": [], "mean_acc_given_task": None, "mean_acc_inferred": None, "task_inference_acc": None,
+            "num_detected_tasks": None, "train_seconds": 0.0, "eval_seconds": 0.0,
+            "bank_bytes": None, "num_masked_weights": None, "supsup_version": __version__}
+
+
+def _task_row(task_id: int) -> dict[str, Any]:
+    return {"task_id": task_id, "acc_given_task": None, "acc_inferred": None, "task_inference_acc": None}
+
+
+# Config keys that may differ between a checkpoint and a resumed run (they do not change results).
+_RESUME_FREE = {"progress", "device"}
+
+
+def _config_mismatch(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        dotted = f"{prefix}{key}"
+        if dotted in _RESUME_FREE:
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_mismatch(a, b, f"{dotted}.")
+        elif a != b:
+            out.append(f"{dotted} (checkpoint: {a!r}, now: {b!r})")
+    return out
+
+
+def _checkpoint(out: Path, cfg: RunConfig, model: SupermaskModel, results: dict, loop: dict,
+                extra_tensors: dict[str, Any] | None = None) -> None:
+    tensors: dict[str, Any] = dict(model.bank_state())
+    if extra_tensors:
+        tensors.update(extra_tensors)
+    meta = {"supsup_version": __version__, "config": config_to_dict(cfg), "model": _model_identity(cfg, model),
+            "results": results, "loop": loop}
+    save_checkpoint(out, tensors, meta)
+
+
+def _restore(out: Path, cfg: RunConfig, model: SupermaskModel) -> tuple[dict, dict, dict]:
+    tensors, meta = load_checkpoint(out)
+    problems = _config_mismatch(meta.get("config", {}), config_to_dict(cfg))
+    if problems:
+        raise CheckpointError(f"checkpoint in {out} was made with a different config: " + "; ".join(problems))
+    saved_id, now_id = meta.get("model", {}), _model_identity(cfg, model)
+    for key in now_id:
+        if saved_id.get(key) != now_id[key]:
+            raise CheckpointError(f"checkpoint in {out} does not match this model: {key} is {saved_id.get(key)!r} "
+                                  f"in the checkpoint, {now_id[key]!r} here")
+    bank = {k: v for k, v in tensors.items() if k.startswith("bank.")}
+    try:
+        model.load_bank_state(bank, num_learned=meta["loop"].get("num_learned"))
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"checkpoint in {out} has an unusable mask bank: {err}") from None
+    return tensors, meta["results"], meta["loop"]
+
+
+def run_experiment(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False) -> dict[str, Any]:
+    """Run ``cfg`` into ``out_dir`` (see the module docstring); returns results.json's content."""
+    if cfg.backend == "avalanche":
+        from .integrations.avalanche import run_avalanche_experiment
+
+        return run_avalanche_experiment(cfg, out_dir, resume=resume)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume and (out / "checkpoint.pt").exists():
+        raise CheckpointError(f"{out} already holds a run; pass --resume {out} to continue it or choose another --out")
+    device = resolve_device(cfg.device)
+    stream = build_stream(cfg, device, progress=cfg.progress)
+    model = build_model(cfg, device)
+    num_classes = stream.num_classes
+    results = _new_results(cfg)
+    loop: dict[str, Any] = {"next_task": 0, "num_learned": 0}
+    tensors: dict[str, Any] = {}
+    if resume:
+        tensors, results, loop = _restore(out, cfg, model)
+        log.info("resuming %s after task %d", out, loop["next_task"] - 1)
+    save_config(cfg, out / "config.yaml")
+
+    if cfg.scenario in ("GG", "GN"):
+        for task_id in range(loop["next_task"], cfg.benchmark.num_tasks):
+            t0 = time.perf_counter()
+            train_task(model, stream, task_id, cfg.train, progress=cfg.progress)
+            results["train_seconds"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            acc, _ = evaluate_given_task(model, stream, task_id, cfg.eval, num_classes=num_classes)
+            results["eval_seconds"] += time.perf_counter() - t0
+            row = _task_row(task_id)
+            row["acc_given_task"] = acc
+            results["tasks"].append(row)
+            loop = {"next_task": task_id + 1, "num_learned": model.num_learned_tasks}
+            _checkpoint(out, cfg, model, results, loop)
+            log.info("task %d: acc_given_task %.4f", task_id, acc)
+    else:
+        _run_nn(cfg, out, model, stream, results, loop, tensors)
+
+    t0 = time.perf_counter()
+    _final_evaluation(cfg, model, stream, results)
+    results["eval_seconds"] += time.perf_counter() - t0
+    results["bank_bytes"] = model.bank_bytes
+    results["num_masked_weights"] = model.num_masked_weights
+    write_report(out, results)
+    return results
+
+
+def _run_nn(cfg, out, model, stream, results, loop, tensors) -> None:
+    state = NNState.from_dict(loop["nn"]) if "nn" in loop else NNState()
+    optimizer = None
+    if loop.get("active_task") is not None:
+        # Mid-stream checkpoint: the active mask's scores and optimizer state.
+        model.resume_task(loop["active_task"]) if loop["active_task"] < model.num_banked_tasks else model.add_task()
+        for layer, key in zip(model.masked_layers, sorted(k for k in tensors if k.startswith("scores."))):
+            with torch.no_grad():
+                layer.scores.copy_(tensors[key].to(layer.weight.device))
+        optimizer = make_optimizer(model.trainable_parameters(), cfg.train)
+        optimizer.load_state_dict(tensors["optimizer"])
+
+    def factory():
+        return make_optimizer(model.trainable_parameters(), cfg.train)
+
+    for true_task in range(loop["next_task"], cfg.benchmark.num_tasks):
+        t0 = time.perf_counter()
+        optimizer = train_nn_segment(model, factory, optimizer,
+                                     stream.train_batches(true_task, cfg.train.iterations, cfg.train.batch_size),
+                                     true_task, state, cfg.nn, total=cfg.train.iterations, progress=cfg.progress)
+        results["train_seconds"] += time.perf_counter() - t0
+        loop = {"next_task": true_task + 1, "num_learned": model.num_learned_tasks,
+                "active_task": model.active_task, "nn": state.to_dict()}
+        extra = {f"scores.{i:03d}": layer.scores.detach().cpu().clone() for i, layer in enumerate(model.masked_layers)}
+        extra["optimizer"] = optimizer.state_dict()
+        _checkpoint(out, cfg, model, results, loop, extra)
+    if model.active_task is not None:
+        model.finish_task()
+    results["num_detected_tasks"] = model.num_learned_tasks
+    results["nn_allocations"] = state.allocations
+    results["mask_to_task"] = {str(m): t for m, t in sorted(mask_to_task(state.counts).items())}
+    results["nn_counts"] = {str(m): {str(t): c for t, c in sorted(d.items())} for m, d in sorted(state.counts.items())}
+
+
+def _final_evaluation(cfg: RunConfig, model: SupermaskModel, stream, results: dict) -> None:
+    """GG (and GN/NN task-inferred) accuracy of every task with the final bank."""
+    num_classes = stream.num_classes
+    rows = {r["task_id"]: r for r in results["tasks"]}
+    if cfg.scenario == "NN":
+        m2t = {int(m): t for m, t in results["mask_to_task"].items()}
+        t2m = {}
+        for m, t in sorted(m2t.items()):
+            t2m.setdefault(t, m)
+    for task_id in range(cfg.benchmark.num_tasks):
+        row = rows.setdefault(task_id, _task_row(task_id))
+        if cfg.scenario == "NN":
+            mask = t2m.get(task_id)
+            per_batch = None
+            if mask is not None:
+                row["acc_given_task"], per_batch = evaluate_given_task(
+                    model, stream, task_id, cfg.eval, num_classes=num_classes, mask_id=mask)
+            res = evaluate_inferred(model, stream, task_id, cfg.eval, cfg.inference, num_classes=num_classes,
+                                    task_map=lambda m: m2t.get(m, -1))
+            row["acc_inferred"], row["task_inference_acc"] = res["acc_inferred"], res["task_inference_acc"]
+            continue
+        row["acc_given_task"], per_batch = evaluate_given_task(model, stream, task_id, cfg.eval, num_classes=num_classes)
+        if cfg.scenario == "GN":
+            res = evaluate_inferred(model, stream, task_id, cfg.eval, cfg.inference, num_classes=num_classes,
+                                    per_batch_given=per_batch)
+            row["acc_inferred"], row["task_inference_acc"] = res["acc_inferred"], res["task_inference_acc"]
+    results["tasks"] = [rows[t] for t in sorted(rows)]
+    results["mean_acc_given_task"] = safe_mean([r["acc_given_task"] for r in results["tasks"]])
+    if cfg.scenario != "GG":
+        results["mean_acc_inferred"] = safe_mean([r["acc_inferred"] for r in results["tasks"]])
+        results["task_inference_acc"] = safe_mean([r["task_inference_acc"] for r in results["tasks"]])
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A plain-text summary table of results.json."""
+    def f(v):
+        return "   -  " if v is None else f"{v:.4f}"
+
+    lines = [f"{results['benchmark']} | scenario {results['scenario']} | {results.get('method', 'supsup')} "
+             f"| {results['num_tasks']} tasks",
+             "task  acc_given_task  acc_inferred  task_inference_acc"]
+    for r in results["tasks"]:
+        lines.append(f"{r['task_id']:>4}  {f(r['acc_given_task']):>14}  {f(r['acc_inferred']):>12}  {f(r['task_inference_acc']):>18}")
+    lines.append(f"mean  {f(results['mean_acc_given_task']):>14}  {f(results['mean_acc_inferred']):>12}  {f(results['task_inference_acc']):>18}")
+    extra = []
+    if results.get("num_detected_tasks") is not None:
+        extra.append(f"detected tasks: {results['num_detected_tasks']}")
+    if results.get("bank_bytes") is not None:
+        extra.append(f"bank: {results['bank_bytes'] / 1e6:.2f} MB for {results['num_masked_weights']:,} masked weights")
+    extra.append(f"train {results['train_seconds']:.1f} s, eval {results['eval_seconds']:.1f} s")
+    lines.append(" | ".join(extra))
+    return "\n".join(lines)
+
+
+def plot_accuracy(results: dict[str, Any], path: str | os.PathLike) -> None:
+    """accuracy.png: accuracy per task (task given, and task inferred when available)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    tasks = [r["task_id"] for r in results["tasks"]]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.25 * len(tasks) + 3), 3.6), dpi=120)
+    given = [r["acc_given_task"] for r in results["tasks"]]
+    if any(v is not None for v in given):
+        ax.plot(tasks, [float("nan") if v is None else v for v in given], "o-", label="task given (GG)")
+    inferred = [r["acc_inferred"] for r in results["tasks"]]
+    if any(v is not None for v in inferred):
+        ax.plot(tasks, [float("nan") if v is None else v for v in inferred], "s--", label="task inferred")
+    ax.set_xlabel("task")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"{results['benchmark']} ({results['scenario']}, {results.get('method', 'supsup')})")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_report(out: Path, results: dict[str, Any]) -> None:
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    plot_accuracy(results, out / "accuracy.png")
+
+
+def evaluate_saved(out_dir: str | os.PathLike, *, overrides: list[str] = (), scenario: str | None = None) -> dict[str, Any]:
+    """``supsup eval``: evaluate a saved bank without training (GG, or GN with inference)."""
+    out = Path(out_dir)
+    _, meta = load_checkpoint(out)
+    from .config import apply_overrides
+
+    data = meta["config"]
+    if scenario is not None:
+        data = dict(data, scenario=scenario)
+    data = apply_overrides(data, list(overrides))
+    cfg = config_from_dict(data)
+    # Evaluation-only keys may change; everything that defines the model must not.
+    base = config_from_dict(meta["config"])
+    for section in ("model", "mask"):
+        if getattr(cfg, section) != getattr(base, section):
+            raise CheckpointError(f"{section}.* cannot change when evaluating a saved bank")
+    if cfg.seed != base.seed or cfg.benchmark != base.benchmark:
+        raise CheckpointError("seed and benchmark.* cannot change when evaluating a saved bank")
+    if cfg.scenario == "NN" and base.scenario != "NN":
+        raise CheckpointError("scenario NN needs a bank trained in NN")
+    device = resolve_device(cfg.device)
+    stream = build_stream(cfg, device, progress=cfg.progress)
+    model = build_model(cfg, device)
+    tensors, meta = load_checkpoint(out)
+    restored = dataclasses.replace(cfg, scenario=base.scenario, eval=base.eval, inference=base.inference)
+    _, results, loop = _restore(out, restored, model)
+    if model.active_task is None and model.num_banked_tasks < cfg.benchmark.num_tasks and cfg.scenario != "NN":
+        log.warning("the bank holds %d of %d tasks; evaluating those", model.num_banked_tasks, cfg.benchmark.num_tasks)
+    results = dict(results)
+    results["scenario"] = cfg.scenario
+    learned = model.num_banked_tasks
+    results["tasks"] = [r for r in results["tasks"] if r["task_id"] < learned]
+    if cfg.scenario != "NN":
+        cfg = dataclasses.replace(cfg, benchmark=dataclasses.replace(cfg.benchmark, num_tasks=learned))
+    t0 = time.perf_counter()
+    _final_evaluation(cfg, model, stream, results)
+    results["eval_seconds"] = time.perf_counter() - t0
+    results["bank_bytes"] = model.bank_bytes
+    results["num_masked_weights"] = model.num_masked_weights
+    return results
