@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from ._faults import maybe_crash
+
 __all__ = ["CheckpointError", "CHECKPOINT_NAME", "atomic_write_bytes", "atomic_write_text", "save_checkpoint", "load_checkpoint"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -35,14 +37,18 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt, or does not match the run."""
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, _crash_point: str | None = None) -> None:
     """Write ``data`` to ``path`` atomically (temporary file, fsync, rename, fsync dir)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            f.write(data[: len(data) // 2])
+            f.flush()
+            if _crash_point:
+                maybe_crash(_crash_point)
+            f.write(data[len(data) // 2:])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -69,7 +75,7 @@ def save_checkpoint(directory: str | os.PathLike, tensors: dict[str, Any], meta:
     torch.save({"tensors": tensors, "meta": json.dumps(meta, sort_keys=True)}, buf)
     payload = buf.getvalue()
     path = Path(directory) / CHECKPOINT_NAME
-    atomic_write_bytes(path, _MAGIC + hashlib.sha256(payload).digest() + payload)
+    atomic_write_bytes(path, _MAGIC + hashlib.sha256(payload).digest() + payload, _crash_point="checkpoint_write")
     return path
 
 

@@ -76,6 +76,10 @@ def masked_weight(weight: torch.Tensor, scores: torch.Tensor, kind: str = "thres
                   density: float = 0.5) -> torch.Tensor:
     """Effective weight ``W * binarize(scores)``; gradients flow to ``scores`` only (STE)."""
     mask = binarize(scores.detach(), kind, density)
+    if kind == "topk":
+        # edge-popup ranks |scores|: the straight-through gradient reaches |scores|, and
+        # scores through d|s|/ds = sign(s) (without it a pruned negative score would grow).
+        return _MaskedWeight.apply(scores.abs(), weight, mask)
     return _MaskedWeight.apply(scores, weight, mask)
 
 

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from . import __version__
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
-from .config import RunConfig, config_from_dict, config_to_dict, save_config
+from .config import RunConfig, config_from_dict, config_to_dict
 from .model import SupermaskModel
 from .training import (
     NNState,
@@ -156,7 +157,7 @@ def run_experiment(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool =
     if resume:
         tensors, results, loop = _restore(out, cfg, model)
         log.info("resuming %s after task %d", out, loop["next_task"] - 1)
-    save_config(cfg, out / "config.yaml")
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
     if cfg.scenario in ("GG", "GN"):
         for task_id in range(loop["next_task"], cfg.benchmark.num_tasks):

@@ -1,0 +1,25 @@
+"""Fault injection for the crash-safety tests (inactive unless ``SUPSUP_CRASH_AT`` is set).
+
+``SUPSUP_CRASH_AT=checkpoint_write:N`` kills the process with SIGKILL in the middle of the
+N-th atomic file write (after half of the temporary file is written, before the rename), so
+tests can check that an interrupted write never damages the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_calls: dict[str, int] = {}  # per-process call counters; only read when the variable is set
+
+
+def maybe_crash(point: str) -> None:
+    spec = os.environ.get("SUPSUP_CRASH_AT")
+    if not spec:
+        return
+    name, _, nth = spec.partition(":")
+    if name != point:
+        return
+    _calls[point] = _calls.get(point, 0) + 1
+    if _calls[point] == int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,136 @@
+"""Config loading: clean one-line errors naming the key, overrides, round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from supsup import config as C
+from supsup.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+)
+
+
+def test_defaults_and_round_trip(tmp_path):
+    cfg = RunConfig()
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+    path = tmp_path / "c.yaml"
+    C.save_config(cfg, path)
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path("configs").glob("*.yaml")))
+def test_shipped_configs_are_valid(path):
+    load_config(path)
+
+
+def test_required_key_names_exist():
+    data = config_to_dict(RunConfig())
+    for key in ["seed", "scenario", "benchmark.name", "benchmark.num_tasks", "model.backbone", "model.num_outputs",
+                "model.weight_init", "mask.kind", "mask.density", "train.iterations", "train.batch_size",
+                "train.lr", "train.optimizer"]:
+        node = data
+        for part in key.split("."):
+            node = node[part]
+
+
+def test_registries_match_config_choices():
+    from supsup.backbones import BACKBONES, WEIGHT_INITS
+    from supsup.data.streams import STREAMS
+    from supsup.objectives import OBJECTIVES
+
+    assert sorted(C.BACKBONES) == BACKBONES.names()
+    assert sorted(C.WEIGHT_INITS) == WEIGHT_INITS.names()
+    assert sorted(C.BENCHMARKS) == STREAMS.names()
+    assert sorted(C.OBJECTIVES) == OBJECTIVES.names()
+
+
+@pytest.mark.parametrize("overrides, key, fragment", [
+    (["train.iteratons=3"], "train.iteratons", "did you mean train.'iterations'"),
+    (["trian.lr=1"], "trian", "did you mean 'train'"),
+    (["train.iterations=abc"], "train.iterations", "expected an integer"),
+    (["train.iterations=0"], "train.iterations", ">= 1"),
+    (["train.lr=-1"], "train.lr", "> 0.0"),
+    (["train.lr=nan"], "train.lr", "finite"),
+    (["mask.kind=top"], "mask.kind", "did you mean 'topk'"),
+    (["mask.kind=topk", "mask.density=0"], "mask.density", "> 0.0"),
+    (["mask.density=1.5"], "mask.density", "<= 1.0"),
+    (["scenario=GN", "model.num_outputs=10", "inference.objective=g"], "inference.objective", "superfluous"),
+    (["scenario=GN", "inference.num_images=200"], "inference.num_images", "eval.batch_size"),
+    (["benchmark.name=split_mnist", "benchmark.num_tasks=6"], "benchmark.num_tasks", "at most 5"),
+    (["progress=yes please"], "progress", "true or false"),
+    (["benchmark=3"], "benchmark", "is a section"),
+    (["seed"], "seed", "key=value"),
+])
+def test_bad_values_name_the_key(overrides, key, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert err.value.key == key
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_overrides_are_typed_and_ordered():
+    cfg = load_config(None, ["benchmark.num_tasks=3", "train.iterations=300", "train.lr=1e-3",
+                             "benchmark.angles=[0, 90, 180]", "train.iterations=301"])
+    assert cfg.benchmark.num_tasks == 3 and cfg.train.iterations == 301 and cfg.train.lr == 1e-3
+    assert cfg.benchmark.angles == [0.0, 90.0, 180.0]
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6),
+                     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
+                     st.lists(st.integers(-5, 5), max_size=3))
+_keys = st.sampled_from(sorted(
+    [f.name for f in dataclasses.fields(RunConfig) if not dataclasses.is_dataclass(f.type)]
+    + [f"{s}.{f.name}" for s in ("benchmark", "model", "mask", "train", "inference", "eval", "nn")
+       for f in dataclasses.fields(type(getattr(RunConfig(), s)))]
+    + ["bogus", "train.bogus"]))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(_keys, _scalars, max_size=4))
+def test_random_values_give_clean_errors_or_valid_configs(values):
+    data: dict = {}
+    for key, value in values.items():
+        parts = key.split(".")
+        node = data
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}  # a section given as a scalar earlier: replace it
+            node = node[part]
+        node[parts[-1]] = value
+    text = yaml.safe_dump(data)
+    try:
+        cfg = config_from_dict(yaml.safe_load(text))
+    except ConfigError as err:
+        assert str(err) and "\n" not in str(err)
+        return
+    assert isinstance(cfg, RunConfig)
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_apply_overrides_does_not_mutate_input():
+    base = {"train": {"iterations": 5}}
+    apply_overrides(base, ["train.iterations=7"])
+    assert base == {"train": {"iterations": 5}}

@@ -1,0 +1,203 @@
+"""SupermaskModel invariants on small synthetic data (fast)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from supsup.inference import alpha_gradients, alpha_gradients_reference, infer_tasks
+from supsup.model import CapacityError, Mode, ModeError, SupermaskModel
+
+
+def _data(seed=0, n=64, shape=(1, 28, 28)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def _train(model, x, y, steps=5, lr=1e-2):
+    opt = torch.optim.RMSprop(model.trainable_parameters(), lr=lr)
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _model(backbone="lenet_300_100", num_tasks=4, num_outputs=20, seed=0, **kw):
+    return SupermaskModel.from_name(backbone, num_tasks=num_tasks, num_outputs=num_outputs, seed=seed, **kw)
+
+
+@pytest.mark.parametrize("backbone", ["lenet_300_100", "fc_300_300", "conv4"])
+def test_frozen_weights_unchanged_and_not_parameters(backbone):
+    model = _model(backbone)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "base_layer" in k}
+    assert before, "frozen weights must be saved in the state dict"
+    x, y = _data()
+    for _ in range(2):
+        model.add_task()
+        _train(model, x, y)
+        model.finish_task()
+    after = {k: v for k, v in model.state_dict().items() if "base_layer" in k}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # Avalanche adds every parameter to its optimizer: the frozen weights must not be among them.
+    assert all("scores" in name for name, _ in model.named_parameters())
+    assert list(model.parameters()) == []  # no task active: nothing trainable
+
+
+def test_only_active_scores_get_gradients():
+    model = _model()
+    x, y = _data()
+    model.add_task()
+    _train(model, x, y)
+    model.finish_task()
+    model.add_task()
+    params = list(model.parameters())
+    assert len(params) == len(model.masked_layers)
+    F.cross_entropy(model(x), y).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    assert all(b.grad is None for b in model.buffers())
+
+
+def test_earlier_tasks_unchanged_after_later_ones_and_bank_readback_identical():
+    model = _model(num_tasks=3)
+    x, y = _data()
+    model.add_task()
+    _train(model, x, y)
+    model.set_task(0)
+    live = model(x).clone()  # task 0 from its live scores
+    model.finish_task()
+    model.set_task(0)
+    assert torch.equal(model(x), live)  # read back from the 1-bit bank: bitwise identical
+    for _ in range(2):
+        model.add_task()
+        _train(model, *_data(seed=model.active_task))
+        model.finish_task()
+    model.set_task(0)
+    assert torch.equal(model(x), live)
+
+
+def test_batch_of_one():
+    model = _model()
+    model.add_task()
+    x, y = _data(n=1)
+    out = model(x)
+    assert out.shape == (1, 20)
+    F.cross_entropy(out, y).backward()
+
+
+def test_bank_bytes_bound_and_capacity():
+    model = _model(num_tasks=5)
+    p = model.num_masked_weights
+    x, y = _data()
+    for _ in range(5):
+        model.add_task()
+        _train(model, x, y, steps=1)
+        model.finish_task()
+        assert model.bank_bytes <= model.num_tasks * (math.ceil(p / 8) + len(model.masked_layers))
+    assert model.bank_bytes <= 5 * math.ceil(p / 8) + 8 * len(model.masked_layers)
+    with pytest.raises(CapacityError):
+        model.add_task()
+
+
+def test_mode_guards():
+    model = _model()
+    with pytest.raises(ModeError):
+        model(_data()[0])
+    model.add_task()
+    with pytest.raises(ModeError):
+        model.add_task()
+    assert model.mode is Mode.TRAIN
+    model.finish_task()
+    with pytest.raises(IndexError):
+        model.set_task(1)
+
+
+def test_unsupported_layers_are_refused():
+    with pytest.raises(TypeError, match="BatchNorm1d"):
+        SupermaskModel(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), num_tasks=1)
+
+
+def test_same_seed_bit_identical_masks():
+    def run():
+        model = _model(seed=3)
+        x, y = _data()
+        model.add_task()
+        _train(model, x, y)
+        model.finish_task()
+        return model.bank_state(), model.frozen_weights_digest()
+
+    (a, da), (b, db) = run(), run()
+    assert da == db and all(torch.equal(a[k], b[k]) for k in a)
+    assert _model(seed=4).frozen_weights_digest() != da
+
+
+def _trained(num_tasks=3, backbone="lenet_300_100", num_outputs=20):
+    model = _model(backbone, num_tasks=num_tasks, num_outputs=num_outputs)
+    for t in range(num_tasks):
+        model.add_task()
+        _train(model, *_data(seed=t))
+        model.finish_task()
+    return model
+
+
+def test_one_hot_alpha_equals_single_task_forward():
+    model = _trained()
+    x, _ = _data(seed=9)
+    for t in range(3):
+        alphas = torch.zeros(3)
+        alphas[t] = 1
+        model.superpose(alphas)
+        sup = model(x)
+        model.set_task(t)
+        assert torch.equal(sup, model(x))
+
+
+@pytest.mark.parametrize("objective", ["entropy", "g"])
+@pytest.mark.parametrize("backbone", ["lenet_300_100", "conv4"])
+def test_fast_alpha_gradient_matches_float_stack_oracle(objective, backbone):
+    model = _trained(backbone=backbone)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 3, 1, 28, 28, generator=g)
+    alphas = torch.full((4, 3), 1 / 3)
+    alphas[2] = torch.tensor([0.5, 0.0, 0.5])  # groups may have different alphas (binary search)
+    fast = alpha_gradients(model, x, alphas, objective=objective, num_classes=10)
+    ref = alpha_gradients_reference(model, x, alphas, objective=objective, num_classes=10)
+    assert torch.allclose(fast, ref, rtol=1e-4, atol=1e-6 * ref.abs().max().item())
+    # the differentiable superposition (autograd through the packed bank) agrees too
+    a = alphas[0].clone().requires_grad_(True)
+    model.superpose(a)
+    from supsup.objectives import OBJECTIVES
+
+    OBJECTIVES.get(objective)(model(x[0]).unsqueeze(0), 10).sum().backward()
+    assert torch.allclose(a.grad, ref[0], rtol=1e-4, atol=1e-6 * ref.abs().max().item())
+
+
+def test_inference_works_under_no_grad():
+    model = _trained()
+    x = torch.randn(2, 1, 1, 28, 28)
+    with torch.no_grad():
+        tasks, steps = infer_tasks(model, x, method="one_shot", objective="entropy")
+    assert tasks.shape == (2,) and steps == 1
+
+
+@pytest.mark.parametrize("k", [2, 3, 5, 8])
+def test_binary_search_step_bound(k):
+    model = _trained(num_tasks=k)
+    x = torch.randn(3, 4, 1, 28, 28, generator=torch.Generator().manual_seed(k))
+    tasks, steps = infer_tasks(model, x, method="binary", objective="entropy")
+    assert steps <= math.ceil(math.log2(k))
+    assert ((0 <= tasks) & (tasks < k)).all()
+
+
+def test_nonfinite_input_is_a_clear_error():
+    from supsup.inference import InferenceError
+
+    model = _trained()
+    x = torch.randn(1, 2, 1, 28, 28)
+    x[0, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(InferenceError, match="non-finite"):
+        infer_tasks(model, x)

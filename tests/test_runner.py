@@ -1,0 +1,230 @@
+"""End to end on real MNIST through the CLI and the runner (small, fast settings)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from supsup.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
+from supsup.cli import main
+from supsup.config import load_config
+from supsup.runner import run_experiment
+
+SMALL = ["model.backbone=lenet_300_100", "model.num_outputs=100", "train.iterations=150",
+         "train.lr=1e-3", "train.batch_size=64", "eval.max_batches=4", "progress=false"]
+
+
+def _cfg(*extra, config="configs/permuted_mnist_gn.yaml"):
+    return load_config(config, [*SMALL, *extra])
+
+
+def _bank(out: Path) -> dict[str, torch.Tensor]:
+    tensors, _ = load_checkpoint(out)
+    return {k: v for k, v in tensors.items() if k.startswith("bank.")}
+
+
+def _same_results(a: dict, b: dict) -> bool:
+    keys = ("acc_given_task", "acc_inferred", "task_inference_acc")
+    return [[r[k] for k in keys] for r in a["tasks"]] == [[r[k] for k in keys] for r in b["tasks"]]
+
+
+def test_cli_run_gn_writes_everything_and_infers_tasks(mnist_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["run", "configs/permuted_mnist_gn.yaml", *sum([["--set", s] for s in SMALL], []),
+                 "--set", "benchmark.num_tasks=3", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "acc_given_task" in printed and "mean" in printed
+    for name in ("config.yaml", "results.json", "accuracy.png", CHECKPOINT_NAME):
+        assert (out / name).is_file()
+    res = json.loads((out / "results.json").read_text())
+    assert res["scenario"] == "GN" and res["benchmark"] == "permuted_mnist" and res["num_tasks"] == 3
+    assert [r["task_id"] for r in res["tasks"]] == [0, 1, 2]
+    assert res["task_inference_acc"] == 1.0  # a 3-task run infers every batch's task
+    assert res["mean_acc_given_task"] > 0.85
+    assert abs(res["mean_acc_inferred"] - res["mean_acc_given_task"]) < 1e-9
+    assert res["bank_bytes"] <= 3 * ((res["num_masked_weights"] + 7) // 8 + 3)
+    # the resolved config reloads to the same config
+    assert load_config(out / "config.yaml") == _cfg("benchmark.num_tasks=3")
+
+
+@pytest.mark.parametrize("config, extra", [
+    ("configs/rotated_mnist_gg.yaml", ["benchmark.num_tasks=2"]),
+    ("configs/split_mnist_gg.yaml", ["benchmark.num_tasks=2", "model.num_outputs=10"]),
+])
+def test_rotated_and_split_run_in_gg(mnist_data, tmp_path, config, extra):
+    res = run_experiment(_cfg(*extra, config=config), tmp_path / "r")
+    assert res["scenario"] == "GG" and res["mean_acc_inferred"] is None
+    assert res["mean_acc_given_task"] > 0.8
+
+
+def test_topk_run(mnist_data, tmp_path):
+    res = run_experiment(_cfg("scenario=GG", "benchmark.num_tasks=1", "mask.kind=topk", "mask.density=0.3"), tmp_path / "r")
+    assert res["mean_acc_given_task"] > 0.8
+
+
+def test_same_seed_gives_identical_results(mnist_data, tmp_path):
+    cfg = _cfg("benchmark.num_tasks=2")
+    a = run_experiment(cfg, tmp_path / "a")
+    b = run_experiment(cfg, tmp_path / "b")
+    assert _same_results(a, b)
+    ba, bb = _bank(tmp_path / "a"), _bank(tmp_path / "b")
+    assert all(torch.equal(ba[k], bb[k]) for k in ba)
+
+
+def test_nn_never_exceeds_capacity(mnist_data, tmp_path):
+    # capacity 2 for a 3-task stream: the bank must stay at 2 masks and warn once
+    cfg = load_config("configs/permuted_mnist_nn.yaml", [*SMALL, "benchmark.num_tasks=3", "train.iterations=200",
+                                                         "nn.check_every=50", "nn.min_batches_per_task=50"])
+    import dataclasses
+
+    from supsup.runner import build_model, build_stream
+    from supsup.training import NNState, make_optimizer, train_nn_segment
+
+    stream = build_stream(cfg, torch.device("cpu"))
+    model = build_model(dataclasses.replace(cfg, benchmark=dataclasses.replace(cfg.benchmark, num_tasks=2)), torch.device("cpu"))
+    state = NNState()
+    opt = None
+    with pytest.warns(RuntimeWarning, match="full"):
+        for t in range(3):
+            opt = train_nn_segment(model, lambda: make_optimizer(model.trainable_parameters(), cfg.train), opt,
+                                   stream.train_batches(t, 200, 64), t, state, cfg.nn, progress=False)
+            assert model.num_learned_tasks <= 2
+    assert model.num_learned_tasks == 2
+
+
+def test_nn_run_detects_tasks(mnist_data, tmp_path):
+    cfg = load_config("configs/permuted_mnist_nn.yaml", [*SMALL, "benchmark.num_tasks=3", "train.iterations=300",
+                                                         "train.batch_size=128", "nn.check_every=100"])
+    res = run_experiment(cfg, tmp_path / "nn")
+    assert res["num_detected_tasks"] == 3
+    assert res["mask_to_task"] == {"0": 0, "1": 1, "2": 2}
+    assert res["mean_acc_inferred"] > 0.8
+
+
+# ------------------------------------------------------------------ crash safety and resume
+
+def _cli(args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "supsup", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def _sets(items):
+    return sum([["--set", s] for s in items], [])
+
+
+CRASH = [*SMALL, "benchmark.num_tasks=3", "train.iterations=400"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "run"
+    r = _cli(["run", "configs/permuted_mnist_gn.yaml", *_sets(CRASH), "--out", str(out)])
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_sigkill_mid_task_then_resume_is_bitwise_identical(mnist_data, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "supsup", "run", "configs/permuted_mnist_gn.yaml", *_sets(CRASH),
+                             "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / CHECKPOINT_NAME).exists():
+        time.sleep(0.05)
+    time.sleep(0.3)  # well into task 1
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _, meta = load_checkpoint(out)
+    assert meta["loop"]["next_task"] < 3, "the run finished before it could be killed"
+    r = _cli(["run", "--resume", str(out)])
+    assert r.returncode == 0, r.stderr
+    full, resumed = _bank(uninterrupted), _bank(out)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert _same_results(json.loads((uninterrupted / "results.json").read_text()),
+                         json.loads((out / "results.json").read_text()))
+
+
+def test_sigkill_during_checkpoint_write_keeps_previous_checkpoint(mnist_data, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    r = _cli(["run", "configs/permuted_mnist_gn.yaml", *_sets(CRASH), "--out", str(out)],
+             env={"SUPSUP_CRASH_AT": "checkpoint_write:2"})
+    assert r.returncode == -signal.SIGKILL
+    _, meta = load_checkpoint(out)  # the first checkpoint is intact
+    assert meta["loop"]["next_task"] == 1
+    assert any(p.name.endswith(".tmp") for p in out.iterdir())  # the torn write was never renamed
+    r = _cli(["run", "configs/permuted_mnist_gn.yaml", *_sets(CRASH), "--resume", str(out)])
+    assert r.returncode == 0, r.stderr
+    full, resumed = _bank(uninterrupted), _bank(out)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_corrupted_and_truncated_checkpoints_are_refused(uninterrupted, tmp_path):
+    import shutil
+
+    for damage in ("flip", "truncate"):
+        out = tmp_path / damage
+        shutil.copytree(uninterrupted, out)
+        path = out / CHECKPOINT_NAME
+        raw = bytearray(path.read_bytes())
+        if damage == "flip":
+            raw[len(raw) // 2] ^= 0xFF
+        else:
+            raw = raw[: len(raw) // 3]
+        path.write_bytes(bytes(raw))
+        with pytest.raises(CheckpointError, match="corrupted|truncated"):
+            load_checkpoint(out)
+        r = _cli(["run", "--resume", str(out)])
+        assert r.returncode == 2 and "Traceback" not in r.stderr and "checkpoint" in r.stderr
+
+
+def test_mismatched_checkpoint_is_refused(uninterrupted, tmp_path):
+    import shutil
+
+    out = tmp_path / "m"
+    shutil.copytree(uninterrupted, out)
+    r = _cli(["run", "configs/permuted_mnist_gn.yaml", *_sets(CRASH), "--set", "model.backbone=fc_300_300",
+              "--resume", str(out)])
+    assert r.returncode == 2 and "model.backbone" in r.stderr and "Traceback" not in r.stderr
+    r = _cli(["run", "configs/permuted_mnist_gn.yaml", *_sets(CRASH), "--set", "seed=1", "--resume", str(out)])
+    assert r.returncode == 2 and "seed" in r.stderr
+
+
+def test_eval_saved_bank(uninterrupted, tmp_path):
+    r = _cli(["eval", str(uninterrupted), "--scenario", "GG", "--json", str(tmp_path / "gg.json")])
+    assert r.returncode == 0, r.stderr
+    gg = json.loads((tmp_path / "gg.json").read_text())
+    full = json.loads((uninterrupted / "results.json").read_text())
+    assert [t["acc_given_task"] for t in gg["tasks"]] == [t["acc_given_task"] for t in full["tasks"]]
+    r = _cli(["eval", str(uninterrupted), "--scenario", "GN", "--set", "inference.objective=entropy",
+              "--json", str(tmp_path / "gn.json")])
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "gn.json").read_text())["mean_acc_inferred"] is not None
+
+
+def test_existing_run_is_not_overwritten(uninterrupted):
+    before = (uninterrupted / CHECKPOINT_NAME).read_bytes()
+    r = _cli(["run", "configs/permuted_mnist_gn.yaml", *_sets(CRASH), "--out", str(uninterrupted)])
+    assert r.returncode == 2 and "--resume" in r.stderr
+    assert (uninterrupted / CHECKPOINT_NAME).read_bytes() == before
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["run", "configs/permuted_mnist_gn.yaml", "--set", "train.iteratons=3"], "did you mean"),
+    (["run", "configs/permuted_mnist_gn.yaml", "--set", "model.num_outputs=10"], "inference.objective"),
+    (["run", "configs/permuted_mnist_gn.yaml", "--set", "benchmark.num_tasks=-1"], "benchmark.num_tasks"),
+    (["run", "no/such/config.yaml"], "cannot read"),
+    (["run", "--resume", "no/such/dir"], "no checkpoint"),
+])
+def test_cli_errors_are_one_line_exit_2(args, fragment, tmp_path):
+    r = _cli([*args, "--out", str(tmp_path / "x")] if "--resume" not in args else args)
+    assert r.returncode == 2
+    assert fragment in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
