@@ -25,7 +25,7 @@ from . import masks as M
 from .model import SupermaskModel
 from .objectives import OBJECTIVES
 
-__all__ = ["alpha_gradients", "alpha_gradients_reference", "infer_tasks", "InferenceError"]
+__all__ = ["alpha_gradients", "alpha_gradients_reference", "float_stacks", "infer_tasks", "InferenceError"]
 
 
 class InferenceError(ValueError):
@@ -38,9 +38,10 @@ def _check_inputs(x: torch.Tensor) -> None:
         raise InferenceError(f"task inference got {bad} non-finite input values (NaN or inf)")
 
 
-def _layer_weight_grads(model: SupermaskModel, x: torch.Tensor, objective: str, num_classes: int) -> list[torch.Tensor]:
-    """``d obj_g / d W_eff`` per layer, ``(G, *W.shape)``, for inputs ``x`` ``(G, n, ...)`` in
-    the model's current (superposed) mode."""
+def _layer_io_grads(model: SupermaskModel, x: torch.Tensor, objective: str,
+                    num_classes: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each masked layer's input and the objective's gradient w.r.t. its output, shaped
+    ``(G, n, ...)``, for inputs ``x`` ``(G, n, ...)`` in the model's current (superposed) mode."""
     G, n = x.shape[:2]
     layers = model.masked_layers
     inputs: dict[int, torch.Tensor] = {}
@@ -62,12 +63,11 @@ def _layer_weight_grads(model: SupermaskModel, x: torch.Tensor, objective: str, 
     finally:
         for h in handles:
             h.remove()
-    grads = []
-    for i, layer in enumerate(layers):
-        xi = inputs[i].detach()
-        gi = douts[i]
-        grads.append(layer.weight_grad(xi.reshape(G, n, *xi.shape[1:]), gi.reshape(G, n, *gi.shape[1:])))
-    return grads
+    out = []
+    for i in range(len(layers)):
+        xi, gi = inputs[i].detach(), douts[i]
+        out.append((xi.reshape(G, n, *xi.shape[1:]), gi.reshape(G, n, *gi.shape[1:])))
+    return out
 
 
 def alpha_gradients(model: SupermaskModel, x: torch.Tensor, alphas: torch.Tensor, *, objective: str,
@@ -93,38 +93,57 @@ def alpha_gradients(model: SupermaskModel, x: torch.Tensor, alphas: torch.Tensor
     alphas = alphas.to(device=x.device, dtype=x.dtype)
     try:
         if bool((alphas == alphas[:1]).all()):
-            coefs = [M.bank_weighted_sum(p, alphas[0], layer.num_weights).view_as(layer.weight)
-                     for p, layer in zip(packed, layers)]
+            uniform_bank = bool((alphas[0] == alphas[0, 0]).all()) and all(
+                p.data_ptr() == layer.bank.data_ptr() and p.shape[0] == layer.num_masks
+                for p, layer in zip(packed, layers))
+            if uniform_bank:  # one-shot over the whole bank: count / k, no pass over the bank
+                coefs = [layer.mask_count() * alphas[0, 0] for layer in layers]
+            else:
+                coefs = [M.bank_weighted_sum(p, alphas[0], layer.num_weights).view_as(layer.weight)
+                         for p, layer in zip(packed, layers)]
             model.superpose_fixed(coefs)
-            wgrads = _layer_weight_grads(model, x, objective, num_classes)
+            io = _layer_io_grads(model, x, objective, num_classes)
         else:
-            coefs = [M.bank_weighted_sum(p, alphas, layer.num_weights) for p, layer in zip(packed, layers)]
+            # Different alphas per group (binary search): one forward per group, with the
+            # superposed masks computed for a few groups at a time to bound memory (G_sub x P).
             per_group = []
-            for g in range(G):
-                model.superpose_fixed([c[g].view_as(layer.weight) for c, layer in zip(coefs, layers)])
-                per_group.append(_layer_weight_grads(model, x[g: g + 1], objective, num_classes))
-            wgrads = [torch.cat([pg[i] for pg in per_group]) for i in range(len(layers))]
-            del coefs
+            for g0 in range(0, G, 8):
+                sub = alphas[g0: g0 + 8]
+                coefs = [M.bank_weighted_sum(p, sub, layer.num_weights) for p, layer in zip(packed, layers)]
+                for j in range(sub.shape[0]):
+                    model.superpose_fixed([c[j].view_as(layer.weight) for c, layer in zip(coefs, layers)])
+                    per_group.append(_layer_io_grads(model, x[g0 + j: g0 + j + 1], objective, num_classes))
+                del coefs
+            io = [(torch.cat([pg[i][0] for pg in per_group]), torch.cat([pg[i][1] for pg in per_group]))
+                  for i in range(len(layers))]
     finally:
         model.restore_mode()
     out = x.new_zeros(k, G)
-    for p, layer, gw in zip(packed, layers, wgrads):
-        u = (gw * layer.weight).reshape(G, -1).t().contiguous()  # (P_l, G)
-        out += M.bank_matmul(p, u, layer.num_weights)
+    for p, layer, (xi, gi) in zip(packed, layers, io):
+        out += layer.alpha_grads(p, xi, gi)
     return out.t()
+
+
+def float_stacks(model: SupermaskModel, packed: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Every candidate mask unpacked to floats, ``(k, *W.shape)`` per layer: the state the
+    original implementation keeps (``k x P`` fp32). Reference and test oracle only."""
+    layers = model.masked_layers
+    packed = packed if packed is not None else [layer.bank_rows for layer in layers]
+    return [M.unpack_bits(p, layer.num_weights).to(layer.weight.dtype).view(-1, *layer.weight.shape)
+            for p, layer in zip(packed, layers)]
 
 
 def alpha_gradients_reference(model: SupermaskModel, x: torch.Tensor, alphas: torch.Tensor, *,
                               objective: str, num_classes: int,
-                              packed: list[torch.Tensor] | None = None) -> torch.Tensor:
+                              packed: list[torch.Tensor] | None = None,
+                              stacks: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Float-stack oracle for :func:`alpha_gradients` (the original implementation's method):
-    unpack every mask to a float ``(k, *W.shape)`` stack, ``W_eff = W * sum_i alpha_i M_i``,
-    autograd to alpha. Inputs ``(G, n, ...)``, alphas ``(G, k)``; returns ``(G, k)``."""
+    with a float ``(k, *W.shape)`` stack of masks per layer (:func:`float_stacks`),
+    ``W_eff = W * sum_i alpha_i M_i``, autograd to alpha. Inputs ``(G, n, ...)``, alphas
+    ``(G, k)``; returns ``(G, k)``."""
     _check_inputs(x)
     layers = model.masked_layers
-    packed = packed if packed is not None else [layer.bank_rows for layer in layers]
-    stacks = [M.unpack_bits(p, layer.num_weights).to(layer.weight.dtype).view(-1, *layer.weight.shape)
-              for p, layer in zip(packed, layers)]
+    stacks = stacks if stacks is not None else float_stacks(model, packed)
     out = []
     try:
         for g in range(alphas.shape[0]):

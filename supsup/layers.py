@@ -74,6 +74,8 @@ class SupermaskLayer(nn.Module):
         self._alphas: torch.Tensor | None = None
         self._packed: torch.Tensor | None = None  # candidates of the superposition
         self._coef: torch.Tensor | None = None  # fixed superposition coefficient (fast path)
+        self._bank_version = 0  # bumped on every bank write (invalidates mask_count)
+        self._count_cache: tuple | None = None
 
     # --------------------------------------------------------------- sizes and bank storage
     @property
@@ -116,6 +118,30 @@ class SupermaskLayer(nn.Module):
             self.reserve(max(self.num_masks + 1, target))
         self.bank[self.num_masks] = M.pack_bits(mask)
         self.num_masks += 1
+        self._bank_version += 1
+
+    def write_mask(self, task_id: int, mask: torch.Tensor) -> None:
+        """Overwrite a finished task's mask (NN: a task trained again)."""
+        if not 0 <= task_id < self.num_masks:
+            raise IndexError(f"no mask for task {task_id}; the bank holds {self.num_masks}")
+        self.bank[task_id] = M.pack_bits(mask)
+        self._bank_version += 1
+
+    def load_bank(self, rows: torch.Tensor) -> None:
+        """Replace the bank with ``rows`` ``(k, ceil(P_l/8))`` uint8."""
+        self.bank = rows.to(self.weight.device).clone()
+        self.num_masks = rows.shape[0]
+        self._bank_version += 1
+
+    def mask_count(self) -> torch.Tensor:
+        """``sum_i M_i`` over the bank (float, shape of the weight), cached until the bank
+        changes: with uniform alphas the superposed mask is ``count / k`` in O(P)."""
+        key = (self.num_masks, self._bank_version)
+        if self._count_cache is None or self._count_cache[0] != key:
+            ones = torch.ones(self.num_masks, dtype=self.weight.dtype, device=self.weight.device)
+            count = M.bank_weighted_sum(self.bank_rows, ones, self.num_weights).view_as(self.weight)
+            self._count_cache = (key, count)
+        return self._count_cache[1]
 
     def stored_mask(self, task_id: int) -> torch.Tensor:
         """Boolean mask of a finished task, shape of the weight."""
@@ -199,6 +225,12 @@ class MaskedLinear(SupermaskLayer):
         ``(G, out, in)`` = sum over the group's samples of ``grad_out^T x``."""
         return torch.bmm(grad_out.transpose(1, 2), x)
 
+    def alpha_grads(self, packed: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+        """This layer's ``d obj_g / d alpha_i``, ``(k, G)``, for inputs ``(G, n, ..., in)``."""
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        grad_out = grad_out.reshape(grad_out.shape[0], -1, grad_out.shape[-1])
+        return M.bank_bilinear(packed, self.weight, grad_out, x)
+
 
 class MaskedConv2d(SupermaskLayer):
     """A frozen ``nn.Conv2d`` with supermasks. Input ``(N, C, H, W)``."""
@@ -221,6 +253,13 @@ class MaskedConv2d(SupermaskLayer):
             torch.nn.grad.conv2d_weight(xg, self.weight.shape, gg, b.stride, b.padding, b.dilation, b.groups)
             for xg, gg in zip(x, grad_out)
         ])
+
+    def alpha_grads(self, packed: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+        """This layer's ``d obj_g / d alpha_i``, ``(k, G)`` (conv layers are small: the
+        ``(G, P_l)`` weight gradients are formed explicitly)."""
+        gw = self.weight_grad(x, grad_out)
+        u = (gw * self.weight).reshape(gw.shape[0], -1).t().contiguous()
+        return M.bank_matmul(packed, u, self.num_weights)
 
 
 SUPPORTED_LAYERS: dict[type, type[SupermaskLayer]] = {nn.Linear: MaskedLinear, nn.Conv2d: MaskedConv2d}

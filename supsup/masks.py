@@ -22,6 +22,7 @@ __all__ = [
     "unpack_bits",
     "packed_nbytes",
     "bank_matmul",
+    "bank_bilinear",
     "bank_weighted_sum",
 ]
 
@@ -150,6 +151,49 @@ def bank_matmul(packed: torch.Tensor, dense: torch.Tensor, num_bits: int,
         bits = torch.nn.functional.embedding(packed[:, start:stop].long(), table).view(k, -1)
         out.addmm_(bits[:, : hi - lo], dense[lo:hi])
     return out
+
+
+def bank_bilinear(packed: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, x: torch.Tensor,
+                  budget: int = 1 << 22) -> torch.Tensor:
+    """Per-mask gradients of superposition for a linear layer, for ``G`` inferences at once.
+
+    Entry ``(i, g) = sum_{o,n} M_i[o,n] W[o,n] sum_s delta[g,s,o] x[g,s,n]``: the paper's
+    ``d obj_g / d alpha_i`` contribution of this layer, since ``d obj / d W_eff`` is
+    ``sum_s delta_s x_s^T`` (eq. 4). Works row-chunk by row-chunk, so neither the ``k x P``
+    float stack nor the ``P x G`` matrix of weight gradients is ever built: memory is
+    O(budget + G * rows * in).
+
+    Args:
+        packed: ``(k, ceil(out*in/8))`` uint8 masks of a ``(out, in)`` weight.
+        weight: ``(out, in)`` frozen weight.
+        delta: ``(G, n, out)`` gradient of the objective w.r.t. the layer's output.
+        x: ``(G, n, in)`` the layer's input.
+
+    Returns:
+        ``(k, G)``.
+    """
+    k = packed.shape[0]
+    out_f, in_f = weight.shape
+    G = delta.shape[0]
+    res = delta.new_zeros(k, G)
+    if k == 0:
+        return res
+    table = _unpack_table(weight.dtype, weight.device)
+    r0 = 8 // math.gcd(in_f, 8)  # chunks must start on a byte boundary
+    # Both the unpacked bits (k x rows*in) and u (rows*in x G) stay within the budget.
+    rows = max(r0, (budget // max(1, max(k, G) * in_f)) // r0 * r0)
+    single = delta.shape[1] == 1
+    for r in range(0, out_f, rows):
+        r1 = min(out_f, r + rows)
+        lo, hi = r * in_f, r1 * in_f
+        bits = torch.nn.functional.embedding(packed[:, lo // 8: (hi + 7) // 8].long(), table).view(k, -1)[:, : hi - lo]
+        if single:  # rank one per inference: an outer product, no matmul needed
+            u = delta[:, 0, r:r1].t().unsqueeze(1) * x[:, 0, :].t().unsqueeze(0)  # (rows, in, G)
+        else:
+            u = torch.einsum("gso,gsi->oig", delta[:, :, r:r1], x)
+        u = u * weight[r:r1].unsqueeze(-1)
+        res.addmm_(bits, u.view(-1, G))
+    return res
 
 
 def bank_weighted_sum(packed: torch.Tensor, alphas: torch.Tensor, num_bits: int,

@@ -200,7 +200,7 @@ class SupermaskModel(nn.Module):
         for layer in self.masked_layers:
             mask = layer.current_mask()
             if task_id < layer.num_masks:
-                layer.bank[task_id] = M.pack_bits(mask)
+                layer.write_mask(task_id, mask)
             else:
                 layer.append_mask(mask, capacity_hint=self.num_tasks)
             layer.release_scores()
@@ -312,7 +312,6 @@ class SupermaskModel(nn.Module):
             want = (k, M.packed_nbytes(layer.num_weights))
             if t.dtype != torch.uint8 or tuple(t.shape) != want:
                 raise ValueError(f"bank.{i}: expected uint8 {want}, got {t.dtype} {tuple(t.shape)}")
-            layer.bank = t.to(layer.weight.device).clone()
-            layer.num_masks = k
+            layer.load_bank(t)
         self._num_learned = k if num_learned is None else num_learned
         self.restore_mode()

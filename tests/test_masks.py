@@ -75,3 +75,17 @@ def test_topk_gradient_goes_through_abs():
     g = torch.randn(6, 5)
     out.backward(g)
     assert torch.allclose(s.grad, g * w * s.detach().sign())
+
+
+@pytest.mark.parametrize("n, in_f", [(1, 16), (3, 13)])
+def test_bank_bilinear_matches_dense(n, in_f):
+    g = torch.Generator().manual_seed(n)
+    k, out_f, G = 5, 11, 4
+    masks = torch.rand(k, out_f, in_f, generator=g) < 0.5
+    packed = torch.stack([M.pack_bits(m) for m in masks])
+    w = torch.randn(out_f, in_f, generator=g)
+    delta, x = torch.randn(G, n, out_f, generator=g), torch.randn(G, n, in_f, generator=g)
+    gw = torch.einsum("gso,gsi->goi", delta, x)  # d obj / d W_eff per inference
+    ref = torch.einsum("koi,goi->kg", masks.float() * w, gw)
+    for budget in (1 << 22, 50):  # one chunk, many chunks
+        assert torch.allclose(M.bank_bilinear(packed, w, delta, x, budget=budget), ref, atol=1e-4)
