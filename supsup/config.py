@@ -121,12 +121,15 @@ class ModelConfig:
     num_outputs: int = field(default=500, metadata={"help": "output width: the real classes plus superfluous neurons"})
     weight_init: str = field(default="signed_constant", metadata={"help": "signed_constant | kaiming_normal"})
     score_init: str = field(default="kaiming_uniform", metadata={"help": "initial scores of a new task"})
+    capacity: int | None = field(default=None, metadata={"help": "masks the bank may hold (default: benchmark.num_tasks); NN may use fewer"})
 
     def __post_init__(self) -> None:
         _check_choice("model.backbone", self.backbone, BACKBONES)
         _check_range("model.num_outputs", self.num_outputs, 1)
         _check_choice("model.weight_init", self.weight_init, WEIGHT_INITS)
         _check_choice("model.score_init", self.score_init, SCORE_INITS)
+        if self.capacity is not None:
+            _check_range("model.capacity", self.capacity, 1)
 
 
 @dataclass
@@ -185,11 +188,20 @@ class EvalConfig:
 
     batch_size: int = field(default=128, metadata={"help": "test batch size; each GN batch comes from one task"})
     max_batches: int | None = field(default=None, metadata={"help": "evaluate at most this many test batches per task (None: all)"})
+    at_tasks: list[int] | None = field(default=None, metadata={"help": "also evaluate every learned task after this many tasks (accuracy-vs-tasks curve)"})
+    sample_tasks: int | None = field(default=None, metadata={"help": "curve points evaluate at most this many learned tasks, evenly spaced (None: all)"})
+    extra_objectives: list[str] = field(default_factory=list, metadata={"help": "task-inference objectives evaluated besides inference.objective (same masks)"})
 
     def __post_init__(self) -> None:
         _check_range("eval.batch_size", self.batch_size, 1)
         if self.max_batches is not None:
             _check_range("eval.max_batches", self.max_batches, 1)
+        if self.sample_tasks is not None:
+            _check_range("eval.sample_tasks", self.sample_tasks, 1)
+        for n in self.at_tasks or []:
+            _check_range("eval.at_tasks", n, 1)
+        for obj in self.extra_objectives:
+            _check_choice("eval.extra_objectives", obj, OBJECTIVES)
 
 
 @dataclass
@@ -234,15 +246,27 @@ class RunConfig:
             raise ConfigError("device", f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N")
         self.validate_combinations()
 
+    @property
+    def capacity(self) -> int:
+        """Masks the bank may hold."""
+        return self.model.capacity if self.model.capacity is not None else self.benchmark.num_tasks
+
     def validate_combinations(self) -> None:
         """Checks that span sections (also called after overrides)."""
         classes = self.benchmark.num_classes
         if self.model.num_outputs < classes:
             raise ConfigError("model.num_outputs", f"must be at least the {classes} classes of {self.benchmark.name}, got {self.model.num_outputs}")
+        for n in self.eval.at_tasks or []:
+            if n > self.benchmark.num_tasks:
+                raise ConfigError("eval.at_tasks", f"{n} is more than the {self.benchmark.num_tasks} tasks of the stream")
+        if "g" in self.eval.extra_objectives and self.model.num_outputs <= classes:
+            raise ConfigError("eval.extra_objectives", f"'g' needs superfluous neurons: model.num_outputs ({self.model.num_outputs}) must exceed the {classes} classes")
         if self.scenario != "GG" and self.inference.objective == "g" and self.model.num_outputs <= classes:
             raise ConfigError("inference.objective", f"'g' needs superfluous neurons: model.num_outputs ({self.model.num_outputs}) must exceed the {classes} classes")
         if self.scenario == "GN" and self.inference.num_images > self.eval.batch_size:
             raise ConfigError("inference.num_images", f"({self.inference.num_images}) is larger than the evaluation batch eval.batch_size ({self.eval.batch_size})")
+        if self.scenario in ("GG", "GN") and self.capacity < self.benchmark.num_tasks:
+            raise ConfigError("model.capacity", f"({self.capacity}) is smaller than the {self.benchmark.num_tasks} tasks to learn in {self.scenario}")
         if self.mask.kind == "topk" and not (0.0 < self.mask.density <= 1.0):
             raise ConfigError("mask.density", "topk needs a density in (0, 1]")
         if self.method != "supsup" and self.backend != "avalanche":

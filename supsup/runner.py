@@ -66,7 +66,7 @@ def build_stream(cfg: RunConfig, device: torch.device, *, progress: bool = True)
 
 def build_model(cfg: RunConfig, device: torch.device, input_shape=(1, 28, 28)) -> SupermaskModel:
     return SupermaskModel.from_name(
-        cfg.model.backbone, num_tasks=cfg.benchmark.num_tasks, num_outputs=cfg.model.num_outputs,
+        cfg.model.backbone, num_tasks=cfg.capacity, num_outputs=cfg.model.num_outputs,
         seed=cfg.seed, input_shape=input_shape, weight_init=cfg.model.weight_init,
         mask_kind=cfg.mask.kind, density=cfg.mask.density, device=device)
 
@@ -170,6 +170,10 @@ def run_experiment(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool =
             row = _task_row(task_id)
             row["acc_given_task"] = acc
             results["tasks"].append(row)
+            if cfg.eval.at_tasks and task_id + 1 in cfg.eval.at_tasks:
+                point = _curve_point(cfg, model, stream, task_id + 1)
+                results.setdefault("curve", []).append(point)
+                results["eval_seconds"] += point["seconds"]
             loop = {"next_task": task_id + 1, "num_learned": model.num_learned_tasks}
             _checkpoint(out, cfg, model, results, loop)
             log.info("task %d: acc_given_task %.4f", task_id, acc)
@@ -206,6 +210,13 @@ def _run_nn(cfg, out, model, stream, results, loop, tensors) -> None:
                                      stream.train_batches(true_task, cfg.train.iterations, cfg.train.batch_size),
                                      true_task, state, cfg.nn, total=cfg.train.iterations, progress=cfg.progress)
         results["train_seconds"] += time.perf_counter() - t0
+        if cfg.eval.at_tasks and true_task + 1 in cfg.eval.at_tasks:
+            # Evaluate the masks detected so far (the one in training included), each mapped
+            # to the true task it mostly saw.
+            point = _curve_point(cfg, model, stream, true_task + 1, mask_to_task(state.counts))
+            point["num_detected_tasks"] = model.num_learned_tasks
+            results.setdefault("curve", []).append(point)
+            results["eval_seconds"] += point["seconds"]
         loop = {"next_task": true_task + 1, "num_learned": model.num_learned_tasks,
                 "active_task": model.active_task, "nn": state.to_dict()}
         extra = {f"scores.{i:03d}": layer.scores.detach().cpu().clone() for i, layer in enumerate(model.masked_layers)}
@@ -219,37 +230,85 @@ def _run_nn(cfg, out, model, stream, results, loop, tensors) -> None:
     results["nn_counts"] = {str(m): {str(t): c for t, c in sorted(d.items())} for m, d in sorted(state.counts.items())}
 
 
-def _final_evaluation(cfg: RunConfig, model: SupermaskModel, stream, results: dict) -> None:
-    """GG (and GN/NN task-inferred) accuracy of every task with the final bank."""
+def _objectives(cfg: RunConfig) -> list[str]:
+    return [cfg.inference.objective] + [o for o in cfg.eval.extra_objectives if o != cfg.inference.objective]
+
+
+def _evaluate_task(cfg: RunConfig, model: SupermaskModel, stream, task_id: int,
+                   m2t: dict[int, int] | None) -> dict[str, Any]:
+    """One task's row: GG accuracy, and in GN/NN the task-inferred accuracy per objective
+    (the first objective fills ``acc_inferred``; others ``acc_inferred_<objective>``)."""
     num_classes = stream.num_classes
-    rows = {r["task_id"]: r for r in results["tasks"]}
-    if cfg.scenario == "NN":
-        m2t = {int(m): t for m, t in results["mask_to_task"].items()}
-        t2m = {}
+    row = _task_row(task_id)
+    if m2t is not None:  # NN: masks are numbered in detection order
+        t2m: dict[int, int] = {}
         for m, t in sorted(m2t.items()):
             t2m.setdefault(t, m)
-    for task_id in range(cfg.benchmark.num_tasks):
-        row = rows.setdefault(task_id, _task_row(task_id))
-        if cfg.scenario == "NN":
-            mask = t2m.get(task_id)
-            per_batch = None
-            if mask is not None:
-                row["acc_given_task"], per_batch = evaluate_given_task(
-                    model, stream, task_id, cfg.eval, num_classes=num_classes, mask_id=mask)
-            res = evaluate_inferred(model, stream, task_id, cfg.eval, cfg.inference, num_classes=num_classes,
-                                    task_map=lambda m: m2t.get(m, -1))
-            row["acc_inferred"], row["task_inference_acc"] = res["acc_inferred"], res["task_inference_acc"]
-            continue
+        mask = t2m.get(task_id)
+        if mask is not None:
+            row["acc_given_task"], _ = evaluate_given_task(model, stream, task_id, cfg.eval,
+                                                           num_classes=num_classes, mask_id=mask)
+        per_batch, task_map = None, (lambda m: m2t.get(m, -1))
+    else:
         row["acc_given_task"], per_batch = evaluate_given_task(model, stream, task_id, cfg.eval, num_classes=num_classes)
-        if cfg.scenario == "GN":
-            res = evaluate_inferred(model, stream, task_id, cfg.eval, cfg.inference, num_classes=num_classes,
-                                    per_batch_given=per_batch)
-            row["acc_inferred"], row["task_inference_acc"] = res["acc_inferred"], res["task_inference_acc"]
-    results["tasks"] = [rows[t] for t in sorted(rows)]
-    results["mean_acc_given_task"] = safe_mean([r["acc_given_task"] for r in results["tasks"]])
+        task_map = None
+    if cfg.scenario == "GG":
+        return row
+    for i, objective in enumerate(_objectives(cfg)):
+        inf = dataclasses.replace(cfg.inference, objective=objective)
+        packed = model.candidate_banks(include_active=True) if model.active_task is not None else None
+        res = evaluate_inferred(model, stream, task_id, cfg.eval, inf, num_classes=num_classes,
+                                per_batch_given=per_batch, task_map=task_map, packed=packed)
+        suffix = "" if i == 0 else f"_{objective}"
+        row[f"acc_inferred{suffix}"] = res["acc_inferred"]
+        row[f"task_inference_acc{suffix}"] = res["task_inference_acc"]
+    return row
+
+
+def _summarise(cfg: RunConfig, rows: list[dict[str, Any]], target: dict[str, Any]) -> None:
+    target["mean_acc_given_task"] = safe_mean([r["acc_given_task"] for r in rows])
     if cfg.scenario != "GG":
-        results["mean_acc_inferred"] = safe_mean([r["acc_inferred"] for r in results["tasks"]])
-        results["task_inference_acc"] = safe_mean([r["task_inference_acc"] for r in results["tasks"]])
+        for i, objective in enumerate(_objectives(cfg)):
+            suffix = "" if i == 0 else f"_{objective}"
+            target[f"mean_acc_inferred{suffix}"] = safe_mean([r.get(f"acc_inferred{suffix}") for r in rows])
+            target[f"task_inference_acc{suffix}"] = safe_mean([r.get(f"task_inference_acc{suffix}") for r in rows])
+
+
+def _m2t(cfg: RunConfig, results: dict) -> dict[int, int] | None:
+    if cfg.scenario != "NN":
+        return None
+    return {int(m): t for m, t in results.get("mask_to_task", {}).items()}
+
+
+def _curve_point(cfg: RunConfig, model: SupermaskModel, stream, num_learned: int,
+                 m2t: dict[int, int] | None = None) -> dict[str, Any]:
+    """Accuracy over the tasks learned so far (a sample of them if ``eval.sample_tasks``)."""
+    t0 = time.perf_counter()
+    tasks = list(range(num_learned))
+    if cfg.eval.sample_tasks is not None and cfg.eval.sample_tasks < num_learned:
+        tasks = sorted({round(i * (num_learned - 1) / (cfg.eval.sample_tasks - 1)) if cfg.eval.sample_tasks > 1 else 0
+                        for i in range(cfg.eval.sample_tasks)})
+    rows = [_evaluate_task(cfg, model, stream, t, m2t) for t in tasks]
+    point: dict[str, Any] = {"num_tasks_learned": num_learned, "tasks_evaluated": tasks}
+    _summarise(cfg, rows, point)
+    point["seconds"] = time.perf_counter() - t0
+    log.info("curve point after %d tasks: %s", num_learned, point)
+    return point
+
+
+def _final_evaluation(cfg: RunConfig, model: SupermaskModel, stream, results: dict) -> None:
+    """GG (and GN/NN task-inferred) accuracy of every task with the final bank."""
+    m2t = _m2t(cfg, results)
+    old = {r["task_id"]: r for r in results["tasks"]}
+    rows = []
+    for task_id in range(cfg.benchmark.num_tasks):
+        row = _evaluate_task(cfg, model, stream, task_id, m2t)
+        if task_id in old and old[task_id].get("acc_given_task") is not None and cfg.scenario != "NN":
+            # Accuracy right after learning the task, to show that later tasks changed nothing.
+            row["acc_given_task_when_learned"] = old[task_id]["acc_given_task"]
+        rows.append(row)
+    results["tasks"] = rows
+    _summarise(cfg, rows, results)
 
 
 def format_table(results: dict[str, Any]) -> str:

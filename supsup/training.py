@@ -110,7 +110,8 @@ def evaluate_given_task(model: SupermaskModel, stream, task_id: int, cfg: EvalCo
 
 def evaluate_inferred(model: SupermaskModel, stream, task_id: int, eval_cfg: EvalConfig, inf_cfg: InferenceConfig,
                       *, num_classes: int, per_batch_given: list[tuple[int, int]] | None = None,
-                      task_map: Callable[[int], int] | None = None) -> dict[str, float]:
+                      task_map: Callable[[int], int] | None = None,
+                      packed: list[torch.Tensor] | None = None) -> dict[str, float]:
     """GN accuracy of one task (the paper's protocol).
 
     Each test batch comes from one task; its task is inferred from its first
@@ -121,7 +122,9 @@ def evaluate_inferred(model: SupermaskModel, stream, task_id: int, eval_cfg: Eva
     Returns ``{"acc_inferred", "task_inference_acc", "acc_given_task"}``.
     """
     batches = list(stream.test_batches(task_id, eval_cfg.batch_size, eval_cfg.max_batches))
-    if per_batch_given is None:
+    if task_map is not None:  # NN: mask ids are not task ids; GG scores are not defined here
+        per_batch_given = [(0, y.numel()) for _, y in batches]
+    elif per_batch_given is None:
         _, per_batch_given = evaluate_given_task(model, stream, task_id, eval_cfg, num_classes=num_classes)
     predicted: list[int] = []
     group = inf_cfg.group_size
@@ -130,7 +133,7 @@ def evaluate_inferred(model: SupermaskModel, stream, task_id: int, eval_cfg: Eva
         n = min(inf_cfg.num_images, min(x.shape[0] for x, _ in chunk))
         xs = torch.stack([x[:n] for x, _ in chunk])
         tasks, _ = infer_tasks(model, xs, method=inf_cfg.method, objective=inf_cfg.objective,
-                               num_classes=num_classes, log_base=inf_cfg.log_base)
+                               num_classes=num_classes, log_base=inf_cfg.log_base, packed=packed)
         predicted.extend(int(t) for t in tasks)
     hits = 0
     correct = 0
@@ -138,20 +141,21 @@ def evaluate_inferred(model: SupermaskModel, stream, task_id: int, eval_cfg: Eva
     mapper = task_map or (lambda t: t)
     for p, (x, y), (c_given, n) in zip(predicted, batches, per_batch_given):
         total += n
-        if mapper(p) == task_id:
-            hits += 1
-            # The inferred mask is the task's own: the batch scores exactly as in GG.
-            correct += c_given if task_map is None else 0
-            if task_map is not None:
-                model.set_task(p)
-                try:
-                    correct += _batch_correct(model, [(x, y)], num_classes)[0][0]
-                finally:
-                    model.restore_mode()
+        if mapper(p) != task_id:
+            continue  # wrong task: the whole batch counts as wrong
+        hits += 1
+        if task_map is None:
+            correct += c_given  # the inferred mask is the task's own: scores exactly as in GG
+        else:
+            model.set_task(p)
+            try:
+                correct += _batch_correct(model, [(x, y)], num_classes)[0][0]
+            finally:
+                model.restore_mode()
     return {
         "acc_inferred": correct / max(1, total),
         "task_inference_acc": hits / max(1, len(batches)),
-        "acc_given_task": sum(c for c, _ in per_batch_given) / max(1, total),
+        "acc_given_task": None if task_map is not None else sum(c for c, _ in per_batch_given) / max(1, total),
     }
 
 

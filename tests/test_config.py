@@ -68,6 +68,7 @@ def test_registries_match_config_choices():
     (["scenario=GN", "inference.num_images=200"], "inference.num_images", "eval.batch_size"),
     (["benchmark.name=split_mnist", "benchmark.num_tasks=6"], "benchmark.num_tasks", "at most 5"),
     (["progress=yes please"], "progress", "true or false"),
+    (["benchmark.num_tasks=5", "model.capacity=3"], "model.capacity", "smaller than the 5 tasks"),
     (["benchmark=3"], "benchmark", "is a section"),
     (["seed"], "seed", "key=value"),
 ])
