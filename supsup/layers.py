@@ -111,7 +111,7 @@ class SupermaskLayer(nn.Module):
             raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(self.weight.shape)}")
         if self.num_masks == self.bank.shape[0]:
             # Double (amortised O(1) appends), but never past the model's capacity so that a
-            # full bank holds exactly num_tasks * ceil(P/8) bytes.
+            # full bank holds exactly num_tasks * packed_nbytes(P) bytes.
             target = 2 * max(1, self.num_masks)
             if capacity_hint is not None:
                 target = min(target, capacity_hint)

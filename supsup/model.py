@@ -132,7 +132,8 @@ class SupermaskModel(nn.Module):
 
     @property
     def bank_bytes(self) -> int:
-        """Bytes the packed bank holds in memory: ``<= num_tasks * (ceil(P/8) + num_layers)``."""
+        """Bytes the packed bank holds in memory: ``<= num_tasks * (ceil(P/8) + 7 * num_layers)``
+        (each layer's rows are padded to whole 64-bit words)."""
         return sum(layer.bank_nbytes() for layer in self.masked_layers)
 
     @property

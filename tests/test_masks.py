@@ -13,14 +13,17 @@ def test_pack_unpack_roundtrip(n):
     g = torch.Generator().manual_seed(n)
     mask = torch.rand(n, generator=g) < 0.5
     packed = M.pack_bits(mask)
-    assert packed.dtype == torch.uint8 and packed.numel() == M.packed_nbytes(n) == (n + 7) // 8
+    # whole 64-bit words: at most 7 bytes more than ceil(n / 8), the padding bits zero
+    assert packed.dtype == torch.uint8 and packed.numel() == M.packed_nbytes(n) == 8 * ((n + 63) // 64)
+    assert packed.numel() - (n + 7) // 8 <= 7
     assert torch.equal(M.unpack_bits(packed, n), mask)
+    assert not M.unpack_bits(packed, 8 * packed.numel())[n:].any()
 
 
 def test_pack_bit_order_is_little_endian():
     mask = torch.zeros(16, dtype=torch.bool)
     mask[0] = mask[9] = True
-    assert M.pack_bits(mask).tolist() == [1, 2]
+    assert M.pack_bits(mask).tolist() == [1, 2, 0, 0, 0, 0, 0, 0]
 
 
 def test_bank_matmul_and_weighted_sum_match_dense():
@@ -31,9 +34,13 @@ def test_bank_matmul_and_weighted_sum_match_dense():
     dense = torch.randn(p, b, generator=g)
     alphas = torch.randn(3, k, generator=g)
     ref = masks.float() @ dense
-    # tiny budget: many chunks, including a ragged last one
+    # compiled kernel (up to 8 columns), and the torch path: tiny budget, many chunks with a
+    # ragged last one
+    assert M.bit_kernels_available()
+    assert torch.allclose(M.bank_matmul(packed, dense, p), ref, atol=1e-5)
+    assert torch.allclose(M.bank_matmul(packed, dense, p, use_kernel=True), ref, atol=1e-5)
     for budget in (1 << 22, 64):
-        assert torch.allclose(M.bank_matmul(packed, dense, p, budget=budget), ref, atol=1e-5)
+        assert torch.allclose(M.bank_matmul(packed, dense, p, budget=budget, use_kernel=False), ref, atol=1e-5)
         assert torch.allclose(M.bank_weighted_sum(packed, alphas, p, budget=budget), alphas @ masks.float(), atol=1e-5)
         assert torch.allclose(M.bank_weighted_sum(packed, alphas[0], p, budget=budget), alphas[0] @ masks.float(), atol=1e-5)
 
@@ -87,5 +94,19 @@ def test_bank_bilinear_matches_dense(n, in_f):
     delta, x = torch.randn(G, n, out_f, generator=g), torch.randn(G, n, in_f, generator=g)
     gw = torch.einsum("gso,gsi->goi", delta, x)  # d obj / d W_eff per inference
     ref = torch.einsum("koi,goi->kg", masks.float() * w, gw)
-    for budget in (1 << 22, 50):  # one chunk, many chunks
-        assert torch.allclose(M.bank_bilinear(packed, w, delta, x, budget=budget), ref, atol=1e-4)
+    assert torch.allclose(M.bank_bilinear(packed, w, delta, x, use_kernel=True), ref, atol=1e-4)
+    for budget in (1 << 22, 50):  # torch path: one chunk, many chunks
+        assert torch.allclose(M.bank_bilinear(packed, w, delta, x, budget=budget, use_kernel=False), ref, atol=1e-4)
+
+
+def test_kernel_matches_torch_path_on_a_large_bank_and_repeats_bitwise():
+    """The compiled kernel blocks masks and words; check a bank with ragged blocks on both
+    axes against the torch path, and that two calls agree bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    k, p = 37, 64 * 1100 + 13
+    masks = torch.rand(k, p, generator=g) < 0.5
+    packed = torch.stack([M.pack_bits(m) for m in masks])
+    dense = torch.randn(p, 3, generator=g)
+    fast = M.bank_matmul(packed, dense, p, use_kernel=True)
+    assert torch.allclose(fast, M.bank_matmul(packed, dense, p, use_kernel=False), rtol=1e-5, atol=1e-3)
+    assert torch.equal(fast, M.bank_matmul(packed, dense, p, use_kernel=True))

@@ -97,8 +97,9 @@ def test_bank_bytes_bound_and_capacity():
         model.add_task()
         _train(model, x, y, steps=1)
         model.finish_task()
-        assert model.bank_bytes <= model.num_tasks * (math.ceil(p / 8) + len(model.masked_layers))
-    assert model.bank_bytes <= 5 * math.ceil(p / 8) + 8 * len(model.masked_layers)
+        # rows are whole 64-bit words: at most 7 padding bytes per layer and task
+        assert model.bank_bytes <= model.num_tasks * (math.ceil(p / 8) + 7 * len(model.masked_layers))
+    assert model.bank_bytes == 5 * sum(8 * math.ceil(layer.num_weights / 64) for layer in model.masked_layers)
     with pytest.raises(CapacityError):
         model.add_task()
 
