@@ -51,6 +51,7 @@ WEIGHT_INITS = ("signed_constant", "kaiming_normal")
 SCORE_INITS = ("kaiming_uniform",)
 MASK_KINDS = ("threshold", "topk")
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
+PRECISIONS = ("fp32", "bf16")
 INFERENCE_METHODS = ("one_shot", "binary")
 OBJECTIVES = ("entropy", "g")
 SCENARIOS = ("GG", "GN", "NN")
@@ -154,6 +155,7 @@ class TrainConfig:
     optimizer: str = field(default="rmsprop", metadata={"help": "rmsprop | adam | sgd"})
     momentum: float = field(default=0.0, metadata={"help": "sgd/rmsprop momentum"})
     weight_decay: float = field(default=0.0, metadata={"help": "weight decay on the scores"})
+    precision: str = field(default="fp32", metadata={"help": "fp32, or bf16: training matmuls in bfloat16 with fp32 accumulation (torch.autocast); scores, optimizer and all evaluation stay fp32"})
 
     def __post_init__(self) -> None:
         _check_range("train.iterations", self.iterations, 1)
@@ -162,6 +164,7 @@ class TrainConfig:
         _check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
         _check_range("train.momentum", self.momentum, 0.0, 1.0, hi_open=True)
         _check_range("train.weight_decay", self.weight_decay, 0.0)
+        _check_choice("train.precision", self.precision, PRECISIONS)
 
 
 @dataclass

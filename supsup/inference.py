@@ -70,38 +70,73 @@ def _layer_io_grads(model: SupermaskModel, x: torch.Tensor, objective: str,
     return out
 
 
+def _candidate_blocks(model: SupermaskModel, packed: list[torch.Tensor] | None,
+                      extra: list[torch.Tensor] | None) -> list[list[torch.Tensor]]:
+    """Per layer, the row blocks whose concatenation is the candidate set: ``packed`` (default:
+    the bank, used in place), then ``extra``."""
+    layers = model.masked_layers
+    base = packed if packed is not None else [layer.bank_rows for layer in layers]
+    if extra is None:
+        return [[b] for b in base]
+    if len(extra) != len(layers) or any(e.shape[0] != extra[0].shape[0] for e in extra):
+        raise InferenceError("extra candidates need the same number of rows for every masked layer")
+    return [[b, e] for b, e in zip(base, extra)]
+
+
+def _superposed_coefs(model: SupermaskModel, blocks: list[list[torch.Tensor]], alphas: torch.Tensor,
+                      bank_in_place: bool) -> list[torch.Tensor]:
+    """``sum_i alphas[:, i] M_i`` per layer, ``(A, *W.shape)`` for alphas ``(A, k)``. Uniform
+    coefficients over a candidate set that starts with the bank cost O(P): the bank's part is
+    the cached mask count (:meth:`SupermaskLayer.mask_count`)."""
+    out = []
+    uniform = alphas.shape[0] == 1 and bool((alphas == alphas[0, 0]).all())
+    for layer, rows in zip(model.masked_layers, blocks):
+        total = None
+        start = 0
+        for j, r in enumerate(rows):
+            a = alphas[:, start: start + r.shape[0]]
+            start += r.shape[0]
+            if r.shape[0] == 0:
+                continue
+            if j == 0 and bank_in_place and uniform:
+                part = (layer.mask_count() * a[0, 0]).unsqueeze(0)
+            else:
+                part = M.bank_weighted_sum(r, a, layer.num_weights).view(-1, *layer.weight.shape)
+            total = part if total is None else total + part
+        out.append(total)
+    return out
+
+
 def alpha_gradients(model: SupermaskModel, x: torch.Tensor, alphas: torch.Tensor, *, objective: str,
-                    num_classes: int, packed: list[torch.Tensor] | None = None) -> torch.Tensor:
+                    num_classes: int, packed: list[torch.Tensor] | None = None,
+                    extra: list[torch.Tensor] | None = None) -> torch.Tensor:
     """``d obj_g / d alpha`` for ``G`` independent inferences.
 
     Args:
         x: ``(G, n, ...)``: ``n`` images per inference.
         alphas: ``(G, k)`` coefficients (rows may differ, e.g. during binary search).
-        packed: candidate masks per layer, ``(k, ceil(P_l/8))`` (default: the bank).
+        packed: candidate masks per layer, ``(k0, packed_nbytes(P_l))`` (default: the bank, read
+            in place).
+        extra: more candidates per layer, ``(e, packed_nbytes(P_l))``, after those (e.g.
+            :meth:`SupermaskModel.candidate_extras`: the mask in training, untrained masks).
 
     Returns:
-        ``(G, k)`` gradients.
+        ``(G, k)`` gradients, ``k = k0 + e``.
     """
     _check_inputs(x)
-    packed = packed if packed is not None else [layer.bank_rows for layer in model.masked_layers]
     layers = model.masked_layers
+    blocks = _candidate_blocks(model, packed, extra)
     G, k = alphas.shape
-    if packed[0].shape[0] != k:
-        raise InferenceError(f"alphas cover {k} masks, the candidates hold {packed[0].shape[0]}")
+    n_cand = sum(r.shape[0] for r in blocks[0])
+    if n_cand != k:
+        raise InferenceError(f"alphas cover {k} masks, the candidates hold {n_cand}")
     if k == 0:
         raise InferenceError("no candidate masks: learn a task first")
     alphas = alphas.to(device=x.device, dtype=x.dtype)
     try:
-        if bool((alphas == alphas[:1]).all()):
-            uniform_bank = bool((alphas[0] == alphas[0, 0]).all()) and all(
-                p.data_ptr() == layer.bank.data_ptr() and p.shape[0] == layer.num_masks
-                for p, layer in zip(packed, layers))
-            if uniform_bank:  # one-shot over the whole bank: count / k, no pass over the bank
-                coefs = [layer.mask_count() * alphas[0, 0] for layer in layers]
-            else:
-                coefs = [M.bank_weighted_sum(p, alphas[0], layer.num_weights).view_as(layer.weight)
-                         for p, layer in zip(packed, layers)]
-            model.superpose_fixed(coefs)
+        if bool((alphas == alphas[:1]).all()):  # the same superposition for every group
+            coefs = _superposed_coefs(model, blocks, alphas[:1], bank_in_place=packed is None)
+            model.superpose_fixed([c[0] for c in coefs])
             io = _layer_io_grads(model, x, objective, num_classes)
         else:
             # Different alphas per group (binary search): one forward per group, with the
@@ -109,9 +144,9 @@ def alpha_gradients(model: SupermaskModel, x: torch.Tensor, alphas: torch.Tensor
             per_group = []
             for g0 in range(0, G, 8):
                 sub = alphas[g0: g0 + 8]
-                coefs = [M.bank_weighted_sum(p, sub, layer.num_weights) for p, layer in zip(packed, layers)]
+                coefs = _superposed_coefs(model, blocks, sub, bank_in_place=False)
                 for j in range(sub.shape[0]):
-                    model.superpose_fixed([c[j].view_as(layer.weight) for c, layer in zip(coefs, layers)])
+                    model.superpose_fixed([c[j] for c in coefs])
                     per_group.append(_layer_io_grads(model, x[g0 + j: g0 + j + 1], objective, num_classes))
                 del coefs
             io = [(torch.cat([pg[i][0] for pg in per_group]), torch.cat([pg[i][1] for pg in per_group]))
@@ -119,23 +154,29 @@ def alpha_gradients(model: SupermaskModel, x: torch.Tensor, alphas: torch.Tensor
     finally:
         model.restore_mode()
     out = x.new_zeros(k, G)
-    for p, layer, (xi, gi) in zip(packed, layers, io):
-        out += layer.alpha_grads(p, xi, gi)
+    for rows, layer, (xi, gi) in zip(blocks, layers, io):
+        start = 0
+        for r in rows:
+            if r.shape[0]:
+                out[start: start + r.shape[0]] += layer.alpha_grads(r, xi, gi)
+            start += r.shape[0]
     return out.t()
 
 
-def float_stacks(model: SupermaskModel, packed: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+def float_stacks(model: SupermaskModel, packed: list[torch.Tensor] | None = None,
+                 extra: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Every candidate mask unpacked to floats, ``(k, *W.shape)`` per layer: the state the
     original implementation keeps (``k x P`` fp32). Reference and test oracle only."""
     layers = model.masked_layers
-    packed = packed if packed is not None else [layer.bank_rows for layer in layers]
-    return [M.unpack_bits(p, layer.num_weights).to(layer.weight.dtype).view(-1, *layer.weight.shape)
-            for p, layer in zip(packed, layers)]
+    blocks = _candidate_blocks(model, packed, extra)
+    return [M.unpack_bits(torch.cat(rows), layer.num_weights).to(layer.weight.dtype).view(-1, *layer.weight.shape)
+            for rows, layer in zip(blocks, layers)]
 
 
 def alpha_gradients_reference(model: SupermaskModel, x: torch.Tensor, alphas: torch.Tensor, *,
                               objective: str, num_classes: int,
                               packed: list[torch.Tensor] | None = None,
+                              extra: list[torch.Tensor] | None = None,
                               stacks: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Float-stack oracle for :func:`alpha_gradients` (the original implementation's method):
     with a float ``(k, *W.shape)`` stack of masks per layer (:func:`float_stacks`),
@@ -143,7 +184,7 @@ def alpha_gradients_reference(model: SupermaskModel, x: torch.Tensor, alphas: to
     ``(G, k)``; returns ``(G, k)``."""
     _check_inputs(x)
     layers = model.masked_layers
-    stacks = stacks if stacks is not None else float_stacks(model, packed)
+    stacks = stacks if stacks is not None else float_stacks(model, packed, extra)
     out = []
     try:
         for g in range(alphas.shape[0]):
@@ -161,20 +202,21 @@ def alpha_gradients_reference(model: SupermaskModel, x: torch.Tensor, alphas: to
 
 def infer_tasks(model: SupermaskModel, x: torch.Tensor, *, method: str = "one_shot", objective: str = "g",
                 num_classes: int = 10, log_base: float = 2.0,
-                packed: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
+                packed: list[torch.Tensor] | None = None,
+                extra: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
     """Infer the task of each of ``G`` groups of images.
 
     Args:
         x: ``(G, n, ...)``.
         method: ``one_shot`` or ``binary``.
-        packed: candidate masks per layer (default: the bank's finished tasks).
+        packed, extra: the candidate masks, as for :func:`alpha_gradients` (default: the
+            bank's finished tasks).
 
     Returns:
         ``(tasks, steps)``: ``(G,)`` int64 indices into the candidates, and the number of
         gradient evaluations used (1 for one_shot, at most ``ceil(log_b k)`` for binary).
     """
-    packed = packed if packed is not None else [layer.bank_rows for layer in model.masked_layers]
-    k = packed[0].shape[0]
+    k = sum(r.shape[0] for r in _candidate_blocks(model, packed, extra)[0])
     G = x.shape[0]
     if k == 0:
         raise InferenceError("no candidate masks: learn a task first")
@@ -182,7 +224,8 @@ def infer_tasks(model: SupermaskModel, x: torch.Tensor, *, method: str = "one_sh
         return torch.zeros(G, dtype=torch.long, device=x.device), 0
     if method == "one_shot":
         alphas = torch.full((G, k), 1.0 / k, dtype=x.dtype, device=x.device)
-        grads = alpha_gradients(model, x, alphas, objective=objective, num_classes=num_classes, packed=packed)
+        grads = alpha_gradients(model, x, alphas, objective=objective, num_classes=num_classes,
+                                packed=packed, extra=extra)
         return grads.argmin(dim=1), 1
     if method != "binary":
         raise ValueError(f"unknown inference method {method!r}; known: one_shot, binary")
@@ -193,7 +236,8 @@ def infer_tasks(model: SupermaskModel, x: torch.Tensor, *, method: str = "one_sh
         if bool((counts == 1).all()):
             return alive.float().argmax(dim=1), steps
         alphas = alive.to(x.dtype) / counts.unsqueeze(1).to(x.dtype)
-        grads = alpha_gradients(model, x, alphas, objective=objective, num_classes=num_classes, packed=packed)
+        grads = alpha_gradients(model, x, alphas, objective=objective, num_classes=num_classes,
+                                packed=packed, extra=extra)
         steps += 1
         grads = grads.masked_fill(~alive, math.inf)
         keep = torch.clamp(torch.ceil(counts.to(torch.float64) / log_base), min=1).long()

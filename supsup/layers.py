@@ -74,8 +74,7 @@ class SupermaskLayer(nn.Module):
         self._alphas: torch.Tensor | None = None
         self._packed: torch.Tensor | None = None  # candidates of the superposition
         self._coef: torch.Tensor | None = None  # fixed superposition coefficient (fast path)
-        self._bank_version = 0  # bumped on every bank write (invalidates mask_count)
-        self._count_cache: tuple | None = None
+        self._count: torch.Tensor | None = None  # sum of the bank's masks, kept up to date
 
     # --------------------------------------------------------------- sizes and bank storage
     @property
@@ -118,30 +117,32 @@ class SupermaskLayer(nn.Module):
             self.reserve(max(self.num_masks + 1, target))
         self.bank[self.num_masks] = M.pack_bits(mask)
         self.num_masks += 1
-        self._bank_version += 1
+        if self._count is not None:
+            self._count += mask.view(torch.uint8)
 
     def write_mask(self, task_id: int, mask: torch.Tensor) -> None:
         """Overwrite a finished task's mask (NN: a task trained again)."""
         if not 0 <= task_id < self.num_masks:
             raise IndexError(f"no mask for task {task_id}; the bank holds {self.num_masks}")
+        if self._count is not None:
+            self._count += mask.view(torch.uint8)
+            self._count -= self.stored_mask(task_id).view(torch.uint8)
         self.bank[task_id] = M.pack_bits(mask)
-        self._bank_version += 1
 
     def load_bank(self, rows: torch.Tensor) -> None:
         """Replace the bank with ``rows`` ``(k, ceil(P_l/8))`` uint8."""
         self.bank = rows.to(self.weight.device).clone()
         self.num_masks = rows.shape[0]
-        self._bank_version += 1
+        self._count = None
 
     def mask_count(self) -> torch.Tensor:
-        """``sum_i M_i`` over the bank (float, shape of the weight), cached until the bank
-        changes: with uniform alphas the superposed mask is ``count / k`` in O(P)."""
-        key = (self.num_masks, self._bank_version)
-        if self._count_cache is None or self._count_cache[0] != key:
+        """``sum_i M_i`` over the bank (float, shape of the weight): with uniform alphas the
+        superposed mask is ``count / k`` in O(P). Computed once, then updated in O(P) by every
+        bank write (NN rewrites masks thousands of times; a full recount is O(k P))."""
+        if self._count is None:
             ones = torch.ones(self.num_masks, dtype=self.weight.dtype, device=self.weight.device)
-            count = M.bank_weighted_sum(self.bank_rows, ones, self.num_weights).view_as(self.weight)
-            self._count_cache = (key, count)
-        return self._count_cache[1]
+            self._count = M.bank_weighted_sum(self.bank_rows, ones, self.num_weights).view_as(self.weight).clone()
+        return self._count
 
     def stored_mask(self, task_id: int) -> torch.Tensor:
         """Boolean mask of a finished task, shape of the weight."""

@@ -7,7 +7,7 @@ A bank of ``k`` finished masks is stored packed, ``(k, packed_nbytes(P))`` uint8
 weight, bit ``t`` of byte ``j`` holding weight ``8j + t`` (little-endian bit order). Rows are
 padded with zero bits to whole 64-bit words (``8 * ceil(P/64)`` bytes, at most 7 bytes more
 than ``ceil(P/8)``), so that a row reads as little-endian uint64 words: the compiled CPU
-kernel (:mod:`supsup._bitkernels`) handles 64 weights per word.
+kernel (:mod:`supsup._kernels`) handles 64 weights per word.
 """
 
 from __future__ import annotations
@@ -136,12 +136,12 @@ KERNEL_MAX_COLUMNS = 8
 
 @functools.lru_cache(maxsize=1)
 def _kernels():
-    """:mod:`supsup._bitkernels`, or None when numba cannot be imported."""
+    """:mod:`supsup._kernels`, or None when numba cannot be imported."""
     try:
-        from . import _bitkernels
+        from . import _kernels
     except ImportError:  # pragma: no cover - numba is a dependency; stay usable without it
         return None
-    return _bitkernels
+    return _kernels
 
 
 def bit_kernels_available() -> bool:

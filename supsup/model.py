@@ -227,12 +227,14 @@ class SupermaskModel(nn.Module):
         self._current_task = task_id
 
     # --------------------------------------------------------------------- superposition
-    def candidate_banks(self, *, include_active: bool = False, pad_to: int = 0) -> list[torch.Tensor]:
-        """Packed candidate masks per layer, ``(n, ceil(P_l/8))``: the bank's tasks, then the
-        active task's current mask (if asked), then untrained masks of future task ids (the
-        initial scores they will get from (seed, task id)) until ``n >= pad_to``."""
+    def candidate_extras(self, *, include_active: bool = False, pad_to: int = 0) -> list[torch.Tensor]:
+        """Packed masks per layer, ``(e, packed_nbytes(P_l))``, that follow the bank's ``k``
+        masks as candidates of task inference (candidate ``k + j`` is row ``j``): the active
+        task's current mask if it is new and ``include_active``, then untrained masks of
+        future task ids (the initial scores they will get from (seed, task id)) until
+        ``k + e >= pad_to``. The bank itself is never copied."""
         layers = self.masked_layers
-        rows: list[list[torch.Tensor]] = [[layer.bank_rows] for layer in layers]
+        rows: list[list[torch.Tensor]] = [[] for _ in layers]
         n = self.num_banked_tasks
         if include_active and self._active_task is not None and self._active_task >= n:
             for r, layer in zip(rows, layers):
@@ -246,7 +248,7 @@ class SupermaskModel(nn.Module):
                 r.append(M.pack_bits(M.binarize(scores, layer.mask_kind, layer.density)).unsqueeze(0))
             n += 1
             next_id += 1
-        return [torch.cat(r) if len(r) > 1 else r[0] for r in rows]
+        return [torch.cat(r) if r else layer.bank.new_zeros(0, layer.bank.shape[1]) for r, layer in zip(rows, layers)]
 
     def superpose(self, alphas: torch.Tensor, packed: list[torch.Tensor] | None = None) -> None:
         """Mode SUPERPOSE: effective weights ``W * sum_i alpha_i M_i`` (paper eq. 3).

@@ -208,7 +208,8 @@ def _run_nn(cfg, out, model, stream, results, loop, tensors) -> None:
         t0 = time.perf_counter()
         optimizer = train_nn_segment(model, factory, optimizer,
                                      stream.train_batches(true_task, cfg.train.iterations, cfg.train.batch_size),
-                                     true_task, state, cfg.nn, total=cfg.train.iterations, progress=cfg.progress)
+                                     true_task, state, cfg.nn, total=cfg.train.iterations, progress=cfg.progress,
+                                     precision=cfg.train.precision)
         results["train_seconds"] += time.perf_counter() - t0
         if cfg.eval.at_tasks and true_task + 1 in cfg.eval.at_tasks:
             # Evaluate the masks detected so far (the one in training included), each mapped
@@ -256,9 +257,9 @@ def _evaluate_task(cfg: RunConfig, model: SupermaskModel, stream, task_id: int,
         return row
     for i, objective in enumerate(_objectives(cfg)):
         inf = dataclasses.replace(cfg.inference, objective=objective)
-        packed = model.candidate_banks(include_active=True) if model.active_task is not None else None
+        extra = model.candidate_extras(include_active=True) if model.active_task is not None else None
         res = evaluate_inferred(model, stream, task_id, cfg.eval, inf, num_classes=num_classes,
-                                per_batch_given=per_batch, task_map=task_map, packed=packed)
+                                per_batch_given=per_batch, task_map=task_map, extra=extra)
         suffix = "" if i == 0 else f"_{objective}"
         row[f"acc_inferred{suffix}"] = res["acc_inferred"]
         row[f"task_inference_acc{suffix}"] = res["task_inference_acc"]

@@ -6,6 +6,7 @@ Plain functions over a :class:`~supsup.model.SupermaskModel` and a task stream; 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -20,9 +21,12 @@ from tqdm.auto import tqdm
 from .config import EvalConfig, InferenceConfig, NNConfig, TrainConfig
 from .inference import alpha_gradients, infer_tasks
 from .model import SupermaskModel
+from .optim import FusedRMSprop
 
 __all__ = [
     "make_optimizer",
+    "training_autocast",
+    "train_loss",
     "train_steps",
     "train_task",
     "evaluate_given_task",
@@ -41,7 +45,8 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> to
     """The per-task optimizer over the active scores (paper: RMSprop, lr 1e-4, no decay)."""
     params = list(params)
     if cfg.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        # torch's RMSprop, with a one-pass compiled step on the CPU (memory-bound otherwise)
+        return FusedRMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
@@ -49,14 +54,33 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> to
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
 
+def training_autocast(precision: str, device: torch.device | str):
+    """The autocast context of a training forward pass: bf16 runs the matmuls of the masked
+    layers in bfloat16 with fp32 accumulation (about 1.6x faster for FC 1024 on a CPU with
+    AVX512-BF16); the scores, their gradients and the optimizer stay fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    raise ValueError(f"unknown precision {precision!r}; known: fp32, bf16")
+
+
+def train_loss(model: SupermaskModel, x: torch.Tensor, y: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """Cross-entropy of the model's current (training) forward, computed in fp32."""
+    with training_autocast(precision, x.device):
+        logits = model(x)
+    return F.cross_entropy(logits.float(), y)
+
+
 def train_steps(model: SupermaskModel, optimizer: torch.optim.Optimizer, batches: Iterable[Batch],
-                *, total: int | None = None, desc: str = "", progress: bool = True) -> float:
+                *, total: int | None = None, desc: str = "", progress: bool = True,
+                precision: str = "fp32") -> float:
     """Cross-entropy steps on the active task; returns the mean loss of the last 50 steps."""
     model.train_mode()
     recent: list[float] = []
     bar = tqdm(batches, total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for step, (x, y) in enumerate(bar):
-        loss = F.cross_entropy(model(x), y)
+        loss = train_loss(model, x, y, precision)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -78,7 +102,7 @@ def train_task(model: SupermaskModel, stream, task_id: int, cfg: TrainConfig, *,
         raise RuntimeError(f"expected to learn task {task_id}, the model is at task {new_id}")
     opt = make_optimizer(model.trainable_parameters(), cfg)
     loss = train_steps(model, opt, stream.train_batches(task_id, cfg.iterations, cfg.batch_size),
-                       total=cfg.iterations, desc=f"task {task_id}", progress=progress)
+                       total=cfg.iterations, desc=f"task {task_id}", progress=progress, precision=cfg.precision)
     model.finish_task()
     return loss
 
@@ -111,7 +135,7 @@ def evaluate_given_task(model: SupermaskModel, stream, task_id: int, cfg: EvalCo
 def evaluate_inferred(model: SupermaskModel, stream, task_id: int, eval_cfg: EvalConfig, inf_cfg: InferenceConfig,
                       *, num_classes: int, per_batch_given: list[tuple[int, int]] | None = None,
                       task_map: Callable[[int], int] | None = None,
-                      packed: list[torch.Tensor] | None = None) -> dict[str, float]:
+                      extra: list[torch.Tensor] | None = None) -> dict[str, float]:
     """GN accuracy of one task (the paper's protocol).
 
     Each test batch comes from one task; its task is inferred from its first
@@ -133,7 +157,7 @@ def evaluate_inferred(model: SupermaskModel, stream, task_id: int, eval_cfg: Eva
         n = min(inf_cfg.num_images, min(x.shape[0] for x, _ in chunk))
         xs = torch.stack([x[:n] for x, _ in chunk])
         tasks, _ = infer_tasks(model, xs, method=inf_cfg.method, objective=inf_cfg.objective,
-                               num_classes=num_classes, log_base=inf_cfg.log_base, packed=packed)
+                               num_classes=num_classes, log_base=inf_cfg.log_base, extra=extra)
         predicted.extend(int(t) for t in tasks)
     hits = 0
     correct = 0
@@ -191,9 +215,9 @@ def nn_detect(model: SupermaskModel, x: torch.Tensor, cfg: NNConfig) -> tuple[in
     signalled when ``max softmax(-grad) < threshold / n``."""
     k = model.num_learned_tasks
     n = max(k, cfg.min_candidates)
-    packed = model.candidate_banks(include_active=True, pad_to=n)
+    extra = model.candidate_extras(include_active=True, pad_to=n)
     alphas = torch.full((1, n), 1.0 / n, dtype=x.dtype, device=x.device)
-    grads = alpha_gradients(model, x.unsqueeze(0), alphas, objective="entropy", num_classes=1, packed=packed)[0]
+    grads = alpha_gradients(model, x.unsqueeze(0), alphas, objective="entropy", num_classes=1, extra=extra)[0]
     model.restore_mode()
     probs = torch.softmax(-grads, dim=0)
     best = int(grads[:k].argmin())
@@ -204,7 +228,7 @@ def nn_detect(model: SupermaskModel, x: torch.Tensor, cfg: NNConfig) -> tuple[in
 def train_nn_segment(model: SupermaskModel, optimizer_factory: Callable[[], torch.optim.Optimizer],
                      optimizer: torch.optim.Optimizer | None, batches: Iterable[Batch], true_task: int,
                      state: NNState, cfg: NNConfig, *, total: int | None = None,
-                     progress: bool = True) -> torch.optim.Optimizer:
+                     progress: bool = True, precision: str = "fp32") -> torch.optim.Optimizer:
     """Train on a stretch of the unlabeled stream, detecting new tasks every ``check_every``
     batches. ``true_task`` is used only for reporting (which mask saw which task).
 
@@ -221,7 +245,7 @@ def train_nn_segment(model: SupermaskModel, optimizer_factory: Callable[[], torc
         elif state.batches_seen % cfg.check_every == 0:
             optimizer = _nn_check(model, optimizer_factory, optimizer, x, state, cfg)
         model.train_mode()
-        loss = F.cross_entropy(model(x), y)
+        loss = train_loss(model, x, y, precision)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -110,3 +110,26 @@ def test_kernel_matches_torch_path_on_a_large_bank_and_repeats_bitwise():
     fast = M.bank_matmul(packed, dense, p, use_kernel=True)
     assert torch.allclose(fast, M.bank_matmul(packed, dense, p, use_kernel=False), rtol=1e-5, atol=1e-3)
     assert torch.equal(fast, M.bank_matmul(packed, dense, p, use_kernel=True))
+
+
+def test_fused_rmsprop_matches_torch_rmsprop():
+    """FusedRMSprop's one-pass step gives torch's RMSprop update (up to rounding), with the same
+    state, and falls back to torch's step for what the kernel does not cover (momentum)."""
+    from supsup.optim import FusedRMSprop
+
+    g = torch.Generator().manual_seed(0)
+    for kw in ({}, {"weight_decay": 0.01}, {"momentum": 0.9}):
+        ps = [torch.nn.Parameter(torch.randn(300, 7, generator=g)), torch.nn.Parameter(torch.randn(11, generator=g))]
+        qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+        fused, ref = FusedRMSprop(ps, lr=1e-2, **kw), torch.optim.RMSprop(qs, lr=1e-2, **kw)
+        for _ in range(10):
+            for p, q in zip(ps, qs):
+                p.grad = torch.randn(p.shape, generator=g)
+                q.grad = p.grad.clone()
+            fused.step()
+            ref.step()
+        for p, q in zip(ps, qs):
+            assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
+        sf, sr = fused.state_dict()["state"], ref.state_dict()["state"]
+        assert sf.keys() == sr.keys() and all(sf[i].keys() == sr[i].keys() for i in sf)
+        assert all(torch.allclose(sf[i]["square_avg"], sr[i]["square_avg"]) for i in sf)

@@ -50,7 +50,7 @@ from ..config import (
 from ..inference import infer_tasks
 from ..model import SupermaskModel
 from ..rng import make_generator
-from ..training import NNState, _nn_check, make_optimizer, mask_to_task, safe_mean
+from ..training import NNState, _nn_check, make_optimizer, mask_to_task, safe_mean, training_autocast
 
 __all__ = [
     "CachedData",
@@ -455,7 +455,9 @@ class SupSupStrategy(SupervisedTemplate):
 
     def forward(self):
         if self.is_training:
-            return self.model(self.mb_x)
+            with training_autocast(self.train_config.precision, self.mb_x.device):
+                logits = self.model(self.mb_x)
+            return logits.float()
         return self._eval_forward(self.mb_x)
 
     # -------------------------------------------------------------------- evaluation
@@ -483,11 +485,11 @@ class SupSupStrategy(SupervisedTemplate):
             return None
         # Finished masks, plus the one being trained (evaluation during training, or NN):
         # candidate i is mask i.
-        packed = model.candidate_banks(include_active=True)
+        extra = model.candidate_extras(include_active=True)
         cfg = self.inference_config
         n = min(cfg.num_images, x.shape[0])
         tasks, _ = infer_tasks(model, x[:n].unsqueeze(0), method=cfg.method, objective=cfg.objective,
-                               num_classes=self.num_classes, log_base=cfg.log_base, packed=packed)
+                               num_classes=self.num_classes, log_base=cfg.log_base, extra=extra)
         self.last_inferred_task = int(tasks[0])
         return self.last_inferred_task
 

@@ -1,7 +1,7 @@
-"""Compiled CPU kernels for products with a packed mask bank (numba).
+"""Compiled CPU kernels (numba): products with a packed mask bank, and a fused RMSprop step.
 
-Private: :mod:`supsup.masks` imports this module lazily and falls back to plain torch when
-numba is missing or the tensors are not on the CPU.
+Private: :mod:`supsup.masks` and :mod:`supsup.optim` import this module lazily and fall back
+to plain torch when numba is missing or the tensors are not on the CPU.
 
 Why a kernel: task inference needs ``<M_i, u>`` for every mask ``M_i`` of the bank (paper
 eq. 4). In torch that means unpacking each bit to a float and a matrix product, about 4 bytes
@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["bank_dot"]
+__all__ = ["bank_dot", "rmsprop_step"]
 
 #: masks handled by one task of the parallel loop, and 64-bit words of ``u`` per cache block
 #: (``G * 512 * 64`` floats stay in L2 while a block of masks is processed)
@@ -67,3 +67,25 @@ def bank_dot(words: np.ndarray, u: np.ndarray) -> np.ndarray:
     if words.shape[0] and words.shape[1]:
         _bank_dot(words, u, out, MASKS_PER_BLOCK, WORDS_PER_BLOCK)
     return out
+
+
+@njit(parallel=True, boundscheck=False, nogil=True, cache=True)
+def _rmsprop_step(param, grad, square_avg, lr, alpha, eps, weight_decay):  # pragma: no cover - compiled
+    one_minus_alpha = 1.0 - alpha
+    for i in prange(param.size):
+        g = grad[i]
+        if weight_decay != 0.0:
+            g += weight_decay * param[i]
+        v = square_avg[i] * alpha + one_minus_alpha * g * g
+        square_avg[i] = v
+        param[i] -= lr * g / (np.sqrt(v) + eps)
+
+
+def rmsprop_step(param: np.ndarray, grad: np.ndarray, square_avg: np.ndarray, *, lr: float,
+                 alpha: float, eps: float, weight_decay: float) -> None:
+    """One RMSprop update in place, in one pass over flat float32 arrays (torch's formula:
+    ``v = alpha v + (1 - alpha) g^2``, ``p -= lr g / (sqrt(v) + eps)``). Torch's eager RMSprop
+    makes five passes (mul_, addcmul_, sqrt, add_, addcdiv_); for FC 1024's 2.4M scores the
+    step is memory-bound, so one pass is about 3x faster."""
+    dt = param.dtype.type
+    _rmsprop_step(param, grad, square_avg, dt(lr), dt(alpha), dt(eps), dt(weight_decay))
