@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,16 @@ def _config_mismatch(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident memory so far (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
 def _checkpoint(out: Path, cfg: RunConfig, model: SupermaskModel, results: dict, loop: dict,
                 extra_tensors: dict[str, Any] | None = None) -> None:
     tensors: dict[str, Any] = dict(model.bank_state())
@@ -117,6 +128,13 @@ def _checkpoint(out: Path, cfg: RunConfig, model: SupermaskModel, results: dict,
     meta = {"supsup_version": __version__, "config": config_to_dict(cfg), "model": _model_identity(cfg, model),
             "results": results, "loop": loop}
     save_checkpoint(out, tensors, meta)
+    # A small, human-readable view of a long run while it goes: what is done and the
+    # accuracy-vs-tasks points so far (benchmarks/reproduce.py plots from it).
+    progress = {"tasks_done": loop["next_task"], "num_tasks": cfg.benchmark.num_tasks,
+                "num_learned_masks": model.num_learned_tasks, "train_seconds": results["train_seconds"],
+                "eval_seconds": results["eval_seconds"], "peak_rss_bytes": peak_rss_bytes(),
+                "curve": [{k: v for k, v in p.items() if k != "rows"} for p in results.get("curve", [])]}
+    atomic_write_text(out / "progress.json", json.dumps(progress, indent=2) + "\n")
 
 
 def _restore(out: Path, cfg: RunConfig, model: SupermaskModel) -> tuple[dict, dict, dict]:
@@ -185,6 +203,7 @@ def run_experiment(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool =
     results["eval_seconds"] += time.perf_counter() - t0
     results["bank_bytes"] = model.bank_bytes
     results["num_masked_weights"] = model.num_masked_weights
+    results["peak_rss_bytes"] = peak_rss_bytes()
     write_report(out, results)
     return results
 
@@ -236,9 +255,10 @@ def _objectives(cfg: RunConfig) -> list[str]:
 
 
 def _evaluate_task(cfg: RunConfig, model: SupermaskModel, stream, task_id: int,
-                   m2t: dict[int, int] | None) -> dict[str, Any]:
-    """One task's row: GG accuracy, and in GN/NN the task-inferred accuracy per objective
-    (the first objective fills ``acc_inferred``; others ``acc_inferred_<objective>``)."""
+                   m2t: dict[int, int] | None, *, inferred: bool = True) -> dict[str, Any]:
+    """One task's row: GG accuracy, and in GN/NN (if ``inferred``) the task-inferred accuracy
+    per objective (the first objective fills ``acc_inferred``; others
+    ``acc_inferred_<objective>``)."""
     num_classes = stream.num_classes
     row = _task_row(task_id)
     if m2t is not None:  # NN: masks are numbered in detection order
@@ -253,7 +273,7 @@ def _evaluate_task(cfg: RunConfig, model: SupermaskModel, stream, task_id: int,
     else:
         row["acc_given_task"], per_batch = evaluate_given_task(model, stream, task_id, cfg.eval, num_classes=num_classes)
         task_map = None
-    if cfg.scenario == "GG":
+    if cfg.scenario == "GG" or not inferred:
         return row
     for i, objective in enumerate(_objectives(cfg)):
         inf = dataclasses.replace(cfg.inference, objective=objective)
@@ -281,34 +301,61 @@ def _m2t(cfg: RunConfig, results: dict) -> dict[int, int] | None:
     return {int(m): t for m, t in results.get("mask_to_task", {}).items()}
 
 
+def sampled_tasks(num_learned: int, sample: int | None) -> list[int]:
+    """The tasks an evaluation covers: all ``num_learned``, or ``sample`` of them evenly
+    spaced (first and last included) when ``sample`` is smaller."""
+    if sample is None or sample >= num_learned:
+        return list(range(num_learned))
+    if sample == 1:
+        return [0]
+    return sorted({round(i * (num_learned - 1) / (sample - 1)) for i in range(sample)})
+
+
 def _curve_point(cfg: RunConfig, model: SupermaskModel, stream, num_learned: int,
                  m2t: dict[int, int] | None = None) -> dict[str, Any]:
-    """Accuracy over the tasks learned so far (a sample of them if ``eval.sample_tasks``)."""
+    """Accuracy over the tasks learned so far (a sample of them if ``eval.sample_tasks``);
+    ``rows`` holds each evaluated task's row."""
     t0 = time.perf_counter()
-    tasks = list(range(num_learned))
-    if cfg.eval.sample_tasks is not None and cfg.eval.sample_tasks < num_learned:
-        tasks = sorted({round(i * (num_learned - 1) / (cfg.eval.sample_tasks - 1)) if cfg.eval.sample_tasks > 1 else 0
-                        for i in range(cfg.eval.sample_tasks)})
+    tasks = sampled_tasks(num_learned, cfg.eval.sample_tasks)
     rows = [_evaluate_task(cfg, model, stream, t, m2t) for t in tasks]
     point: dict[str, Any] = {"num_tasks_learned": num_learned, "tasks_evaluated": tasks}
     _summarise(cfg, rows, point)
     point["seconds"] = time.perf_counter() - t0
-    log.info("curve point after %d tasks: %s", num_learned, point)
+    point["rows"] = rows
+    log.info("curve point after %d tasks: %s", num_learned, {k: v for k, v in point.items() if k != "rows"})
     return point
 
 
-def _final_evaluation(cfg: RunConfig, model: SupermaskModel, stream, results: dict) -> None:
-    """GG (and GN/NN task-inferred) accuracy of every task with the final bank."""
+_INFERRED_KEYS = ("acc_inferred", "task_inference_acc")
+
+
+def _final_evaluation(cfg: RunConfig, model: SupermaskModel, stream, results: dict, *,
+                      reuse_curve: bool = True) -> None:
+    """GG accuracy of every task with the final bank; GN/NN task-inferred accuracy of every
+    task, or of ``eval.sample_tasks`` of them. A curve point taken after the last task already
+    holds those rows (same bank, same tasks, same settings): with ``reuse_curve`` they are
+    reused, not recomputed."""
     m2t = _m2t(cfg, results)
+    num_tasks = cfg.benchmark.num_tasks
     old = {r["task_id"]: r for r in results["tasks"]}
+    inferred_tasks = set(sampled_tasks(num_tasks, cfg.eval.sample_tasks)) if cfg.scenario != "GG" else set()
+    reuse: dict[int, dict[str, Any]] = {}
+    last = (results.get("curve") or [None])[-1]
+    if reuse_curve and last is not None and last["num_tasks_learned"] == num_tasks and set(last["tasks_evaluated"]) == inferred_tasks:
+        reuse = {r["task_id"]: r for r in last.get("rows", [])}
     rows = []
-    for task_id in range(cfg.benchmark.num_tasks):
-        row = _evaluate_task(cfg, model, stream, task_id, m2t)
+    for task_id in range(num_tasks):
+        row = _evaluate_task(cfg, model, stream, task_id, m2t,
+                             inferred=task_id in inferred_tasks and task_id not in reuse)
+        if task_id in reuse:
+            row.update({k: v for k, v in reuse[task_id].items() if k.startswith(_INFERRED_KEYS)})
         if task_id in old and old[task_id].get("acc_given_task") is not None and cfg.scenario != "NN":
             # Accuracy right after learning the task, to show that later tasks changed nothing.
             row["acc_given_task_when_learned"] = old[task_id]["acc_given_task"]
         rows.append(row)
     results["tasks"] = rows
+    if cfg.scenario != "GG":
+        results["tasks_inferred"] = len(inferred_tasks)
     _summarise(cfg, rows, results)
 
 
@@ -320,10 +367,17 @@ def format_table(results: dict[str, Any]) -> str:
     lines = [f"{results['benchmark']} | scenario {results['scenario']} | {results.get('method', 'supsup')} "
              f"| {results['num_tasks']} tasks",
              "task  acc_given_task  acc_inferred  task_inference_acc"]
-    for r in results["tasks"]:
+    rows = results["tasks"]
+    shown = rows if len(rows) <= 40 else rows[:10] + [None] + rows[-10:]  # long runs: the ends
+    for r in shown:
+        if r is None:
+            lines.append(f"  ... ({len(rows) - 20} more tasks in results.json)")
+            continue
         lines.append(f"{r['task_id']:>4}  {f(r['acc_given_task']):>14}  {f(r['acc_inferred']):>12}  {f(r['task_inference_acc']):>18}")
     lines.append(f"mean  {f(results['mean_acc_given_task']):>14}  {f(results['mean_acc_inferred']):>12}  {f(results['task_inference_acc']):>18}")
     extra = []
+    if results.get("tasks_inferred") is not None and results["tasks_inferred"] < len(rows):
+        extra.append(f"task inferred on {results['tasks_inferred']} sampled tasks")
     if results.get("num_detected_tasks") is not None:
         extra.append(f"detected tasks: {results['num_detected_tasks']}")
     if results.get("bank_bytes") is not None:
@@ -341,13 +395,15 @@ def plot_accuracy(results: dict[str, Any], path: str | os.PathLike) -> None:
     import matplotlib.pyplot as plt
 
     tasks = [r["task_id"] for r in results["tasks"]]
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.25 * len(tasks) + 3), 3.6), dpi=120)
+    fig, ax = plt.subplots(figsize=(min(12.0, max(5.0, 0.25 * len(tasks) + 3)), 3.6), dpi=120)
+    few = len(tasks) <= 60  # markers only while they stay readable
     given = [r["acc_given_task"] for r in results["tasks"]]
     if any(v is not None for v in given):
-        ax.plot(tasks, [float("nan") if v is None else v for v in given], "o-", label="task given (GG)")
-    inferred = [r["acc_inferred"] for r in results["tasks"]]
-    if any(v is not None for v in inferred):
-        ax.plot(tasks, [float("nan") if v is None else v for v in inferred], "s--", label="task inferred")
+        ax.plot(tasks, [float("nan") if v is None else v for v in given], "o-" if few else "-", label="task given (GG)")
+    # sampled runs infer the task on some tasks only: plot those as points
+    inferred = [(t, r["acc_inferred"]) for t, r in zip(tasks, results["tasks"]) if r["acc_inferred"] is not None]
+    if inferred:
+        ax.plot(*zip(*inferred), "s--" if few else ".", label="task inferred")
     ax.set_xlabel("task")
     ax.set_ylabel("test accuracy")
     ax.set_title(f"{results['benchmark']} ({results['scenario']}, {results.get('method', 'supsup')})")
@@ -400,7 +456,7 @@ def evaluate_saved(out_dir: str | os.PathLike, *, overrides: list[str] = (), sce
     if cfg.scenario != "NN":
         cfg = dataclasses.replace(cfg, benchmark=dataclasses.replace(cfg.benchmark, num_tasks=learned))
     t0 = time.perf_counter()
-    _final_evaluation(cfg, model, stream, results)
+    _final_evaluation(cfg, model, stream, results, reuse_curve=False)  # settings may differ
     results["eval_seconds"] = time.perf_counter() - t0
     results["bank_bytes"] = model.bank_bytes
     results["num_masked_weights"] = model.num_masked_weights
