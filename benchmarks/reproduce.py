@@ -107,7 +107,7 @@ def _load(runs: Path, results: Path, name: str) -> dict | None:
 def collect(runs: Path, results: Path) -> dict[str, dict]:
     """Copy each run's small files to ``results`` and return what was found."""
     found = {}
-    for name, exp in EXPERIMENTS.items():
+    for name in EXPERIMENTS:
         src = runs / name
         dst = results / name
         if src.is_dir():
@@ -204,7 +204,7 @@ def table(found: dict[str, dict]) -> str:
     lines = ["| experiment | status | tasks | mean acc, task inferred | task inference acc | "
              "mean acc, task given (GG) | train s / task | eval s | peak RSS |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for name, exp in EXPERIMENTS.items():
+    for name in EXPERIMENTS:
         d = found.get(name)
         if d is None:
             lines.append(f"| {name} | not run | | | | | | | |")

@@ -272,6 +272,14 @@ class RunConfig:
             raise ConfigError("model.capacity", f"({self.capacity}) is smaller than the {self.benchmark.num_tasks} tasks to learn in {self.scenario}")
         if self.mask.kind == "topk" and not (0.0 < self.mask.density <= 1.0):
             raise ConfigError("mask.density", "topk needs a density in (0, 1]")
+        if self.backend == "avalanche":
+            if self.benchmark.name == "permuted_mnist" and self.benchmark.permutation_source != "avalanche":
+                raise ConfigError("benchmark.permutation_source",
+                                  "backend avalanche uses Avalanche's PermutedMNIST permutations: set "
+                                  "benchmark.permutation_source=avalanche (the native backend then draws the same ones)")
+            for key in ("at_tasks", "sample_tasks", "extra_objectives"):  # native-only evaluation options
+                if getattr(self.eval, key):
+                    raise ConfigError(f"eval.{key}", "is not supported by backend avalanche; use backend native")
         if self.method != "supsup" and self.backend != "avalanche":
             raise ConfigError("method", f"baseline {self.method!r} runs on Avalanche: set backend: avalanche")
         if self.method != "supsup" and self.scenario == "NN":

@@ -37,7 +37,8 @@ from .training import (
     train_task,
 )
 
-__all__ = ["run_experiment", "evaluate_saved", "build_model", "build_stream", "resolve_device", "format_table"]
+__all__ = ["run_experiment", "evaluate_saved", "build_model", "build_stream", "resolve_device", "format_table",
+           "new_results", "task_row", "sampled_tasks", "peak_rss_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,8 @@ def _model_identity(cfg: RunConfig, model: SupermaskModel) -> dict[str, Any]:
             "frozen_weights_sha256": model.frozen_weights_digest()}
 
 
-def _new_results(cfg: RunConfig) -> dict[str, Any]:
+def new_results(cfg: RunConfig) -> dict[str, Any]:
+    """An empty results.json (the schema every backend and method fills)."""
     return {"scenario": cfg.scenario, "benchmark": cfg.benchmark.name, "num_tasks": cfg.benchmark.num_tasks,
             "backend": cfg.backend, "method": cfg.method, "backbone": cfg.model.backbone,
             "tasks": [], "mean_acc_given_task": None, "mean_acc_inferred": None, "task_inference_acc": None,
@@ -88,7 +90,8 @@ def _new_results(cfg: RunConfig) -> dict[str, Any]:
             "bank_bytes": None, "num_masked_weights": None, "supsup_version": __version__}
 
 
-def _task_row(task_id: int) -> dict[str, Any]:
+def task_row(task_id: int) -> dict[str, Any]:
+    """One task's entry of ``results["tasks"]``."""
     return {"task_id": task_id, "acc_given_task": None, "acc_inferred": None, "task_inference_acc": None}
 
 
@@ -169,7 +172,7 @@ def run_experiment(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool =
     stream = build_stream(cfg, device, progress=cfg.progress)
     model = build_model(cfg, device)
     num_classes = stream.num_classes
-    results = _new_results(cfg)
+    results = new_results(cfg)
     loop: dict[str, Any] = {"next_task": 0, "num_learned": 0}
     tensors: dict[str, Any] = {}
     if resume:
@@ -185,7 +188,7 @@ def run_experiment(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool =
             t0 = time.perf_counter()
             acc, _ = evaluate_given_task(model, stream, task_id, cfg.eval, num_classes=num_classes)
             results["eval_seconds"] += time.perf_counter() - t0
-            row = _task_row(task_id)
+            row = task_row(task_id)
             row["acc_given_task"] = acc
             results["tasks"].append(row)
             if cfg.eval.at_tasks and task_id + 1 in cfg.eval.at_tasks:
@@ -260,7 +263,7 @@ def _evaluate_task(cfg: RunConfig, model: SupermaskModel, stream, task_id: int,
     per objective (the first objective fills ``acc_inferred``; others
     ``acc_inferred_<objective>``)."""
     num_classes = stream.num_classes
-    row = _task_row(task_id)
+    row = task_row(task_id)
     if m2t is not None:  # NN: masks are numbered in detection order
         t2m: dict[int, int] = {}
         for m, t in sorted(m2t.items()):

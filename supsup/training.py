@@ -33,7 +33,9 @@ __all__ = [
     "evaluate_inferred",
     "NNState",
     "nn_detect",
+    "nn_check",
     "train_nn_segment",
+    "mask_to_task",
 ]
 
 log = logging.getLogger(__name__)
@@ -243,7 +245,7 @@ def train_nn_segment(model: SupermaskModel, optimizer_factory: Callable[[], torc
             state.allocations.append(state.batches_seen)
             state.batches_on_mask = 0
         elif state.batches_seen % cfg.check_every == 0:
-            optimizer = _nn_check(model, optimizer_factory, optimizer, x, state, cfg)
+            optimizer = nn_check(model, optimizer_factory, optimizer, x, state, cfg)
         model.train_mode()
         loss = train_loss(model, x, y, precision)
         optimizer.zero_grad(set_to_none=True)
@@ -260,7 +262,13 @@ def train_nn_segment(model: SupermaskModel, optimizer_factory: Callable[[], torc
     return optimizer
 
 
-def _nn_check(model, optimizer_factory, optimizer, x, state: NNState, cfg: NNConfig):
+def nn_check(model: SupermaskModel, optimizer_factory: Callable[[], torch.optim.Optimizer],
+             optimizer: torch.optim.Optimizer, x: torch.Tensor, state: NNState, cfg: NNConfig) -> torch.optim.Optimizer:
+    """One NN decision on batch ``x`` (paper Sec. 3.6): a new task (finish the active mask and
+    start the next one, unless the active mask trained fewer than ``min_batches_per_task``
+    batches or the bank is full), a task seen before (train its mask again), or the same
+    task. Returns the optimizer to train with from now on (a fresh one when the mask changed).
+    Shared by :func:`train_nn_segment` and the Avalanche strategy."""
     best, is_new, conf = nn_detect(model, x, cfg)
     active = model.active_task
     if is_new:

@@ -307,9 +307,12 @@ def test_avalanche_backend_reproduces_native_runner(tmp_path, mnist_data, scenar
 def test_avalanche_backend_refuses_resume_and_torch_permutations(tmp_path):
     with pytest.raises(CheckpointError, match="cannot resume"):
         run_experiment(_split_cfg("backend=avalanche"), tmp_path / "r", resume=True)
-    cfg = load_config("configs/permuted_mnist_gn.yaml", [*SMALL, "backend=avalanche"])
+    # caught when the config is built, before any work: a one-line error naming the key
     with pytest.raises(ConfigError, match="permutation_source"):
-        run_experiment(cfg, tmp_path / "p")
+        load_config("configs/permuted_mnist_gn.yaml", [*SMALL, "backend=avalanche"])
+    with pytest.raises(ConfigError, match="eval.at_tasks"):
+        load_config("configs/permuted_mnist_gn.yaml", [*SMALL, "backend=avalanche",
+                                                       "benchmark.permutation_source=avalanche", "eval.at_tasks=[1]"])
 
 
 # ---------------------------------------------------------------------------- baselines

@@ -50,7 +50,7 @@ from ..config import (
 from ..inference import infer_tasks
 from ..model import SupermaskModel
 from ..rng import make_generator
-from ..training import NNState, _nn_check, make_optimizer, mask_to_task, safe_mean, training_autocast
+from ..training import NNState, make_optimizer, mask_to_task, nn_check, safe_mean, training_autocast
 
 __all__ = [
     "CachedData",
@@ -433,7 +433,7 @@ class SupSupStrategy(SupervisedTemplate):
     def _before_training_iteration(self, **kwargs):
         state = self.nn_state
         if self.scenario == "NN" and state.batches_seen > 0 and state.batches_seen % self.nn_config.check_every == 0:
-            _nn_check(self.model, self._fresh_optimizer, self.optimizer, self.mb_x, state, self.nn_config)
+            nn_check(self.model, self._fresh_optimizer, self.optimizer, self.mb_x, state, self.nn_config)
         super()._before_training_iteration(**kwargs)
 
     def _after_training_iteration(self, **kwargs):
@@ -600,11 +600,7 @@ def classic_benchmark(cfg: RunConfig) -> ClassicBenchmark:
     b = cfg.benchmark
     root = ensure_mnist(b.data_root, progress=cfg.progress)
     n = b.num_tasks
-    if b.name == "permuted_mnist":
-        if b.permutation_source != "avalanche":
-            raise ConfigError("benchmark.permutation_source",
-                              "backend avalanche uses Avalanche's PermutedMNIST permutations: set "
-                              "benchmark.permutation_source=avalanche (the native backend then draws the same ones)")
+    if b.name == "permuted_mnist":  # the config guarantees permutation_source == "avalanche"
         bench = PermutedMNIST(n, return_task_id=True, seed=cfg.seed, dataset_root=root)
     elif b.name == "rotated_mnist":
         angles = [float(a) for a in b.angles[:n]] if b.angles is not None else [360.0 * t / n for t in range(n)]
@@ -664,9 +660,6 @@ def start_run(cfg: RunConfig, out_dir, *, resume: bool) -> Path:
     if resume:
         raise CheckpointError("backend avalanche does not checkpoint, so it cannot resume: rerun without "
                               "--resume, or use backend native")
-    for key in ("at_tasks", "extra_objectives"):  # native-only evaluation options
-        if getattr(cfg.eval, key, None):
-            raise ConfigError(f"eval.{key}", "is not supported by backend avalanche; use backend native")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if (out / "checkpoint.pt").exists():
@@ -687,7 +680,14 @@ def run_avalanche_experiment(cfg: RunConfig, out_dir, *, resume: bool = False) -
     minibatch whose task is inferred wrong is scored by its predictions (the native runner
     counts it as all wrong); with task inference near 1 the two agree.
     """
-    from ..runner import _new_results, _task_row, build_model, resolve_device, write_report
+    from ..runner import (
+        build_model,
+        new_results,
+        peak_rss_bytes,
+        resolve_device,
+        task_row,
+        write_report,
+    )
 
     if cfg.method != "supsup":
         from .baselines import run_baseline_experiment
@@ -697,7 +697,7 @@ def run_avalanche_experiment(cfg: RunConfig, out_dir, *, resume: bool = False) -
     device = resolve_device(cfg.device)
     bench = classic_benchmark(cfg)
     model = build_model(cfg, device, input_shape=bench.input_shape)
-    results = _new_results(cfg)
+    results = new_results(cfg)
     with run_evaluator(cfg, out, TaskInferenceAccuracy()) as evaluator:
         strategy = SupSupStrategy(model=model, num_classes=bench.num_classes, scenario=cfg.scenario,
                                   train_config=cfg.train, eval_config=cfg.eval, inference_config=cfg.inference,
@@ -725,7 +725,7 @@ def run_avalanche_experiment(cfg: RunConfig, out_dir, *, resume: bool = False) -
     mapped = set(strategy.task_to_mask())
     for exp in bench.test:
         task_id = strategy.task_id_of(exp)
-        row = _task_row(task_id)
+        row = task_row(task_id)
         if cfg.scenario != "NN" or task_id in mapped:
             row["acc_given_task"] = given.get(exp.current_experience)
         row["acc_inferred"] = inferred.get(exp.current_experience)
@@ -744,6 +744,9 @@ def run_avalanche_experiment(cfg: RunConfig, out_dir, *, resume: bool = False) -
         results["nn_counts"] = {str(m): {str(t): c for t, c in sorted(d.items())} for m, d in sorted(state.counts.items())}
     results["bank_bytes"] = model.bank_bytes
     results["num_masked_weights"] = model.num_masked_weights
+    results["peak_rss_bytes"] = peak_rss_bytes()
+    if cfg.scenario != "GG":
+        results["tasks_inferred"] = len(bench.test)
     results["data_cache_seconds"] = strategy.data_cache.seconds
     write_report(out, results)
     return results

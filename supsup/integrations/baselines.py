@@ -399,7 +399,7 @@ def run_baseline_experiment(cfg: RunConfig, out_dir, *, resume: bool = False) ->
     ``baseline_hparams``, ``accuracy_uses_task_id`` and ``head``."""
     from avalanche.training.determinism.rng_manager import RNGManager
 
-    from ..runner import _new_results, _task_row, resolve_device, write_report
+    from ..runner import new_results, resolve_device, task_row, write_report
 
     method = cfg.method
     if method not in BASELINES:
@@ -418,7 +418,7 @@ def run_baseline_experiment(cfg: RunConfig, out_dir, *, resume: bool = False) ->
                         seed=cfg.seed, head=head)
     num_tasks = cfg.benchmark.num_tasks
     hparams = {"optimizer": dict(DEFAULT_HPARAMS["optimizer"]), method: dict(DEFAULT_HPARAMS[method])}
-    results = _new_results(cfg)
+    results = new_results(cfg)
     with run_evaluator(cfg, out) as evaluator:
         strategy = make_baseline_strategy(method, model=model, num_tasks=num_tasks, iterations=cfg.train.iterations,
                                           train_mb_size=cfg.train.batch_size, eval_mb_size=cfg.eval.batch_size,
@@ -435,7 +435,7 @@ def run_baseline_experiment(cfg: RunConfig, out_dir, *, resume: bool = False) ->
     uses_task_id = head != "single"
     key = "acc_given_task" if uses_task_id else "acc_inferred"
     for exp in bench.test:
-        row = _task_row(exp.current_experience)
+        row = task_row(exp.current_experience)
         row[key] = acc.get(exp.current_experience)
         results["tasks"].append(row)
     results[f"mean_{key}"] = safe_mean([r[key] for r in results["tasks"]])
