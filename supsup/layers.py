@@ -135,6 +135,10 @@ class SupermaskLayer(nn.Module):
         self.num_masks = rows.shape[0]
         self._count = None
 
+    def cache_nbytes(self) -> int:
+        """Bytes of what the layer keeps to speed up task inference (the mask count)."""
+        return 0 if self._count is None else self._count.numel() * self._count.element_size()
+
     def mask_count(self) -> torch.Tensor:
         """``sum_i M_i`` over the bank (float, shape of the weight): with uniform alphas the
         superposed mask is ``count / k`` in O(P). Computed once, then updated in O(P) by every

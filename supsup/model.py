@@ -137,6 +137,12 @@ class SupermaskModel(nn.Module):
         return sum(layer.bank_nbytes() for layer in self.masked_layers)
 
     @property
+    def cache_bytes(self) -> int:
+        """Bytes kept besides the bank to speed up task inference (one float per weight: the
+        count of the bank's masks, built by the first inference)."""
+        return sum(layer.cache_nbytes() for layer in self.masked_layers)
+
+    @property
     def device(self) -> torch.device:
         return self.masked_layers[0].weight.device
 
