@@ -46,7 +46,7 @@ def run_overrides(benchmark: str, method: str, args) -> tuple[str, list[str]]:
         scenario, name = ("GG" if method == "packnet" else "GN"), method
     sets = [f"scenario={scenario}", f"method={name}", "backend=avalanche", f"benchmark.num_tasks={args.tasks}",
             f"train.iterations={args.iterations}", f"model.backbone={args.backbone}", f"seed={args.seed}",
-            "progress=false"]
+            "progress=false", "eval.at_tasks=null"]  # curve points: native backend only
     if benchmark == "permuted_mnist":
         sets.append("benchmark.permutation_source=avalanche")
     if args.eval_max_batches is not None:

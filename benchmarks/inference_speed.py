@@ -61,7 +61,6 @@ def random_bank_model(k: int, backbone: str, num_outputs: int):
 def _worker(kind: str, k: int, group: int, repeats: int, backbone: str, num_outputs: int) -> dict:
     """Runs in a subprocess: build, reset the RSS peak, time, report."""
     from supsup.inference import alpha_gradients_reference, float_stacks, infer_tasks
-    from supsup.model import SupermaskModel
 
     torch.manual_seed(0)
     x = torch.randn(group, 1, 1, 28, 28)

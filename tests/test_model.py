@@ -136,8 +136,8 @@ def test_same_seed_bit_identical_masks():
     assert _model(seed=4).frozen_weights_digest() != da
 
 
-def _trained(num_tasks=3, backbone="lenet_300_100", num_outputs=20):
-    model = _model(backbone, num_tasks=num_tasks, num_outputs=num_outputs)
+def _trained(num_tasks=3, backbone="lenet_300_100", num_outputs=20, capacity=None):
+    model = _model(backbone, num_tasks=capacity or num_tasks, num_outputs=num_outputs)
     for t in range(num_tasks):
         model.add_task()
         _train(model, *_data(seed=t))
@@ -158,12 +158,13 @@ def test_one_hot_alpha_equals_single_task_forward():
 
 
 @pytest.mark.parametrize("objective", ["entropy", "g"])
-@pytest.mark.parametrize("backbone", ["lenet_300_100", "conv4"])
-def test_fast_alpha_gradient_matches_float_stack_oracle(objective, backbone):
+@pytest.mark.parametrize("backbone, groups", [("lenet_300_100", 4), ("lenet_300_100", 12), ("conv4", 4)])
+def test_fast_alpha_gradient_matches_float_stack_oracle(objective, backbone, groups):
+    """Up to 8 groups go through the compiled kernel, more through unpack-and-matmul."""
     model = _trained(backbone=backbone)
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(4, 3, 1, 28, 28, generator=g)
-    alphas = torch.full((4, 3), 1 / 3)
+    x = torch.randn(groups, 3, 1, 28, 28, generator=g)
+    alphas = torch.full((groups, 3), 1 / 3)
     alphas[2] = torch.tensor([0.5, 0.0, 0.5])  # groups may have different alphas (binary search)
     fast = alpha_gradients(model, x, alphas, objective=objective, num_classes=10)
     ref = alpha_gradients_reference(model, x, alphas, objective=objective, num_classes=10)
@@ -175,6 +176,42 @@ def test_fast_alpha_gradient_matches_float_stack_oracle(objective, backbone):
 
     OBJECTIVES.get(objective)(model(x[0]).unsqueeze(0), 10).sum().backward()
     assert torch.allclose(a.grad, ref[0], rtol=1e-4, atol=1e-6 * ref.abs().max().item())
+
+
+def test_extra_candidates_read_the_bank_in_place_and_match_the_oracle():
+    """NN's candidates: the bank (read in place, never copied), the mask in training and
+    untrained masks of future task ids; gradients equal the float-stack oracle's over the
+    concatenated candidates, and one-shot picks among all of them."""
+    from supsup.inference import _candidate_blocks
+
+    model = _trained(num_tasks=3, capacity=6)  # three finished tasks
+    model.add_task()
+    _train(model, *_data(seed=7))  # a fourth in training
+    extra = model.candidate_extras(include_active=True, pad_to=5)
+    assert [e.shape[0] for e in extra] == [2] * len(model.masked_layers)  # active + one untrained
+    assert _candidate_blocks(model, None, extra)[0][0].data_ptr() == model.masked_layers[0].bank.data_ptr()
+    x = torch.randn(2, 4, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    alphas = torch.full((2, 5), 1 / 5)
+    fast = alpha_gradients(model, x, alphas, objective="entropy", num_classes=10, extra=extra)
+    packed = [torch.cat([layer.bank_rows, e]) for layer, e in zip(model.masked_layers, extra)]
+    ref = alpha_gradients_reference(model, x, alphas, objective="entropy", num_classes=10, packed=packed)
+    assert torch.allclose(fast, ref, rtol=1e-4, atol=1e-6 * ref.abs().max().item())
+    assert model.mode is Mode.TRAIN  # inference restores the training mode
+    tasks, _ = infer_tasks(model, x, method="binary", objective="entropy", extra=extra)
+    assert ((0 <= tasks) & (tasks < 5)).all()
+
+
+def test_mask_count_follows_bank_writes():
+    model = _trained(num_tasks=3, capacity=4)
+    layer = model.masked_layers[0]
+    layer.mask_count()  # built once, then updated by every write
+    model.resume_task(1)
+    _train(model, *_data(seed=11))
+    model.finish_task()  # overwrites mask 1
+    model.add_task()
+    model.finish_task()  # appends mask 3
+    recount = sum(layer.stored_mask(t).float() for t in range(layer.num_masks))
+    assert torch.equal(layer.mask_count(), recount)
 
 
 def test_inference_works_under_no_grad():
