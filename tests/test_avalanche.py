@@ -434,3 +434,23 @@ def test_gem_projection_solves_the_dual_qp():
     plugin = GEMPluginFix(patterns_per_experience=4, memory_strength=margin)
     plugin.G = memories
     assert torch.allclose(plugin.solve_quadprog(g), out, atol=1e-5)
+
+
+def test_readme_avalanche_example_runs(mnist_data):
+    """The README's Avalanche example, as written, with two experiences and 30 steps each
+    (the only edits) so that it stays fast: it must build, train and log."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Avalanche"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "PermutedMNIST(5," in code and 'scenario="GN",' in code
+    code = code.replace("PermutedMNIST(5,", "PermutedMNIST(2,")
+    code = code.replace('scenario="GN",', 'scenario="GN", train_config=TrainConfig(iterations=30),')
+    namespace = {"TrainConfig": TrainConfig}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    strategy = namespace["strategy"]
+    assert strategy.model.num_learned_tasks == 2 and strategy.steps_in_experience == 30
+    metrics = strategy.evaluator.get_last_metrics()
+    assert any(k.startswith("Top1_Acc_Exp/eval_phase/test_stream") for k in metrics)
