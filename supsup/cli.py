@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override evaluation keys (eval.*, inference.*, device)")
     ev.add_argument("--json", metavar="PATH", help="also write the results to PATH")
+    ev.add_argument("--curve", action="store_true",
+                    help="GG/GN: recompute the accuracy-vs-tasks points eval.at_tasks from the bank's first n masks")
 
     data = sub.add_parser("data", help="provision datasets")
     data_sub = data.add_subparsers(dest="dataset", required=True)
@@ -81,7 +83,7 @@ def _cmd_run(args) -> int:
 def _cmd_eval(args) -> int:
     from .runner import evaluate_saved, format_table
 
-    results = evaluate_saved(args.dir, overrides=args.overrides, scenario=args.scenario)
+    results = evaluate_saved(args.dir, overrides=args.overrides, scenario=args.scenario, curve=args.curve)
     print(format_table(results))
     if args.json:
         from .checkpoint import atomic_write_text

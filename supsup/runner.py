@@ -24,7 +24,7 @@ import yaml
 
 from . import __version__
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
-from .config import RunConfig, config_from_dict, config_to_dict
+from .config import ConfigError, RunConfig, config_from_dict, config_to_dict
 from .model import SupermaskModel
 from .training import (
     NNState,
@@ -258,10 +258,12 @@ def _objectives(cfg: RunConfig) -> list[str]:
 
 
 def _evaluate_task(cfg: RunConfig, model: SupermaskModel, stream, task_id: int,
-                   m2t: dict[int, int] | None, *, inferred: bool = True) -> dict[str, Any]:
+                   m2t: dict[int, int] | None, *, inferred: bool = True,
+                   packed: list[torch.Tensor] | None = None) -> dict[str, Any]:
     """One task's row: GG accuracy, and in GN/NN (if ``inferred``) the task-inferred accuracy
     per objective (the first objective fills ``acc_inferred``; others
-    ``acc_inferred_<objective>``)."""
+    ``acc_inferred_<objective>``), over the candidate masks ``packed`` (default: the bank and
+    the mask in training)."""
     num_classes = stream.num_classes
     row = task_row(task_id)
     if m2t is not None:  # NN: masks are numbered in detection order
@@ -282,7 +284,7 @@ def _evaluate_task(cfg: RunConfig, model: SupermaskModel, stream, task_id: int,
         inf = dataclasses.replace(cfg.inference, objective=objective)
         extra = model.candidate_extras(include_active=True) if model.active_task is not None else None
         res = evaluate_inferred(model, stream, task_id, cfg.eval, inf, num_classes=num_classes,
-                                per_batch_given=per_batch, task_map=task_map, extra=extra)
+                                per_batch_given=per_batch, task_map=task_map, packed=packed, extra=extra)
         suffix = "" if i == 0 else f"_{objective}"
         row[f"acc_inferred{suffix}"] = res["acc_inferred"]
         row[f"task_inference_acc{suffix}"] = res["task_inference_acc"]
@@ -315,12 +317,15 @@ def sampled_tasks(num_learned: int, sample: int | None) -> list[int]:
 
 
 def _curve_point(cfg: RunConfig, model: SupermaskModel, stream, num_learned: int,
-                 m2t: dict[int, int] | None = None) -> dict[str, Any]:
+                 m2t: dict[int, int] | None = None, *, bank_prefix: bool = False) -> dict[str, Any]:
     """Accuracy over the tasks learned so far (a sample of them if ``eval.sample_tasks``);
-    ``rows`` holds each evaluated task's row."""
+    ``rows`` holds each evaluated task's row. With ``bank_prefix`` the candidates are the
+    bank's first ``num_learned`` masks: the state after ``num_learned`` tasks, recomputed from
+    a later bank (GG/GN masks never change once learned)."""
     t0 = time.perf_counter()
     tasks = sampled_tasks(num_learned, cfg.eval.sample_tasks)
-    rows = [_evaluate_task(cfg, model, stream, t, m2t) for t in tasks]
+    packed = [layer.bank_rows[:num_learned] for layer in model.masked_layers] if bank_prefix else None
+    rows = [_evaluate_task(cfg, model, stream, t, m2t, packed=packed) for t in tasks]
     point: dict[str, Any] = {"num_tasks_learned": num_learned, "tasks_evaluated": tasks}
     _summarise(cfg, rows, point)
     point["seconds"] = time.perf_counter() - t0
@@ -424,8 +429,15 @@ def write_report(out: Path, results: dict[str, Any]) -> None:
     plot_accuracy(results, out / "accuracy.png")
 
 
-def evaluate_saved(out_dir: str | os.PathLike, *, overrides: list[str] = (), scenario: str | None = None) -> dict[str, Any]:
-    """``supsup eval``: evaluate a saved bank without training (GG, or GN with inference)."""
+def evaluate_saved(out_dir: str | os.PathLike, *, overrides: list[str] = (), scenario: str | None = None,
+                   curve: bool = False) -> dict[str, Any]:
+    """``supsup eval``: evaluate a saved bank without training (GG, or GN with inference).
+
+    With ``curve`` (GG/GN), the accuracy-vs-tasks points ``eval.at_tasks`` are recomputed
+    from the bank: the point after ``n`` tasks evaluates tasks ``0..n-1`` with the first ``n``
+    masks as the only candidates, which is exactly the state after ``n`` tasks since a
+    learned mask never changes. So a finished run's curve can be measured again with other
+    inference settings, without training."""
     out = Path(out_dir)
     _, meta = load_checkpoint(out)
     from .config import apply_overrides
@@ -447,7 +459,6 @@ def evaluate_saved(out_dir: str | os.PathLike, *, overrides: list[str] = (), sce
     device = resolve_device(cfg.device)
     stream = build_stream(cfg, device, progress=cfg.progress)
     model = build_model(cfg, device)
-    tensors, meta = load_checkpoint(out)
     restored = dataclasses.replace(cfg, scenario=base.scenario, eval=base.eval, inference=base.inference)
     _, results, loop = _restore(out, restored, model)
     if model.active_task is None and model.num_banked_tasks < cfg.benchmark.num_tasks and cfg.scenario != "NN":
@@ -457,9 +468,20 @@ def evaluate_saved(out_dir: str | os.PathLike, *, overrides: list[str] = (), sce
     learned = model.num_banked_tasks
     results["tasks"] = [r for r in results["tasks"] if r["task_id"] < learned]
     if cfg.scenario != "NN":
-        cfg = dataclasses.replace(cfg, benchmark=dataclasses.replace(cfg.benchmark, num_tasks=learned))
+        at = [n for n in (cfg.eval.at_tasks or []) if n <= learned] or None
+        cfg = dataclasses.replace(cfg, benchmark=dataclasses.replace(cfg.benchmark, num_tasks=learned),
+                                  eval=dataclasses.replace(cfg.eval, at_tasks=at))
     t0 = time.perf_counter()
-    _final_evaluation(cfg, model, stream, results, reuse_curve=False)  # settings may differ
+    reuse = False  # the saved curve may come from other settings
+    if curve:
+        if cfg.scenario == "NN":
+            raise CheckpointError("--curve needs GG or GN: NN retrains masks, so a later bank does not hold "
+                                  "the state after n tasks")
+        if not cfg.eval.at_tasks:
+            raise ConfigError("eval.at_tasks", "--curve needs the task counts to evaluate, e.g. --set 'eval.at_tasks=[10,50]'")
+        results["curve"] = [_curve_point(cfg, model, stream, n, bank_prefix=True) for n in sorted(set(cfg.eval.at_tasks))]
+        reuse = True
+    _final_evaluation(cfg, model, stream, results, reuse_curve=reuse)
     results["eval_seconds"] = time.perf_counter() - t0
     results["bank_bytes"] = model.bank_bytes
     results["num_masked_weights"] = model.num_masked_weights

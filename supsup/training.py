@@ -137,6 +137,7 @@ def evaluate_given_task(model: SupermaskModel, stream, task_id: int, cfg: EvalCo
 def evaluate_inferred(model: SupermaskModel, stream, task_id: int, eval_cfg: EvalConfig, inf_cfg: InferenceConfig,
                       *, num_classes: int, per_batch_given: list[tuple[int, int]] | None = None,
                       task_map: Callable[[int], int] | None = None,
+                      packed: list[torch.Tensor] | None = None,
                       extra: list[torch.Tensor] | None = None) -> dict[str, float]:
     """GN accuracy of one task (the paper's protocol).
 
@@ -152,15 +153,21 @@ def evaluate_inferred(model: SupermaskModel, stream, task_id: int, eval_cfg: Eva
         per_batch_given = [(0, y.numel()) for _, y in batches]
     elif per_batch_given is None:
         _, per_batch_given = evaluate_given_task(model, stream, task_id, eval_cfg, num_classes=num_classes)
-    predicted: list[int] = []
-    group = inf_cfg.group_size
-    for start in range(0, len(batches), group):
-        chunk = batches[start: start + group]
-        n = min(inf_cfg.num_images, min(x.shape[0] for x, _ in chunk))
-        xs = torch.stack([x[:n] for x, _ in chunk])
-        tasks, _ = infer_tasks(model, xs, method=inf_cfg.method, objective=inf_cfg.objective,
-                               num_classes=num_classes, log_base=inf_cfg.log_base, extra=extra)
-        predicted.extend(int(t) for t in tasks)
+    # Batches share an inference pass in groups of ``group_size``; a group only holds batches
+    # that give the same number of images, so that every batch uses its own first
+    # ``num_images`` (a short last batch uses all it has, on its own).
+    predicted: list[int] = [0] * len(batches)
+    by_size: dict[int, list[int]] = {}
+    for i, (x, _) in enumerate(batches):
+        by_size.setdefault(min(inf_cfg.num_images, x.shape[0]), []).append(i)
+    for n, members in by_size.items():
+        for start in range(0, len(members), inf_cfg.group_size):
+            chunk = members[start: start + inf_cfg.group_size]
+            xs = torch.stack([batches[i][0][:n] for i in chunk])
+            tasks, _ = infer_tasks(model, xs, method=inf_cfg.method, objective=inf_cfg.objective,
+                                   num_classes=num_classes, log_base=inf_cfg.log_base, packed=packed, extra=extra)
+            for i, t in zip(chunk, tasks.tolist()):
+                predicted[i] = int(t)
     hits = 0
     correct = 0
     total = 0

@@ -210,6 +210,19 @@ def test_eval_saved_bank(uninterrupted, tmp_path):
     assert json.loads((tmp_path / "gn.json").read_text())["mean_acc_inferred"] is not None
 
 
+def test_curve_recomputed_from_the_final_bank_equals_the_curve_measured_in_training(mnist_data, tmp_path):
+    """GN masks never change once learned, so the point after n tasks recomputed from the final
+    bank's first n masks (supsup eval --curve) equals the one measured while training."""
+    from supsup.runner import evaluate_saved
+
+    cfg = _cfg("benchmark.num_tasks=3", "eval.at_tasks=[1,2,3]", "inference.num_images=4")
+    trained = run_experiment(cfg, tmp_path / "run")
+    again = evaluate_saved(tmp_path / "run", curve=True)
+    strip = [{k: v for k, v in p.items() if k != "seconds"} for p in trained["curve"]]
+    assert [{k: v for k, v in p.items() if k != "seconds"} for p in again["curve"]] == strip
+    assert again["mean_acc_inferred"] == trained["mean_acc_inferred"]
+
+
 def test_existing_run_is_not_overwritten(uninterrupted):
     before = (uninterrupted / CHECKPOINT_NAME).read_bytes()
     r = _cli(["run", "configs/permuted_mnist_gn.yaml", *_sets(CRASH), "--out", str(uninterrupted)])
@@ -229,3 +242,32 @@ def test_cli_errors_are_one_line_exit_2(args, fragment, tmp_path):
     assert r.returncode == 2
     assert fragment in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_gn_infers_every_batch_from_its_own_first_images(mnist_data, monkeypatch):
+    """Regression: batches share an inference pass in groups, and a group used the size of its
+    smallest batch for all of them; the last test batch of MNIST (16 images) made 15 batches
+    of 128 infer their task from 16 images only (RotatedMNIST task inference fell to 0.95)."""
+    from supsup import training
+    from supsup.config import EvalConfig, InferenceConfig
+    from supsup.data.streams import create_stream
+    from supsup.model import SupermaskModel
+
+    stream = create_stream("permuted_mnist", mnist_data, num_tasks=2, seed=0)
+    model = SupermaskModel.from_name("lenet_300_100", num_tasks=2, num_outputs=100, seed=0)
+    for t in range(2):
+        model.add_task()
+        model.finish_task()
+    seen: list[int] = []
+    real = training.infer_tasks
+
+    def spy(model, x, **kw):
+        seen.extend([x.shape[1]] * x.shape[0])
+        return real(model, x, **kw)
+
+    monkeypatch.setattr(training, "infer_tasks", spy)
+    eval_cfg = EvalConfig(batch_size=128)
+    training.evaluate_inferred(model, stream, 1, eval_cfg, InferenceConfig(num_images=128, group_size=32),
+                               num_classes=10)
+    sizes = [min(128, x.shape[0]) for x, _ in stream.test_batches(1, 128)]
+    assert sizes[-1] == 16 and sorted(seen) == sorted(sizes)
