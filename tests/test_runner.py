@@ -255,7 +255,7 @@ def test_gn_infers_every_batch_from_its_own_first_images(mnist_data, monkeypatch
 
     stream = create_stream("permuted_mnist", mnist_data, num_tasks=2, seed=0)
     model = SupermaskModel.from_name("lenet_300_100", num_tasks=2, num_outputs=100, seed=0)
-    for t in range(2):
+    for _ in range(2):
         model.add_task()
         model.finish_task()
     seen: list[int] = []
