@@ -214,7 +214,8 @@ def infer_tasks(model: SupermaskModel, x: torch.Tensor, *, method: str = "one_sh
 
     Returns:
         ``(tasks, steps)``: ``(G,)`` int64 indices into the candidates, and the number of
-        gradient evaluations used (1 for one_shot, at most ``ceil(log_b k)`` for binary).
+        gradient evaluations used (1 for one_shot; for binary
+        :func:`supsup.masks.num_inference_steps`, ``ceil(log2 k)`` at the default ``log_base``).
     """
     k = sum(r.shape[0] for r in _candidate_blocks(model, packed, extra)[0])
     G = x.shape[0]
@@ -240,7 +241,8 @@ def infer_tasks(model: SupermaskModel, x: torch.Tensor, *, method: str = "one_sh
                                 packed=packed, extra=extra)
         steps += 1
         grads = grads.masked_fill(~alive, math.inf)
-        keep = torch.clamp(torch.ceil(counts.to(torch.float64) / log_base), min=1).long()
+        # As masks.binary_keep: the best ceil(count / log_base), but always at least one fewer.
+        keep = torch.minimum(torch.ceil(counts.to(torch.float64) / log_base).long(), counts - 1).clamp(min=1)
         order = grads.argsort(dim=1, stable=True)
         ranks = torch.empty_like(order)
         ranks.scatter_(1, order, torch.arange(k, device=x.device).expand(G, k))

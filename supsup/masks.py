@@ -288,10 +288,18 @@ def bank_weighted_sum(packed: torch.Tensor, alphas: torch.Tensor, num_bits: int,
     return out[0] if squeeze else out
 
 
+def binary_keep(count: int, log_base: float) -> int:
+    """Candidates binary search keeps out of ``count`` > 1: the best ``ceil(count / log_base)``,
+    but at least one fewer than before (with ``log_base`` < 2, ``ceil(2 / log_base)`` is 2
+    and the search would never end) and at least one."""
+    return max(1, min(count - 1, math.ceil(count / log_base)))
+
+
 def num_inference_steps(k: int, log_base: float) -> int:
-    """Steps binary search takes to reduce ``k`` candidates to one."""
+    """Steps binary search takes to reduce ``k`` candidates to one: ``ceil(log2 k)`` for the
+    default ``log_base`` 2, never more than ``k - 1``."""
     steps = 0
     while k > 1:
-        k = max(1, math.ceil(k / log_base)) if log_base > 0 else 1
+        k = binary_keep(k, log_base)
         steps += 1
     return steps

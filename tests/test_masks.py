@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -66,10 +68,18 @@ def test_threshold_mask_and_straight_through_gradient():
 
 
 def test_binary_steps_bound():
-    import math
-
     for k in range(1, 300):
         assert M.num_inference_steps(k, 2.0) == (math.ceil(math.log2(k)) if k > 1 else 0)
+
+
+def test_binary_steps_terminate_below_base_two():
+    """Regression: with 1 < log_base < 2, keeping ceil(2 / log_base) = 2 of 2 candidates
+    never shrank the set, so the search looped forever; every step must drop one."""
+    for base in (1.01, 1.25, 1.5, 1.99):
+        for k in range(1, 60):
+            steps = M.num_inference_steps(k, base)
+            assert steps <= k - 1
+            assert steps >= (math.ceil(math.log2(k)) if k > 1 else 0)  # no step more than halves
 
 
 def test_topk_gradient_goes_through_abs():

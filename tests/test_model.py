@@ -231,6 +231,18 @@ def test_binary_search_step_bound(k):
     assert ((0 <= tasks) & (tasks < k)).all()
 
 
+@pytest.mark.parametrize("log_base", [1.25, 1.5])
+def test_binary_search_below_base_two_terminates(log_base):
+    """Regression: 1 < log_base < 2 kept both of the last two candidates forever."""
+    from supsup.masks import num_inference_steps
+
+    model = _trained(num_tasks=5)
+    x = torch.randn(2, 4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    tasks, steps = infer_tasks(model, x, method="binary", objective="entropy", log_base=log_base)
+    assert steps == num_inference_steps(5, log_base)
+    assert ((0 <= tasks) & (tasks < 5)).all()
+
+
 def test_nonfinite_input_is_a_clear_error():
     from supsup.inference import InferenceError
 
