@@ -114,6 +114,12 @@ def _run_worker(kind, k, group, repeats, backbone, num_outputs) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def _num_masked_weights(backbone: str, num_outputs: int) -> int:
+    from supsup.model import SupermaskModel
+
+    return SupermaskModel.from_name(backbone, num_tasks=1, num_outputs=num_outputs, seed=0).num_masked_weights
+
+
 def measure(ks=(10, 50, 250), group: int = 32, repeats: int = 3, backbone: str = "fc1024", num_outputs: int = 500,
             reference_max_bytes: float = 8e9) -> list[dict]:
     """One row per ``k``: ours, the reference (skipped when its float stack and temporaries
@@ -122,7 +128,7 @@ def measure(ks=(10, 50, 250), group: int = 32, repeats: int = 3, backbone: str =
     for k in ks:
         ours = _run_worker("ours", k, group, repeats, backbone, num_outputs)
         row = {"k": k, "backbone": backbone, "ours": ours}
-        stack_bytes = 32 * ours.get("storage_bytes", 0)  # about 32 bits of float per stored bit
+        stack_bytes = 4 * k * _num_masked_weights(backbone, num_outputs)  # k x P fp32
         if 2 * stack_bytes <= reference_max_bytes:  # the stack, and a temporary as large
             row["reference"] = _run_worker("reference", k, 1, repeats, backbone, num_outputs)
         else:

@@ -93,7 +93,8 @@ def run(name: str, runs: Path, threads: int | None) -> dict:
 # -------------------------------------------------------------------------------- reporting
 
 def _load(runs: Path, results: Path, name: str) -> dict | None:
-    """The newest of results.json / progress.json for ``name``, from the run or the copy."""
+    """results.json (a finished run) or else progress.json for ``name``, from the run
+    directory if it exists, else from the copy under ``results``."""
     for base in (runs / name, results / name):
         for fname in ("results.json", "progress.json"):
             path = base / fname

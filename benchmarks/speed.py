@@ -40,7 +40,7 @@ def bank_bytes(backbone: str = "fc1024", num_outputs: int = 500) -> dict:
     p = model.num_masked_weights
     per_task = sum(M.packed_nbytes(layer.num_weights) for layer in model.masked_layers)
     return {"backbone": backbone, "num_masked_weights": p, "bank_bytes_per_task": per_task,
-            "bank_bytes_per_task_bound": (p + 7) // 8 + 7 * len(model.masked_layers),
+            "bank_bytes_per_task_bound": (p + 7) // 8 + 8 * len(model.masked_layers),
             "float_scores_bytes_per_task": 4 * p, "ratio": 4 * p / per_task}
 
 
@@ -79,7 +79,7 @@ def main() -> None:
           f"{train['masked_bf16_step_ms']:.1f} ms = {train['train_step_ratio_vs_dense_bf16']:.2f}x dense")
     print("(b) " + inference_speed.format_rows(rows, 32))
     for b in banks:
-        print(f"(c) {b['backbone']}: bank {b['bank_bytes_per_task']:,} bytes per task (ceil(P/8) + at most 7 per layer, "
+        print(f"(c) {b['backbone']}: bank {b['bank_bytes_per_task']:,} bytes per task (ceil(P/8) + at most 8 per layer, "
               f"P = {b['num_masked_weights']:,}) vs fp32 scores {b['float_scores_bytes_per_task']:,} ({b['ratio']:.1f}x)")
     print(f"(d) peak RSS: this process {out['peak_rss_bytes'] / 2**20:.0f} MiB; inference subprocesses add "
           + ", ".join(f"k={k}: {v / 2**20:.0f} MiB" for k, v in out["inference_peak_bytes"].items() if v is not None))

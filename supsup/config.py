@@ -192,7 +192,7 @@ class EvalConfig:
     batch_size: int = field(default=128, metadata={"help": "test batch size; each GN batch comes from one task"})
     max_batches: int | None = field(default=None, metadata={"help": "evaluate at most this many test batches per task (None: all)"})
     at_tasks: list[int] | None = field(default=None, metadata={"help": "also evaluate every learned task after this many tasks (accuracy-vs-tasks curve)"})
-    sample_tasks: int | None = field(default=None, metadata={"help": "curve points evaluate at most this many learned tasks, evenly spaced (None: all)"})
+    sample_tasks: int | None = field(default=None, metadata={"help": "curve points and the final task-inferred evaluation evaluate at most this many learned tasks, evenly spaced (None: all)"})
     extra_objectives: list[str] = field(default_factory=list, metadata={"help": "task-inference objectives evaluated besides inference.objective (same masks)"})
 
     def __post_init__(self) -> None:

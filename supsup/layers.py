@@ -89,7 +89,8 @@ class SupermaskLayer(nn.Module):
 
     @property
     def bank_rows(self) -> torch.Tensor:
-        """``(num_masks, ceil(P_l/8))`` uint8: the finished masks, packed."""
+        """``(num_masks, packed_nbytes(P_l))`` uint8: the finished masks, packed (rows in whole
+        64-bit words)."""
         return self.bank[: self.num_masks]
 
     def bank_nbytes(self) -> int:
@@ -106,8 +107,7 @@ class SupermaskLayer(nn.Module):
 
     def append_mask(self, mask: torch.Tensor, capacity_hint: int | None = None) -> None:
         """Store a finished boolean mask at 1 bit per weight."""
-        if mask.shape != self.weight.shape:
-            raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(self.weight.shape)}")
+        self._check_mask(mask)
         if self.num_masks == self.bank.shape[0]:
             # Double (amortised O(1) appends), but never past the model's capacity so that a
             # full bank holds exactly num_tasks * packed_nbytes(P) bytes.
@@ -120,17 +120,26 @@ class SupermaskLayer(nn.Module):
         if self._count is not None:
             self._count += mask.view(torch.uint8)
 
+    def _check_mask(self, mask: torch.Tensor) -> None:
+        # Checked before anything is written, so a bad mask leaves the bank and its count as
+        # they were.
+        if mask.dtype != torch.bool:
+            raise TypeError(f"a mask must be a bool tensor, got {mask.dtype}")
+        if mask.shape != self.weight.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(self.weight.shape)}")
+
     def write_mask(self, task_id: int, mask: torch.Tensor) -> None:
         """Overwrite a finished task's mask (NN: a task trained again)."""
         if not 0 <= task_id < self.num_masks:
             raise IndexError(f"no mask for task {task_id}; the bank holds {self.num_masks}")
+        self._check_mask(mask)
         if self._count is not None:
             self._count += mask.view(torch.uint8)
             self._count -= self.stored_mask(task_id).view(torch.uint8)
         self.bank[task_id] = M.pack_bits(mask)
 
     def load_bank(self, rows: torch.Tensor) -> None:
-        """Replace the bank with ``rows`` ``(k, ceil(P_l/8))`` uint8."""
+        """Replace the bank with ``rows`` ``(k, packed_nbytes(P_l))`` uint8."""
         self.bank = rows.to(self.weight.device).clone()
         self.num_masks = rows.shape[0]
         self._count = None

@@ -149,8 +149,11 @@ def bit_kernels_available() -> bool:
     return _kernels() is not None
 
 
-def _kernel_ok(packed: torch.Tensor, u_dtype: torch.dtype, columns: int, use_kernel: bool | None) -> bool:
-    if use_kernel is False or packed.device.type != "cpu" or u_dtype not in (torch.float32, torch.float64):
+def _kernel_ok(packed: torch.Tensor, u_dtype: torch.dtype, columns: int, use_kernel: bool | None,
+               needs_grad: bool = False) -> bool:
+    # The compiled kernel is not differentiable: a product that autograd must see takes the
+    # torch path.
+    if use_kernel is False or needs_grad or packed.device.type != "cpu" or u_dtype not in (torch.float32, torch.float64):
         return False
     if packed.shape[1] % 8 or not packed.is_contiguous():
         return False
@@ -176,7 +179,7 @@ def bank_matmul(packed: torch.Tensor, dense: torch.Tensor, num_bits: int,
     """``M @ dense`` for a packed binary matrix, without unpacking it whole.
 
     Args:
-        packed: ``(k, ceil(P/8))`` uint8, row ``i`` the packed mask ``M_i``.
+        packed: ``(k, packed_nbytes(P))`` uint8, row ``i`` the packed mask ``M_i``.
         dense: ``(P, B)`` float.
         num_bits: ``P``.
         budget: unpacked entries per chunk (memory stays O(budget + k * B)).
@@ -191,7 +194,7 @@ def bank_matmul(packed: torch.Tensor, dense: torch.Tensor, num_bits: int,
     k, nbytes = packed.shape
     if dense.shape[0] != num_bits:
         raise ValueError(f"dense has {dense.shape[0]} rows, expected {num_bits}")
-    if _kernel_ok(packed, dense.dtype, dense.shape[1], use_kernel):
+    if _kernel_ok(packed, dense.dtype, dense.shape[1], use_kernel, dense.requires_grad and torch.is_grad_enabled()):
         return _kernel_dot(packed, dense.t())
     out = dense.new_zeros(k, dense.shape[1])
     if k == 0:
@@ -233,8 +236,9 @@ def bank_bilinear(packed: torch.Tensor, weight: torch.Tensor, delta: torch.Tenso
     k = packed.shape[0]
     out_f, in_f = weight.shape
     G = delta.shape[0]
-    if k and _kernel_ok(packed, weight.dtype, G, use_kernel):
-        u = torch.bmm(delta.transpose(1, 2), x) if delta.shape[1] > 1 else delta.transpose(1, 2) * x
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (delta, x, weight))
+    if k and _kernel_ok(packed, weight.dtype, G, use_kernel, needs_grad):
+        u = torch.bmm(delta.transpose(1, 2), x) if delta.shape[1] != 1 else delta.transpose(1, 2) * x
         return _kernel_dot(packed, (u * weight).reshape(G, -1))
     res = delta.new_zeros(k, G)
     if k == 0:
@@ -262,7 +266,7 @@ def bank_weighted_sum(packed: torch.Tensor, alphas: torch.Tensor, num_bits: int,
     """``alphas @ M``: the superposed mask ``sum_i alpha_i M_i`` (paper eq. 3).
 
     Args:
-        packed: ``(k, ceil(P/8))`` uint8.
+        packed: ``(k, packed_nbytes(P))`` uint8.
         alphas: ``(k,)`` or ``(G, k)`` float (``G`` superpositions at once).
         num_bits: ``P``.
 
@@ -298,6 +302,8 @@ def binary_keep(count: int, log_base: float) -> int:
 def num_inference_steps(k: int, log_base: float) -> int:
     """Steps binary search takes to reduce ``k`` candidates to one: ``ceil(log2 k)`` for the
     default ``log_base`` 2, never more than ``k - 1``."""
+    if not log_base > 1:
+        raise ValueError(f"log_base must be > 1, got {log_base}")
     steps = 0
     while k > 1:
         k = binary_keep(k, log_base)

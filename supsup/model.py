@@ -132,7 +132,7 @@ class SupermaskModel(nn.Module):
 
     @property
     def bank_bytes(self) -> int:
-        """Bytes the packed bank holds in memory: ``<= num_tasks * (ceil(P/8) + 7 * num_layers)``
+        """Bytes the packed bank holds in memory: ``<= num_tasks * (ceil(P/8) + 8 * num_layers)``
         (each layer's rows are padded to whole 64-bit words)."""
         return sum(layer.bank_nbytes() for layer in self.masked_layers)
 
@@ -319,6 +319,11 @@ class SupermaskModel(nn.Module):
         for i, layer in enumerate(layers):
             t = state[f"bank.{i}"]
             want = (k, M.packed_nbytes(layer.num_weights))
+            legacy = (layer.num_weights + 7) // 8
+            if t.dtype == torch.uint8 and t.dim() == 2 and t.shape[0] == k and t.shape[1] == legacy != want[1]:
+                # Banks saved by 0.1.0 packed rows to whole bytes; rows are now whole 64-bit
+                # words. The padding bits are zero, so the masks are unchanged.
+                t = torch.nn.functional.pad(t, (0, want[1] - legacy))
             if t.dtype != torch.uint8 or tuple(t.shape) != want:
                 raise ValueError(f"bank.{i}: expected uint8 {want}, got {t.dtype} {tuple(t.shape)}")
             layer.load_bank(t)

@@ -151,8 +151,16 @@ def _restore(out: Path, cfg: RunConfig, model: SupermaskModel) -> tuple[dict, di
             raise CheckpointError(f"checkpoint in {out} does not match this model: {key} is {saved_id.get(key)!r} "
                                   f"in the checkpoint, {now_id[key]!r} here")
     bank = {k: v for k, v in tensors.items() if k.startswith("bank.")}
+    num_learned = meta["loop"].get("num_learned")
+    active = meta["loop"].get("active_task")
+    banked = next(iter(bank.values())).shape[0] if bank else 0
+    if active is not None and active >= banked:
+        # NN, a new mask in training: it has no bank row yet, and add_task() re-creates it on
+        # resume with the next free id, which must be its own (checkpoints up to 0.1.0 counted
+        # it as learned already, so its id came out one too high).
+        num_learned = banked
     try:
-        model.load_bank_state(bank, num_learned=meta["loop"].get("num_learned"))
+        model.load_bank_state(bank, num_learned=num_learned)
     except (ValueError, KeyError) as err:
         raise CheckpointError(f"checkpoint in {out} has an unusable mask bank: {err}") from None
     return tensors, meta["results"], meta["loop"]
@@ -216,7 +224,11 @@ def _run_nn(cfg, out, model, stream, results, loop, tensors) -> None:
     optimizer = None
     if loop.get("active_task") is not None:
         # Mid-stream checkpoint: the active mask's scores and optimizer state.
-        model.resume_task(loop["active_task"]) if loop["active_task"] < model.num_banked_tasks else model.add_task()
+        if loop["active_task"] < model.num_banked_tasks:
+            model.resume_task(loop["active_task"])
+        elif model.add_task() != loop["active_task"]:
+            raise CheckpointError(f"checkpoint in {out}: the mask in training, {loop['active_task']}, does not "
+                                  f"follow the {model.num_banked_tasks} banked masks")
         for layer, key in zip(model.masked_layers, sorted(k for k in tensors if k.startswith("scores."))):
             with torch.no_grad():
                 layer.scores.copy_(tensors[key].to(layer.weight.device))
@@ -308,7 +320,7 @@ def _m2t(cfg: RunConfig, results: dict) -> dict[int, int] | None:
 
 def sampled_tasks(num_learned: int, sample: int | None) -> list[int]:
     """The tasks an evaluation covers: all ``num_learned``, or ``sample`` of them evenly
-    spaced (first and last included) when ``sample`` is smaller."""
+    spaced (first and last included, for ``sample`` >= 2) when ``sample`` is smaller."""
     if sample is None or sample >= num_learned:
         return list(range(num_learned))
     if sample == 1:
@@ -340,16 +352,19 @@ _INFERRED_KEYS = ("acc_inferred", "task_inference_acc")
 def _final_evaluation(cfg: RunConfig, model: SupermaskModel, stream, results: dict, *,
                       reuse_curve: bool = True) -> None:
     """GG accuracy of every task with the final bank; GN/NN task-inferred accuracy of every
-    task, or of ``eval.sample_tasks`` of them. A curve point taken after the last task already
-    holds those rows (same bank, same tasks, same settings): with ``reuse_curve`` they are
-    reused, not recomputed."""
+    task, or of ``eval.sample_tasks`` of them. A GG/GN curve point taken after the last task
+    already holds those rows (same bank, same tasks, same settings): with ``reuse_curve`` they
+    are reused, not recomputed."""
     m2t = _m2t(cfg, results)
     num_tasks = cfg.benchmark.num_tasks
     old = {r["task_id"]: r for r in results["tasks"]}
     inferred_tasks = set(sampled_tasks(num_tasks, cfg.eval.sample_tasks)) if cfg.scenario != "GG" else set()
     reuse: dict[int, dict[str, Any]] = {}
     last = (results.get("curve") or [None])[-1]
-    if reuse_curve and last is not None and last["num_tasks_learned"] == num_tasks and set(last["tasks_evaluated"]) == inferred_tasks:
+    # NN: not reused, since the last point was taken with a mask still in training (a
+    # retrained old mask is only banked, and can change, at the end).
+    if (reuse_curve and cfg.scenario != "NN" and last is not None and last["num_tasks_learned"] == num_tasks
+            and set(last["tasks_evaluated"]) == inferred_tasks):
         reuse = {r["task_id"]: r for r in last.get("rows", [])}
     rows = []
     for task_id in range(num_tasks):

@@ -47,6 +47,19 @@ def test_bank_matmul_and_weighted_sum_match_dense():
         assert torch.allclose(M.bank_weighted_sum(packed, alphas[0], p, budget=budget), alphas[0] @ masks.float(), atol=1e-5)
 
 
+def test_bank_matmul_is_differentiable_in_dense():
+    """The compiled kernel is not differentiable: a dense operand that needs a gradient must
+    take the torch path, whatever the column count."""
+    g = torch.Generator().manual_seed(1)
+    k, p = 5, 333
+    masks = torch.rand(k, p, generator=g) < 0.5
+    packed = torch.stack([M.pack_bits(m) for m in masks])
+    dense = torch.randn(p, 2, generator=g, requires_grad=True)
+    out = M.bank_matmul(packed, dense, p)
+    out.sum().backward()
+    assert torch.allclose(dense.grad, masks.float().sum(0, keepdim=True).T.expand(p, 2), atol=1e-6)
+
+
 @pytest.mark.parametrize("density", [0.05, 0.3, 0.5, 1.0])
 def test_topk_density_is_exact(density):
     scores = torch.randn(300, 200, generator=torch.Generator().manual_seed(1))

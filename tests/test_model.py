@@ -97,8 +97,8 @@ def test_bank_bytes_bound_and_capacity():
         model.add_task()
         _train(model, x, y, steps=1)
         model.finish_task()
-        # rows are whole 64-bit words: at most 7 padding bytes per layer and task
-        assert model.bank_bytes <= model.num_tasks * (math.ceil(p / 8) + 7 * len(model.masked_layers))
+        # rows are whole 64-bit words: per layer at most 7 bytes over its ceil(P_l / 8)
+        assert model.bank_bytes <= model.num_tasks * (math.ceil(p / 8) + 8 * len(model.masked_layers))
     assert model.bank_bytes == 5 * sum(8 * math.ceil(layer.num_weights / 64) for layer in model.masked_layers)
     with pytest.raises(CapacityError):
         model.add_task()
@@ -212,6 +212,33 @@ def test_mask_count_follows_bank_writes():
     model.finish_task()  # appends mask 3
     recount = sum(layer.stored_mask(t).float() for t in range(layer.num_masks))
     assert torch.equal(layer.mask_count(), recount)
+
+
+def test_bad_masks_are_refused_before_the_bank_changes():
+    model = _trained(num_tasks=2, capacity=3)
+    layer = model.masked_layers[0]
+    count, rows = layer.mask_count().clone(), layer.bank_rows.clone()
+    with pytest.raises(TypeError, match="bool"):
+        layer.write_mask(0, torch.ones_like(layer.weight, dtype=torch.int64))
+    with pytest.raises(ValueError, match="shape"):
+        layer.append_mask(torch.ones(3, 3, dtype=torch.bool))
+    assert layer.num_masks == 2 and torch.equal(layer.bank_rows, rows) and torch.equal(layer.mask_count(), count)
+
+
+def test_banks_packed_to_whole_bytes_still_load():
+    """Checkpoints of 0.1.0 stored rows of ceil(P_l / 8) bytes; rows are now whole 64-bit
+    words (LeNet's 300 x 100 layer: 3750 bytes then, 3752 now)."""
+    model = _trained(num_tasks=2)
+    x = _data(seed=5)[0][:8]
+    legacy = {k: v[:, : (layer.num_weights + 7) // 8].clone()
+              for (k, v), layer in zip(model.bank_state().items(), model.masked_layers)}
+    assert any(v.shape[1] % 8 for v in legacy.values())
+    other = _model(num_tasks=2)
+    other.load_bank_state(legacy)
+    for t in range(2):
+        model.set_task(t)
+        other.set_task(t)
+        assert torch.equal(model(x), other(x))
 
 
 def test_inference_works_under_no_grad():

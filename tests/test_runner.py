@@ -167,6 +167,27 @@ def test_sigkill_during_checkpoint_write_keeps_previous_checkpoint(mnist_data, u
     assert all(torch.equal(full[k], resumed[k]) for k in full)
 
 
+def test_nn_sigkill_then_resume_is_bitwise_identical(mnist_data, tmp_path):
+    """Regression: an NN checkpoint counted the mask in training as learned, so on resume
+    add_task() gave it the next id (one past its bank row) and later masks were misnumbered."""
+    sets = [*SMALL, "benchmark.num_tasks=3", "train.iterations=300"]
+    full = tmp_path / "full"
+    run_experiment(load_config("configs/permuted_mnist_nn.yaml", sets), full)
+    out = tmp_path / "run"
+    r = _cli(["run", "configs/permuted_mnist_nn.yaml", *_sets(sets), "--out", str(out)],
+             env={"SUPSUP_CRASH_AT": "checkpoint_write:2"})
+    assert r.returncode == -signal.SIGKILL
+    _, meta = load_checkpoint(out)
+    assert meta["loop"]["next_task"] == 1 and meta["loop"]["active_task"] == 0  # mask 0 still in training
+    r = _cli(["run", "--resume", str(out)])
+    assert r.returncode == 0, r.stderr
+    a, b = _bank(full), _bank(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (full, out))
+    for key in ("num_detected_tasks", "mask_to_task", "nn_counts", "nn_allocations", "mean_acc_inferred"):
+        assert ra[key] == rb[key], key
+
+
 def test_corrupted_and_truncated_checkpoints_are_refused(uninterrupted, tmp_path):
     import shutil
 
