@@ -2,7 +2,7 @@
 through the Avalanche backend: same streams, same backbone shape, same optimizer steps per task.
 
     python benchmarks/compare.py [--tasks 10] [--iterations 1000] [--methods all]
-        [--benchmarks permuted_mnist,rotated_mnist] [--backbone fc1024] [--out benchmarks/results]
+        [--benchmarks permuted_mnist,rotated_mnist] [--backbone fc1024] [--out benchmarks/results] [--resume]
 
 Writes ``OUT/compare.md`` (one table, the exact command, the settings, the data-path timing)
 and ``OUT/compare.png``; every run's own output (results.json, config.yaml, accuracy.png,
@@ -54,6 +54,16 @@ def run_overrides(benchmark: str, method: str, args) -> tuple[str, list[str]]:
     return scenario, sets
 
 
+def finished_run(run_dir: Path, cfg) -> dict | None:
+    """results.json of a finished run in ``run_dir`` made with exactly ``cfg``, else None."""
+    try:
+        if load_config(run_dir / "config.yaml") != cfg:
+            return None
+        return json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError):  # missing, unreadable, or an old config that no longer validates
+        return None
+
+
 def run_all(args, out: Path) -> list[dict]:
     rows = []
     for benchmark in args.benchmarks:
@@ -61,9 +71,13 @@ def run_all(args, out: Path) -> list[dict]:
             scenario, sets = run_overrides(benchmark, method, args)
             cfg = load_config(ROOT / "configs" / f"{benchmark}_gn.yaml", sets)
             run_dir = out / "runs" / benchmark / f"{method}"
-            t0 = time.perf_counter()
-            res = run_experiment(cfg, run_dir)
-            seconds = time.perf_counter() - t0
+            res = finished_run(run_dir, cfg) if args.resume else None
+            if res is not None:
+                seconds = sum(res.get(k) or 0.0 for k in ("train_seconds", "eval_seconds", "data_cache_seconds"))
+            else:
+                t0 = time.perf_counter()
+                res = run_experiment(cfg, run_dir)
+                seconds = time.perf_counter() - t0
             uses_task_id = scenario == "GG" if method in SUPSUP else res["accuracy_uses_task_id"]
             acc = res["mean_acc_given_task"] if scenario == "GG" else res["mean_acc_inferred"]
             rows.append({"benchmark": benchmark, "method": method, "scenario": scenario, "task_id_at_test": uses_task_id,
@@ -119,7 +133,7 @@ def write_markdown(path: Path, rows: list[dict], args, command: str, timing: dic
         "```",
         "",
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}; {wall / 60:.1f} min in all. Settings: {args.tasks} tasks, {args.iterations} optimizer "
+        f"torch {torch.__version__}; {wall / 60:.1f} min of runs in all. Settings: {args.tasks} tasks, {args.iterations} optimizer "
         f"steps of 128 per task, backbone `{args.backbone}`, seed {args.seed}"
         + (f", first {args.eval_max_batches} test batches per task" if args.eval_max_batches else ", full test sets") + ".",
         "",
@@ -219,15 +233,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--no-data-timing", action="store_true", help="skip the data-path measurement")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse every run already finished in OUT/runs with the same config; run the rest")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     command = "python benchmarks/compare.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
     timing = None if args.no_data_timing else measure_data_path(args)
     rows = run_all(args, args.out)
-    wall = time.perf_counter() - t0
+    wall = sum(r["seconds"] for r in rows)  # reused runs count with the time they took
     (args.out / "compare.json").write_text(json.dumps({"command": command, "rows": rows, "data_path": timing},
                                                       indent=2) + "\n")
     write_markdown(args.out / "compare.md", rows, args, command, timing, wall)

@@ -135,3 +135,29 @@ def test_apply_overrides_does_not_mutate_input():
     base = {"train": {"iterations": 5}}
     apply_overrides(base, ["train.iterations=7"])
     assert base == {"train": {"iterations": 5}}
+
+
+def test_compare_resume_reuses_only_runs_with_the_same_config(tmp_path):
+    """benchmarks/compare.py --resume: a finished run is reused only if its saved config is
+    exactly this run's; anything else (other settings, no results, a broken config) reruns."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "compare.py"
+    spec = importlib.util.spec_from_file_location("compare_driver", path)
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+
+    cfg = C.load_config("configs/permuted_mnist_gn.yaml", ["benchmark.num_tasks=2"])
+    run = tmp_path / "run"
+    run.mkdir()
+    assert compare.finished_run(run, cfg) is None  # nothing there
+    (run / "config.yaml").write_text(yaml.safe_dump(C.config_to_dict(cfg), sort_keys=False))
+    assert compare.finished_run(run, cfg) is None  # no results.json: the run did not finish
+    (run / "results.json").write_text(json.dumps({"mean_acc_inferred": 0.5}))
+    assert compare.finished_run(run, cfg) == {"mean_acc_inferred": 0.5}
+    other = C.load_config("configs/permuted_mnist_gn.yaml", ["benchmark.num_tasks=3"])
+    assert compare.finished_run(run, other) is None
+    (run / "config.yaml").write_text("model: {no_such_key: 1}\n")
+    assert compare.finished_run(run, cfg) is None
