@@ -135,7 +135,9 @@ def write_markdown(path: Path, rows: list[dict], args, command: str, timing: dic
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}; {wall / 60:.1f} min of runs in all. Settings: {args.tasks} tasks, {args.iterations} optimizer "
         f"steps of 128 per task, backbone `{args.backbone}`, seed {args.seed}"
-        + (f", first {args.eval_max_batches} test batches per task" if args.eval_max_batches else ", full test sets") + ".",
+        + (f", first {args.eval_max_batches} test batches per task" if args.eval_max_batches else ", full test sets") + "."
+        + (" With `--resume`, runs already finished in `runs/` with the same config were reused, each counted with "
+           "the time it took." if args.resume else ""),
         "",
         "Mean final test accuracy over the tasks. *Task id at test*: the accuracy uses the task id "
         "(SupSup GG, PackNet); otherwise it does not (SupSup GN/NN infer it from the inputs, the other "
