@@ -231,19 +231,16 @@ def infer_tasks(model: SupermaskModel, x: torch.Tensor, *, method: str = "one_sh
     if method != "binary":
         raise ValueError(f"unknown inference method {method!r}; known: one_shot, binary")
     alive = torch.ones(G, k, dtype=torch.bool, device=x.device)
-    steps = 0
-    while True:
-        counts = alive.sum(1)
-        if bool((counts == 1).all()):
-            return alive.float().argmax(dim=1), steps
-        alphas = alive.to(x.dtype) / counts.unsqueeze(1).to(x.dtype)
+    count, steps = k, 0  # every group starts from k and follows the same rule: one count for all
+    while count > 1:
+        alphas = alive.to(x.dtype) / count
         grads = alpha_gradients(model, x, alphas, objective=objective, num_classes=num_classes,
                                 packed=packed, extra=extra)
         steps += 1
         grads = grads.masked_fill(~alive, math.inf)
-        # As masks.binary_keep: the best ceil(count / log_base), but always at least one fewer.
-        keep = torch.minimum(torch.ceil(counts.to(torch.float64) / log_base).long(), counts - 1).clamp(min=1)
+        count = M.binary_keep(count, log_base)
         order = grads.argsort(dim=1, stable=True)
         ranks = torch.empty_like(order)
         ranks.scatter_(1, order, torch.arange(k, device=x.device).expand(G, k))
-        alive = ranks < keep.unsqueeze(1)
+        alive = ranks < count
+    return alive.float().argmax(dim=1), steps
