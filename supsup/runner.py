@@ -151,16 +151,11 @@ def _restore(out: Path, cfg: RunConfig, model: SupermaskModel) -> tuple[dict, di
             raise CheckpointError(f"checkpoint in {out} does not match this model: {key} is {saved_id.get(key)!r} "
                                   f"in the checkpoint, {now_id[key]!r} here")
     bank = {k: v for k, v in tensors.items() if k.startswith("bank.")}
-    num_learned = meta["loop"].get("num_learned")
-    active = meta["loop"].get("active_task")
-    banked = next(iter(bank.values())).shape[0] if bank else 0
-    if active is not None and active >= banked:
-        # NN, a new mask in training: it has no bank row yet, and add_task() re-creates it on
-        # resume with the next free id, which must be its own (checkpoints up to 0.1.0 counted
-        # it as learned already, so its id came out one too high).
-        num_learned = banked
     try:
-        model.load_bank_state(bank, num_learned=num_learned)
+        # The learned-task count is the bank's row count: a mask still in training (NN) has
+        # no row and is re-created by _run_nn. Checkpoints up to 0.1.0 saved a count that
+        # included it, which gave it an id one past its row; that saved count is not used.
+        model.load_bank_state(bank)
     except (ValueError, KeyError) as err:
         raise CheckpointError(f"checkpoint in {out} has an unusable mask bank: {err}") from None
     return tensors, meta["results"], meta["loop"]
