@@ -125,10 +125,11 @@ def measure(ks=(10, 50, 250), group: int = 32, repeats: int = 3, backbone: str =
     """One row per ``k``: ours, the reference (skipped when its float stack and temporaries
     would pass ``reference_max_bytes``), and the ratios reference / ours."""
     rows = []
+    num_weights = _num_masked_weights(backbone, num_outputs)
     for k in ks:
         ours = _run_worker("ours", k, group, repeats, backbone, num_outputs)
         row = {"k": k, "backbone": backbone, "ours": ours}
-        stack_bytes = 4 * k * _num_masked_weights(backbone, num_outputs)  # k x P fp32
+        stack_bytes = 4 * k * num_weights  # k x P fp32
         if 2 * stack_bytes <= reference_max_bytes:  # the stack, and a temporary as large
             row["reference"] = _run_worker("reference", k, 1, repeats, backbone, num_outputs)
         else:
