@@ -23,7 +23,13 @@ import torch
 import yaml
 
 from . import __version__
-from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    atomic_write_text,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import ConfigError, RunConfig, config_from_dict, config_to_dict
 from .model import SupermaskModel
 from .training import (
@@ -161,6 +167,26 @@ def _restore(out: Path, cfg: RunConfig, model: SupermaskModel) -> tuple[dict, di
     return tensors, meta["results"], meta["loop"]
 
 
+def _finished_results(out: Path, cfg: RunConfig, loop: dict) -> dict[str, Any] | None:
+    """results.json of a run whose checkpoint has every task done, or None. A run that ends
+    writes it last, after its final evaluation; if it is missing, older than the checkpoint or
+    unreadable (the run was stopped during that evaluation), the evaluation is done again."""
+    path = out / "results.json"
+    if loop["next_task"] < cfg.benchmark.num_tasks or not path.exists():
+        return None
+    if path.stat().st_mtime < (out / CHECKPOINT_NAME).stat().st_mtime:
+        return None  # older than the last checkpoint: left by an earlier run in this directory
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        log.warning("%s is unreadable (%s): evaluating the finished run again", path, err)
+        return None
+    if not isinstance(results, dict) or results.get("num_tasks") != cfg.benchmark.num_tasks:
+        log.warning("%s does not describe this run: evaluating the finished run again", path)
+        return None
+    return results
+
+
 def run_experiment(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False) -> dict[str, Any]:
     """Run ``cfg`` into ``out_dir`` (see the module docstring); returns results.json's content."""
     if cfg.backend == "avalanche":
@@ -180,6 +206,10 @@ def run_experiment(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool =
     tensors: dict[str, Any] = {}
     if resume:
         tensors, results, loop = _restore(out, cfg, model)
+        finished = _finished_results(out, cfg, loop)
+        if finished is not None:
+            log.info("%s already finished: its results.json is returned as it is", out)
+            return finished
         log.info("resuming %s after task %d", out, loop["next_task"] - 1)
     atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 

@@ -244,6 +244,44 @@ def test_curve_recomputed_from_the_final_bank_equals_the_curve_measured_in_train
     assert again["mean_acc_inferred"] == trained["mean_acc_inferred"]
 
 
+def test_resuming_a_finished_run_returns_its_results_without_redoing_work(uninterrupted, monkeypatch):
+    """A finished run resumed again (e.g. by benchmarks/reproduce.py) returns its results.json
+    as it is: no task is retrained, the final evaluation (hours for 2500 tasks) is not re-run
+    and the file is not rewritten."""
+    import supsup.runner as runner
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a finished run did work again")
+
+    before = (uninterrupted / "results.json").read_bytes()
+    monkeypatch.setattr(runner, "train_task", boom)
+    monkeypatch.setattr(runner, "_final_evaluation", boom)
+    results = run_experiment(load_config(uninterrupted / "config.yaml"), uninterrupted, resume=True)
+    assert results == json.loads(before)
+    assert (uninterrupted / "results.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("damage", ["truncated", "older_than_checkpoint"])
+def test_finished_run_with_an_unusable_results_file_is_evaluated_again(uninterrupted, tmp_path, damage):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    if damage == "truncated":
+        (out / "results.json").write_text('{"tasks": [')
+    else:  # left by an earlier run in the same directory: not this checkpoint's results
+        stale = json.loads((out / "results.json").read_text())
+        stale["mean_acc_given_task"] = -1.0
+        (out / "results.json").write_text(json.dumps(stale))
+        t = (out / CHECKPOINT_NAME).stat().st_mtime
+        os.utime(out / "results.json", (t - 60, t - 60))
+    results = run_experiment(load_config(out / "config.yaml"), out, resume=True)
+    original = json.loads((uninterrupted / "results.json").read_text())
+    assert _same_results(results, original)
+    assert results["mean_acc_given_task"] == original["mean_acc_given_task"]
+    assert json.loads((out / "results.json").read_text()) == results
+
+
 def test_existing_run_is_not_overwritten(uninterrupted):
     before = (uninterrupted / CHECKPOINT_NAME).read_bytes()
     r = _cli(["run", "configs/permuted_mnist_gn.yaml", *_sets(CRASH), "--out", str(uninterrupted)])
