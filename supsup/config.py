@@ -175,7 +175,8 @@ class InferenceConfig:
     objective: str = field(default="g", metadata={"help": "entropy (H) | g (G, superfluous neurons)"})
     num_images: int = field(default=1, metadata={"help": "images of each test batch used to infer its task"})
     log_base: float = field(default=2.0, metadata={"help": "binary: keep the best 1/log_base of the candidates each step"})
-    group_size: int = field(default=32, metadata={"help": "inferences that share one pass over the packed bank"})
+    group_size: int = field(default=128, metadata={"help": "inferences that share one pass over the packed bank "
+                                                           "(speed only: each inference is computed on its own)"})
 
     def __post_init__(self) -> None:
         _check_choice("inference.method", self.method, INFERENCE_METHODS)

