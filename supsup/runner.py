@@ -196,12 +196,10 @@ def run_experiment(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool =
         return run_avalanche_experiment(cfg, out_dir, resume=resume)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if not resume and (out / "checkpoint.pt").exists():
+    if not resume and (out / CHECKPOINT_NAME).exists():
         raise CheckpointError(f"{out} already holds a run; pass --resume {out} to continue it or choose another --out")
     device = resolve_device(cfg.device)
-    stream = build_stream(cfg, device, progress=cfg.progress)
     model = build_model(cfg, device)
-    num_classes = stream.num_classes
     results = new_results(cfg)
     loop: dict[str, Any] = {"next_task": 0, "num_learned": 0}
     tensors: dict[str, Any] = {}
@@ -212,6 +210,8 @@ def run_experiment(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool =
             log.info("%s already finished: its results.json is returned as it is", out)
             return finished
         log.info("resuming %s after task %d", out, loop["next_task"] - 1)
+    stream = build_stream(cfg, device, progress=cfg.progress)  # after the check: a finished run needs no data
+    num_classes = stream.num_classes
     atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
     if cfg.scenario in ("GG", "GN"):
