@@ -14,9 +14,8 @@ every run found, finished or not.
 Experiments (paper: Wortsman et al. 2020, Fig. 3 and Fig. 5; values read off the figures):
 
 * ``fc1024_250``: PermutedMNIST, 250 tasks, FC 1024, GN one-shot from 1 image, G and H;
-* ``lenet_250_entropy``: the same with LeNet 300-100, H, 100 outputs;
-* ``lenet_2500_gn``: 2500 tasks, LeNet 300-100, 500 outputs, GN one-shot G (its points up to
-  250 tasks are also the LeNet-250 G curve);
+* ``lenet_250``: the same with LeNet 300-100 and 100 outputs (as the paper's LeNet-250 runs);
+* ``lenet_2500_gn``: 2500 tasks, LeNet 300-100, 500 outputs, GN one-shot G;
 * ``lenet_2500_nn``: 2500 tasks, LeNet 300-100, NN (no task labels at all);
 * ``rotated_36``: RotatedMNIST, 36 tasks 10 degrees apart, FC 1024, GN binary H, 128 images.
 """
@@ -47,8 +46,8 @@ class Experiment:
 
 EXPERIMENTS = {e.name: e for e in [
     Experiment("fc1024_250", "configs/reproduce_permuted_fc1024_250.yaml", "PermutedMNIST, 250 tasks, FC 1024, GN"),
-    Experiment("lenet_250_entropy", "configs/reproduce_permuted_lenet_250_entropy.yaml",
-               "PermutedMNIST, 250 tasks, LeNet 300-100 (100 outputs), GN, H"),
+    Experiment("lenet_250", "configs/reproduce_permuted_lenet_250.yaml",
+               "PermutedMNIST, 250 tasks, LeNet 300-100 (100 outputs), GN"),
     Experiment("lenet_2500_gn", "configs/reproduce_permuted_lenet_2500_gn.yaml",
                "PermutedMNIST, 2500 tasks, LeNet 300-100, GN, G"),
     Experiment("lenet_2500_nn", "configs/reproduce_permuted_lenet_2500_nn.yaml",
@@ -69,6 +68,7 @@ PAPER = {
 def run(name: str, runs: Path, threads: int | None) -> dict:
     import torch
 
+    from supsup.checkpoint import CHECKPOINT_NAME
     from supsup.config import load_config
     from supsup.runner import format_table, run_experiment
 
@@ -83,7 +83,7 @@ def run(name: str, runs: Path, threads: int | None) -> dict:
     exp = EXPERIMENTS[name]
     cfg = load_config(ROOT / exp.config)
     out = runs / name
-    resume = (out / "checkpoint.pt").exists()
+    resume = (out / CHECKPOINT_NAME).exists()
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {'resuming' if resume else 'starting'} in {out}", flush=True)
     results = run_experiment(cfg, out, resume=resume)
     print(format_table(results), flush=True)
@@ -122,10 +122,10 @@ def collect(runs: Path, results: Path) -> dict[str, dict]:
     return found
 
 
-def _points(data: dict | None, key: str, max_tasks: int | None = None) -> tuple[list[int], list[float]]:
+def _points(data: dict | None, key: str) -> tuple[list[int], list[float]]:
     xs, ys = [], []
     for p in (data or {}).get("curve", []):
-        if p.get(key) is not None and (max_tasks is None or p["num_tasks_learned"] <= max_tasks):
+        if p.get(key) is not None:
             xs.append(p["num_tasks_learned"])
             ys.append(p[key])
     return xs, ys
@@ -171,15 +171,15 @@ def figures(found: dict[str, dict], results: Path) -> list[str]:
         ], [("paper, G", 250, PAPER["fc1024_250"]["G"]), ("paper, H", 250, PAPER["fc1024_250"]["H"]),
             ("paper, upper bound", 250, PAPER["fc1024_250"]["upper bound"])], 250)
         made.append("permuted_fc1024_250.png")
-    gn, h = found.get("lenet_2500_gn"), found.get("lenet_250_entropy")
-    if gn or h:
-        _figure(results / "permuted_lenet_250.png", "PermutedMNIST, LeNet 300-100, GN one-shot, 1 image", [
-            ("SupSup GN, G (500 outputs)", _points(gn, "mean_acc_inferred", 250), "o-"),
-            ("SupSup GN, H (100 outputs)", _points(h, "mean_acc_inferred"), "s-"),
-            ("task given (GG), 500 outputs", _points(gn, "mean_acc_given_task", 250), "k--"),
+    le = found.get("lenet_250")
+    if le:
+        _figure(results / "permuted_lenet_250.png", "PermutedMNIST, LeNet 300-100 (100 outputs), GN, 1 image", [
+            ("SupSup GN, G", _points(le, "mean_acc_inferred"), "o-"),
+            ("SupSup GN, H", _points(le, "mean_acc_inferred_entropy"), "s-"),
+            ("task given (GG)", _points(le, "mean_acc_given_task"), "k--"),
         ], [("paper, G and H", 250, PAPER["lenet_250"]["G"])], 250)
         made.append("permuted_lenet_250.png")
-    nn = found.get("lenet_2500_nn")
+    gn, nn = found.get("lenet_2500_gn"), found.get("lenet_2500_nn")
     if gn or nn:
         _figure(results / "permuted_lenet_2500.png", "PermutedMNIST, 2500 tasks, LeNet 300-100", [
             ("SupSup GN, G", _points(gn, "mean_acc_inferred"), "o-"),
@@ -252,8 +252,11 @@ def report(runs: Path, results: Path) -> None:
         "",
     ]
     for name, d in found.items():
-        pts = [f"{p['num_tasks_learned']}: {_fmt(p.get('mean_acc_inferred'))}" for p in d.get("curve", [])]
-        text.append(f"- {name}: " + (", ".join(pts) if pts else "none yet"))
+        curve = d.get("curve", [])
+        both = any(p.get("mean_acc_inferred_entropy") is not None for p in curve)
+        pts = [f"{p['num_tasks_learned']}: {_fmt(p.get('mean_acc_inferred'))}"
+               + (f" / {_fmt(p.get('mean_acc_inferred_entropy'))}" if both else "") for p in curve]
+        text.append(f"- {name}{' (G / H)' if both else ''}: " + (", ".join(pts) if pts else "none yet"))
     text += [""] + [f"![{m}]({m})" for m in made]
     (results / "README.md").write_text("\n".join(text) + "\n")
     print(f"wrote {results / 'README.md'} and {', '.join(made) or 'no figures'}")

@@ -37,7 +37,7 @@ from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
 from torch.utils.data import DataLoader
 
-from ..checkpoint import CheckpointError, atomic_write_text
+from ..checkpoint import CHECKPOINT_NAME, CheckpointError, atomic_write_text
 from ..config import (
     ConfigError,
     EvalConfig,
@@ -662,7 +662,7 @@ def start_run(cfg: RunConfig, out_dir, *, resume: bool) -> Path:
                               "--resume, or use backend native")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if (out / "checkpoint.pt").exists():
+    if (out / CHECKPOINT_NAME).exists():
         raise CheckpointError(f"{out} holds a native run's checkpoint; choose another --out")
     atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return out
