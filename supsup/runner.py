@@ -39,12 +39,13 @@ from .training import (
     make_optimizer,
     mask_to_task,
     safe_mean,
+    shared_masks,
     train_nn_segment,
     train_task,
 )
 
 __all__ = ["run_experiment", "evaluate_saved", "build_model", "build_stream", "resolve_device", "format_table",
-           "new_results", "task_row", "sampled_tasks", "peak_rss_bytes"]
+           "new_results", "task_row", "sampled_tasks", "peak_rss_bytes", "record_nn_detection"]
 
 log = logging.getLogger(__name__)
 
@@ -285,10 +286,24 @@ def _run_nn(cfg, out, model, stream, results, loop, tensors) -> None:
         _checkpoint(out, cfg, model, results, loop, extra)
     if model.active_task is not None:
         model.finish_task()
+    record_nn_detection(results, model, state)
+
+
+def record_nn_detection(results: dict[str, Any], model: SupermaskModel, state: NNState) -> None:
+    """What NN detection did, into ``results``: masks allocated, where, which true tasks each
+    trained on; warns when a mask trained on several true tasks (a missed task switch)."""
     results["num_detected_tasks"] = model.num_learned_tasks
     results["nn_allocations"] = state.allocations
     results["mask_to_task"] = {str(m): t for m, t in sorted(mask_to_task(state.counts).items())}
     results["nn_counts"] = {str(m): {str(t): c for t, c in sorted(d.items())} for m, d in sorted(state.counts.items())}
+    shared = shared_masks(state.counts)
+    results["nn_shared_masks"] = {str(m): tasks for m, tasks in shared.items()}
+    if shared:
+        shown = "; ".join(f"mask {m} trained on true tasks {', '.join(map(str, t))}" for m, t in list(shared.items())[:5])
+        log.warning("NN detection missed task switches: %d of %d masks trained on several true tasks (%s%s); "
+                    "the earlier of those tasks are partly overwritten. The entropy check needs every learned mask "
+                    "to be uncertain on a new task; see nn.threshold", len(shared), model.num_learned_tasks, shown,
+                    "; ..." if len(shared) > 5 else "")
 
 
 def _objectives(cfg: RunConfig) -> list[str]:

@@ -82,8 +82,6 @@ def test_same_seed_gives_identical_results(mnist_data, tmp_path):
 
 def test_nn_never_exceeds_capacity(mnist_data, tmp_path):
     # capacity 2 for a 3-task stream: the bank must stay at 2 masks and warn once
-    cfg = load_config("configs/permuted_mnist_nn.yaml", [*SMALL, "benchmark.num_tasks=3", "train.iterations=200",
-                                                         "nn.check_every=50", "nn.min_batches_per_task=50"])
     from supsup.runner import build_model, build_stream
     from supsup.training import NNState, make_optimizer, train_nn_segment
 
@@ -109,6 +107,28 @@ def test_nn_run_detects_tasks(mnist_data, tmp_path):
     assert res["num_detected_tasks"] == 3
     assert res["mask_to_task"] == {"0": 0, "1": 1, "2": 2}
     assert res["mean_acc_inferred"] > 0.8
+    assert res["nn_shared_masks"] == {}
+
+
+def test_shared_masks_names_masks_trained_on_several_tasks():
+    from supsup.training import shared_masks
+
+    counts = {0: {0: 1000, 1: 1000, 2: 40}, 1: {3: 1000}, 2: {4: 950, 5: 50}}
+    # task 2 gave mask 0 under 5% of its batches: noise at a switch, not a missed task
+    assert shared_masks(counts, min_share=0.05) == {0: [0, 1], 2: [4, 5]}
+    assert shared_masks(counts, min_share=0.06) == {0: [0, 1]}
+    assert shared_masks({0: {0: 10}}) == {}
+
+
+def test_nn_run_reports_missed_task_switches(mnist_data, tmp_path, caplog):
+    # a threshold no check can pass: one mask trains on both tasks, and the run says so
+    cfg = load_config("configs/permuted_mnist_nn.yaml", [*SMALL, "benchmark.num_tasks=2", "train.iterations=100",
+                                                         "nn.check_every=50", "nn.threshold=1e-9"])
+    with caplog.at_level("WARNING", logger="supsup.runner"):
+        res = run_experiment(cfg, tmp_path / "nn")
+    assert res["num_detected_tasks"] == 1
+    assert res["nn_shared_masks"] == {"0": [0, 1]}
+    assert "mask 0 trained on true tasks 0, 1" in caplog.text
 
 
 # ------------------------------------------------------------------ crash safety and resume

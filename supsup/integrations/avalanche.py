@@ -684,6 +684,7 @@ def run_avalanche_experiment(cfg: RunConfig, out_dir, *, resume: bool = False) -
         build_model,
         new_results,
         peak_rss_bytes,
+        record_nn_detection,
         resolve_device,
         task_row,
         write_report,
@@ -737,11 +738,7 @@ def run_avalanche_experiment(cfg: RunConfig, out_dir, *, resume: bool = False) -
         results["mean_acc_inferred"] = safe_mean([r["acc_inferred"] for r in rows])
         results["task_inference_acc"] = safe_mean([r["task_inference_acc"] for r in rows])
     if cfg.scenario == "NN":
-        state = strategy.nn_state
-        results["num_detected_tasks"] = model.num_learned_tasks
-        results["nn_allocations"] = state.allocations
-        results["mask_to_task"] = {str(m): t for m, t in sorted(strategy.mask_to_task().items())}
-        results["nn_counts"] = {str(m): {str(t): c for t, c in sorted(d.items())} for m, d in sorted(state.counts.items())}
+        record_nn_detection(results, model, strategy.nn_state)
     results["bank_bytes"] = model.bank_bytes
     results["num_masked_weights"] = model.num_masked_weights
     results["peak_rss_bytes"] = peak_rss_bytes()
