@@ -1,0 +1,113 @@
+"""How well NN task detection separates new tasks from seen ones, as the bank grows.
+
+    python benchmarks/nn_detection.py RUN_DIR [--n 5 20 100 250 500] [--batches 6] [--threads 1]
+
+RUN_DIR holds a GG or GN run of the stream (``checkpoint.pt`` and ``config.yaml``, e.g.
+``runs/reproduce/lenet_2500_gn``): its masks are what NN would learn if every task switch were
+detected. NN's check (paper Sec. 3.6, :func:`supsup.training.nn_detect`) computes
+``ratio = n * max_i softmax(-d H / d alpha)_i`` over ``n`` candidate masks at ``alpha = 1/n``
+and calls the batch a new task when ``ratio < nn.threshold``. This prints, for the first ``n``
+masks of the bank:
+
+* ``new``: the ratio on batches of a task no mask has seen (the last task of the stream);
+* ``seen``: the ratio on batches of tasks ``n - 1`` and ``n // 2``, with their trained masks;
+* ``after b``: a new mask trained ``b`` batches on the unseen task joins the candidates, and
+  the ratio on that task's next batch (what NN's checks inside a task see).
+
+Every ``new`` must stay below the threshold and every ``seen`` / ``after b`` (b >= the config's
+``nn.min_batches_per_task``) above it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _ratio(model, x: torch.Tensor, packed: list[torch.Tensor], extra: list[torch.Tensor] | None) -> tuple[float, int]:
+    from supsup.inference import alpha_gradients
+
+    n = packed[0].shape[0] + (extra[0].shape[0] if extra else 0)
+    grads = alpha_gradients(model, x.unsqueeze(0), torch.full((1, n), 1.0 / n), objective="entropy",
+                            num_classes=1, packed=packed, extra=extra)[0]
+    model.restore_mode()
+    return float(torch.softmax(-grads, dim=0).max()) * n, int(grads.argmin())
+
+
+def _span(values: list[float]) -> str:
+    return f"{min(values):.3f}-{max(values):.3f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", type=Path, help="a GG/GN run directory (checkpoint.pt, config.yaml)")
+    p.add_argument("--n", type=int, nargs="+", default=[5, 20, 100, 250, 500], help="candidate counts")
+    p.add_argument("--batches", type=int, default=6, help="batches per measurement")
+    p.add_argument("--trained", type=int, nargs="+", default=[100, 200, 1000],
+                   help="batches a fresh mask trains on the unseen task before the 'after b' checks")
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+
+    from supsup import masks as M
+    from supsup.checkpoint import load_checkpoint
+    from supsup.config import load_config
+    from supsup.runner import build_model, build_stream
+    from supsup.training import make_optimizer, train_loss
+
+    cfg = load_config(a.run / "config.yaml")
+    device = torch.device("cpu")
+    model = build_model(cfg, device)
+    tensors, _ = load_checkpoint(a.run)
+    model.load_bank_state({k: v for k, v in tensors.items() if k.startswith("bank.")})
+    stream = build_stream(cfg, device, progress=False)
+    k = model.num_banked_tasks
+    sizes = [n for n in a.n if 2 <= n <= k]
+    if not sizes:
+        p.error(f"{a.run} holds {k} masks: pass --n values between 2 and {k}")
+    unseen = cfg.benchmark.num_tasks - 1
+    if unseen < k:
+        p.error(f"every task of {a.run} is learned: no unseen task to measure 'new' on")
+    bs = cfg.train.batch_size
+    new_x = [x for x, _ in stream.train_batches(unseen, a.batches, bs)]
+
+    print(f"{a.run}: {k} masks, nn.threshold in its config {cfg.nn.threshold}; ratio = n * max softmax(-grad)")
+    print("| n | new task | seen task (its mask found) | " + " | ".join(f"after {b}" for b in a.trained) + " |")
+    print("|---|---|---|" + "---|" * len(a.trained))
+    model.add_task()  # a fresh mask for the 'after b' rows; the bank is read, never written
+    start = [layer.scores.detach().clone() for layer in model.masked_layers]
+    for n in sizes:
+        packed = [layer.bank_rows[:n] for layer in model.masked_layers]
+        new = [_ratio(model, x, packed, None)[0] for x in new_x]
+        seen, found = [], 0
+        for task in (n - 1, n // 2):
+            for x, _ in stream.train_batches(task, a.batches // 2 or 1, bs):
+                r, best = _ratio(model, x, packed, None)
+                seen.append(r)
+                found += best == task
+        for layer, s in zip(model.masked_layers, start):
+            layer.scores.data.copy_(s)
+        opt = make_optimizer(model.trainable_parameters(), cfg.train)
+        batches = stream.train_batches(unseen, max(a.trained) + len(a.trained), bs)
+        after, steps = [], 0
+        for b in sorted(a.trained):
+            while steps < b:
+                x, y = next(batches)
+                model.train_mode()
+                loss = train_loss(model, x, y, cfg.train.precision)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                steps += 1
+            extra = [M.pack_bits(layer.current_mask()).unsqueeze(0) for layer in model.masked_layers]
+            r, best = _ratio(model, next(batches)[0], packed, extra)  # a batch it has not trained on
+            after.append(f"{r:.3f}" + ("" if best == n else " (mask not found)"))
+        print(f"| {n} | {_span(new)} | {_span(seen)} ({found}/{len(seen)}) | " + " | ".join(after) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
