@@ -286,17 +286,18 @@ def _run_nn(cfg, out, model, stream, results, loop, tensors) -> None:
         _checkpoint(out, cfg, model, results, loop, extra)
     if model.active_task is not None:
         model.finish_task()
-    record_nn_detection(results, model, state)
+    record_nn_detection(results, model, state, cfg.nn.check_every)
 
 
-def record_nn_detection(results: dict[str, Any], model: SupermaskModel, state: NNState) -> None:
+def record_nn_detection(results: dict[str, Any], model: SupermaskModel, state: NNState, check_every: int) -> None:
     """What NN detection did, into ``results``: masks allocated, where, which true tasks each
-    trained on; warns when a mask trained on several true tasks (a missed task switch)."""
+    trained on; warns when a mask trained ``check_every`` batches or more on each of several
+    true tasks (a missed task switch, see :func:`~supsup.training.shared_masks`)."""
     results["num_detected_tasks"] = model.num_learned_tasks
     results["nn_allocations"] = state.allocations
     results["mask_to_task"] = {str(m): t for m, t in sorted(mask_to_task(state.counts).items())}
     results["nn_counts"] = {str(m): {str(t): c for t, c in sorted(d.items())} for m, d in sorted(state.counts.items())}
-    shared = shared_masks(state.counts)
+    shared = shared_masks(state.counts, check_every)
     results["nn_shared_masks"] = {str(m): tasks for m, tasks in shared.items()}
     if shared:
         shown = "; ".join(f"mask {m} trained on true tasks {', '.join(map(str, t))}" for m, t in list(shared.items())[:5])

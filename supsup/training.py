@@ -313,21 +313,17 @@ def mask_to_task(counts: dict[int, dict[int, int]]) -> dict[int, int]:
     return {m: max(d.items(), key=lambda kv: (kv[1], -kv[0]))[0] for m, d in counts.items() if d}
 
 
-def shared_masks(counts: dict[int, dict[int, int]], min_share: float = 0.05) -> dict[int, list[int]]:
-    """Masks that trained on more than one true task -> those tasks, sorted; a task counts when
-    it gave at least ``min_share`` of the mask's batches (a check every ``check_every`` batches
-    leaves a few batches of the next task on the old mask; those are not a missed task).
+def shared_masks(counts: dict[int, dict[int, int]], min_batches: int) -> dict[int, list[int]]:
+    """Masks that trained on more than one true task -> those tasks, sorted. A task counts when
+    it gave the mask at least ``min_batches`` batches: pass ``nn.check_every``, since a switch
+    between two checks leaves up to ``check_every - 1`` batches of the new task on the old mask
+    even when the next check catches it.
 
     NN never sees task labels, but a benchmark knows the true task of every batch: a shared
     mask means detection missed a task switch (or the bank was full), so tasks were trained
     over each other and the earlier ones are partly forgotten."""
-    shared = {}
-    for m, d in counts.items():
-        total = sum(d.values())
-        tasks = sorted(t for t, c in d.items() if total and c >= min_share * total)
-        if len(tasks) > 1:
-            shared[m] = tasks
-    return dict(sorted(shared.items()))
+    shared = {m: sorted(t for t, c in d.items() if c >= min_batches) for m, d in counts.items()}
+    return {m: tasks for m, tasks in sorted(shared.items()) if len(tasks) > 1}
 
 
 def timed(fn, *args, **kwargs):

@@ -113,11 +113,12 @@ def test_nn_run_detects_tasks(mnist_data, tmp_path):
 def test_shared_masks_names_masks_trained_on_several_tasks():
     from supsup.training import shared_masks
 
-    counts = {0: {0: 1000, 1: 1000, 2: 40}, 1: {3: 1000}, 2: {4: 950, 5: 50}}
-    # task 2 gave mask 0 under 5% of its batches: noise at a switch, not a missed task
-    assert shared_masks(counts, min_share=0.05) == {0: [0, 1], 2: [4, 5]}
-    assert shared_masks(counts, min_share=0.06) == {0: [0, 1]}
-    assert shared_masks({0: {0: 10}}) == {}
+    counts = {0: {0: 1000, 1: 1000, 2: 99}, 1: {3: 1000}, 2: {4: 900, 5: 100}}
+    # check every 100 batches: 99 batches of task 2 before the next check are no missed switch,
+    # 100 (a check that missed task 5) are
+    assert shared_masks(counts, 100) == {0: [0, 1], 2: [4, 5]}
+    assert shared_masks(counts, 101) == {0: [0, 1]}
+    assert shared_masks({0: {0: 10}}, 1) == {}
 
 
 def test_nn_run_reports_missed_task_switches(mnist_data, tmp_path, caplog):

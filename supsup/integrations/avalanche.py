@@ -738,7 +738,7 @@ def run_avalanche_experiment(cfg: RunConfig, out_dir, *, resume: bool = False) -
         results["mean_acc_inferred"] = safe_mean([r["acc_inferred"] for r in rows])
         results["task_inference_acc"] = safe_mean([r["task_inference_acc"] for r in rows])
     if cfg.scenario == "NN":
-        record_nn_detection(results, model, strategy.nn_state)
+        record_nn_detection(results, model, strategy.nn_state, cfg.nn.check_every)
     results["bank_bytes"] = model.bank_bytes
     results["num_masked_weights"] = model.num_masked_weights
     results["peak_rss_bytes"] = peak_rss_bytes()
