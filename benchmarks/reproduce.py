@@ -162,23 +162,22 @@ def _figure(path: Path, title: str, series: list[tuple[str, tuple, str]], paper:
 def figures(found: dict[str, dict], results: Path) -> list[str]:
     """The paper-style accuracy-vs-tasks figures; returns their file names."""
     made = []
-    fc = found.get("fc1024_250")
-    if fc:
-        _figure(results / "permuted_fc1024_250.png", "PermutedMNIST, FC 1024, GN one-shot, 1 image", [
-            ("SupSup GN, G", _points(fc, "mean_acc_inferred"), "o-"),
-            ("SupSup GN, H", _points(fc, "mean_acc_inferred_entropy"), "s-"),
-            ("task given (GG)", _points(fc, "mean_acc_given_task"), "k--"),
-        ], [("paper, G", 250, PAPER["fc1024_250"]["G"]), ("paper, H", 250, PAPER["fc1024_250"]["H"]),
-            ("paper, upper bound", 250, PAPER["fc1024_250"]["upper bound"])], 250)
-        made.append("permuted_fc1024_250.png")
-    le = found.get("lenet_250")
-    if le:
-        _figure(results / "permuted_lenet_250.png", "PermutedMNIST, LeNet 300-100 (100 outputs), GN, 1 image", [
-            ("SupSup GN, G", _points(le, "mean_acc_inferred"), "o-"),
-            ("SupSup GN, H", _points(le, "mean_acc_inferred_entropy"), "s-"),
-            ("task given (GG)", _points(le, "mean_acc_given_task"), "k--"),
-        ], [("paper, G and H", 250, PAPER["lenet_250"]["G"])], 250)
-        made.append("permuted_lenet_250.png")
+    g_and_h = [  # runs evaluated with G and, on the same masks, H
+        ("fc1024_250", "permuted_fc1024_250.png", "PermutedMNIST, FC 1024, GN one-shot, 1 image",
+         [("paper, G", 250, PAPER["fc1024_250"]["G"]), ("paper, H", 250, PAPER["fc1024_250"]["H"]),
+          ("paper, upper bound", 250, PAPER["fc1024_250"]["upper bound"])]),
+        ("lenet_250", "permuted_lenet_250.png", "PermutedMNIST, LeNet 300-100 (100 outputs), GN, 1 image",
+         [("paper, G and H", 250, PAPER["lenet_250"]["G"])]),
+    ]
+    for name, png, title, paper in g_and_h:
+        d = found.get(name)
+        if d:
+            _figure(results / png, title, [
+                ("SupSup GN, G", _points(d, "mean_acc_inferred"), "o-"),
+                ("SupSup GN, H", _points(d, "mean_acc_inferred_entropy"), "s-"),
+                ("task given (GG)", _points(d, "mean_acc_given_task"), "k--"),
+            ], paper, d["num_tasks"])
+            made.append(png)
     gn, nn = found.get("lenet_2500_gn"), found.get("lenet_2500_nn")
     if gn or nn:
         _figure(results / "permuted_lenet_2500.png", "PermutedMNIST, 2500 tasks, LeNet 300-100", [
