@@ -28,13 +28,11 @@ import torch
 
 
 def _ratio(model, x: torch.Tensor, packed: list[torch.Tensor], extra: list[torch.Tensor] | None) -> tuple[float, int]:
-    from supsup.inference import alpha_gradients
+    """NN's statistic times n (uniform = 1), and the best candidate."""
+    from supsup.training import nn_detection_gradients
 
-    n = packed[0].shape[0] + (extra[0].shape[0] if extra else 0)
-    grads = alpha_gradients(model, x.unsqueeze(0), torch.full((1, n), 1.0 / n), objective="entropy",
-                            num_classes=1, packed=packed, extra=extra)[0]
-    model.restore_mode()
-    return float(torch.softmax(-grads, dim=0).max()) * n, int(grads.argmin())
+    grads, confidence = nn_detection_gradients(model, x, packed=packed, extra=extra)
+    return confidence * grads.shape[0], int(grads.argmin())
 
 
 def _span(values: list[float]) -> str:

@@ -33,6 +33,7 @@ __all__ = [
     "evaluate_inferred",
     "NNState",
     "nn_detect",
+    "nn_detection_gradients",
     "nn_check",
     "train_nn_segment",
     "mask_to_task",
@@ -217,6 +218,19 @@ class NNState:
                    counts={int(m): {int(t): int(c) for t, c in v.items()} for m, v in d["counts"].items()})
 
 
+def nn_detection_gradients(model: SupermaskModel, x: torch.Tensor, *, packed: list[torch.Tensor] | None = None,
+                           extra: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, float]:
+    """The statistic of NN's check on batch ``x`` ``(n_img, ...)``: ``d H / d alpha`` ``(n,)``
+    at ``alpha = 1/n`` over the ``n`` candidates (``packed``, default the bank, then ``extra``;
+    see :func:`~supsup.inference.alpha_gradients`), and ``max softmax(-grad)``."""
+    n = (packed[0].shape[0] if packed is not None else model.num_banked_tasks) + (extra[0].shape[0] if extra else 0)
+    alphas = torch.full((1, n), 1.0 / n, dtype=x.dtype, device=x.device)
+    grads = alpha_gradients(model, x.unsqueeze(0), alphas, objective="entropy", num_classes=1,
+                            packed=packed, extra=extra)[0]
+    model.restore_mode()
+    return grads, float(torch.softmax(-grads, dim=0).max())
+
+
 def nn_detect(model: SupermaskModel, x: torch.Tensor, cfg: NNConfig) -> tuple[int, bool, float]:
     """One NN check (paper Sec. 3.6): one-shot entropy gradient over
     ``n = max(k, min_candidates)`` masks at ``alpha = 1/n`` (``k`` learned masks, padded with
@@ -224,13 +238,8 @@ def nn_detect(model: SupermaskModel, x: torch.Tensor, cfg: NNConfig) -> tuple[in
     signalled when ``max softmax(-grad) < threshold / n``."""
     k = model.num_learned_tasks
     n = max(k, cfg.min_candidates)
-    extra = model.candidate_extras(include_active=True, pad_to=n)
-    alphas = torch.full((1, n), 1.0 / n, dtype=x.dtype, device=x.device)
-    grads = alpha_gradients(model, x.unsqueeze(0), alphas, objective="entropy", num_classes=1, extra=extra)[0]
-    model.restore_mode()
-    probs = torch.softmax(-grads, dim=0)
+    grads, confidence = nn_detection_gradients(model, x, extra=model.candidate_extras(include_active=True, pad_to=n))
     best = int(grads[:k].argmin())
-    confidence = float(probs.max())
     return best, confidence < cfg.threshold / n, confidence
 
 
