@@ -12,7 +12,9 @@ masks of the bank:
 * ``new``: the ratio on batches of a task no mask has seen (the last task of the stream);
 * ``seen``: the ratio on batches of tasks ``n - 1`` and ``n // 2``, with their trained masks;
 * ``after b``: a new mask trained ``b`` batches on the unseen task joins the candidates, and
-  the ratio on that task's next batch (what NN's checks inside a task see).
+  the ratio on that task's next batch (what NN's checks inside a task see). The mask starts
+  from the scores NN itself would give it, those of task id ``n`` (seeded from (seed, n)), so
+  a row does not depend on how many masks the checkpoint holds.
 
 Every ``new`` must stay below the threshold and every ``seen`` / ``after b`` (b >= the config's
 ``nn.min_batches_per_task``) above it.
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from supsup import masks as M
     from supsup.checkpoint import load_checkpoint
     from supsup.config import load_config
+    from supsup.rng import make_generator
     from supsup.runner import build_model, build_stream
     from supsup.training import make_optimizer, train_loss
 
@@ -75,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{a.run}: {k} masks, nn.threshold in its config {cfg.nn.threshold}; ratio = n * max softmax(-grad)")
     print("| n | new task | seen task (its mask found) | " + " | ".join(f"after {b}" for b in a.trained) + " |")
     print("|---|---|---|" + "---|" * len(a.trained))
-    model.add_task()  # a fresh mask for the 'after b' rows; the bank is read, never written
-    start = [layer.scores.detach().clone() for layer in model.masked_layers]
+    model.add_task()  # puts the model in TRAIN mode for the 'after b' rows; the bank is read, never written
     for n in sizes:
         packed = [layer.bank_rows[:n] for layer in model.masked_layers]
         new = [_ratio(model, x, packed, None)[0] for x in new_x]
@@ -86,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
                 r, best = _ratio(model, x, packed, None)
                 seen.append(r)
                 found += best == task
-        for layer, s in zip(model.masked_layers, start):
-            layer.scores.data.copy_(s)
+        gen = make_generator(model.seed, "scores", n)  # NN's next mask after n masks has id n
+        for layer in model.masked_layers:
+            layer.init_scores(gen)
         opt = make_optimizer(model.trainable_parameters(), cfg.train)
         batches = stream.train_batches(unseen, max(a.trained) + len(a.trained), bs)
         after, steps = [], 0
