@@ -1,6 +1,7 @@
 """How well NN task detection separates new tasks from seen ones, as the bank grows.
 
     python benchmarks/nn_detection.py RUN_DIR [--n 5 20 100 250 500] [--batches 6] [--threads 1]
+    python benchmarks/nn_detection.py RUN_DIR --first-batches 900 [--threads 1]
 
 RUN_DIR holds a GG or GN run of the stream (``checkpoint.pt`` and ``config.yaml``, e.g.
 ``runs/reproduce/lenet_2500_gn``): its masks are what NN would learn if every task switch were
@@ -15,6 +16,10 @@ masks of the bank:
   the ratio on that task's next batch (what NN's checks inside a task see). The mask starts
   from the scores NN itself would give it, those of task id ``n`` (seeded from (seed, n)), so
   a row does not depend on how many masks the checkpoint holds.
+
+``--first-batches N`` measures instead the tail that decides whether NN misses a task: the ratio
+over all ``k`` masks of the bank on the first batch of each of the last ``N`` unseen tasks (the
+batch NN checks at a task switch), as quantiles and counts above candidate thresholds.
 
 Every ``new`` must stay below the threshold and every ``seen`` / ``after b`` (b >= the config's
 ``nn.min_batches_per_task``) above it.
@@ -41,6 +46,22 @@ def _span(values: list[float]) -> str:
     return f"{min(values):.3f}-{max(values):.3f}"
 
 
+def _first_batch_tail(model, stream, tasks: range, batch_size: int, threshold: float) -> None:
+    """Ratio over every banked mask on each unseen task's first batch: quantiles and tail counts."""
+    k = model.num_banked_tasks
+    packed = [layer.bank_rows[:k] for layer in model.masked_layers]
+    ratios = torch.tensor([_ratio(model, next(iter(stream.train_batches(t, 1, batch_size)))[0], packed, None)[0]
+                           for t in tasks])
+    print(f"n = {k}: first batch of tasks {tasks.start}-{tasks.stop - 1} ({len(tasks)} unseen tasks), "
+          f"nn.threshold in the config {threshold}")
+    print(f"mean {ratios.mean():.4f}, std {ratios.std():.4f}, max {ratios.max():.4f}")
+    print("| quantile | 0.5 | 0.9 | 0.99 | 0.999 |\n|---|---|---|---|---|")
+    print("| ratio | " + " | ".join(f"{ratios.quantile(q):.4f}" for q in (0.5, 0.9, 0.99, 0.999)) + " |")
+    cuts = (1.1, 1.125, 1.15, 1.175, 1.2)
+    print("| threshold | " + " | ".join(f"{c}" for c in cuts) + " |\n|---|" + "---|" * len(cuts))
+    print("| tasks missed (ratio >= threshold) | " + " | ".join(str(int((ratios >= c).sum())) for c in cuts) + " |")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path, help="a GG/GN run directory (checkpoint.pt, config.yaml)")
@@ -48,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=6, help="batches per measurement")
     p.add_argument("--trained", type=int, nargs="+", default=[100, 200, 1000],
                    help="batches a fresh mask trains on the unseen task before the 'after b' checks")
+    p.add_argument("--first-batches", type=int, default=0, metavar="N",
+                   help="only measure the ratio at n = k on the first batch of each of the last N unseen tasks")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -66,6 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     model.load_bank_state({k: v for k, v in tensors.items() if k.startswith("bank.")})
     stream = build_stream(cfg, device, progress=False)
     k = model.num_banked_tasks
+    if a.first_batches:
+        first = max(k, cfg.benchmark.num_tasks - a.first_batches)
+        if first >= cfg.benchmark.num_tasks:
+            p.error(f"every task of {a.run} is learned: no unseen task to measure")
+        _first_batch_tail(model, stream, range(first, cfg.benchmark.num_tasks), cfg.train.batch_size,
+                          cfg.nn.threshold)
+        return 0
     sizes = [n for n in a.n if 2 <= n <= k]
     if not sizes:
         p.error(f"{a.run} holds {k} masks: pass --n values between 2 and {k}")
