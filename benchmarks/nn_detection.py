@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="only measure the ratio at n = k on the first batch of each of the last N unseen tasks")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
+    if a.first_batches < 0:
+        p.error(f"--first-batches must be >= 0, got {a.first_batches}")
     torch.set_num_threads(a.threads)
 
     from supsup import masks as M
