@@ -14,7 +14,7 @@ masks of the bank:
 * ``seen``: the ratio on batches of tasks ``n - 1`` and ``n // 2``, with their trained masks;
 * ``after b``: a new mask trained ``b`` batches on the unseen task joins the candidates, and
   the ratio on that task's next batch (what NN's checks inside a task see). The mask starts
-  from the scores NN itself would give it, those of task id ``n`` (seeded from (seed, n)), so
+  from the scores NN itself would give it, those of task id ``n`` (seeded from (seed, "scores", n)), so
   a row does not depend on how many masks the checkpoint holds.
 
 ``--first-batches N`` measures instead the tail that decides whether NN misses a task: the ratio
@@ -50,7 +50,7 @@ def _first_batch_tail(model, stream, tasks: range, batch_size: int, threshold: f
     """Ratio over every banked mask on each unseen task's first batch: quantiles and tail counts."""
     k = model.num_banked_tasks
     packed = [layer.bank_rows[:k] for layer in model.masked_layers]
-    ratios = torch.tensor([_ratio(model, next(iter(stream.train_batches(t, 1, batch_size)))[0], packed, None)[0]
+    ratios = torch.tensor([_ratio(model, next(stream.train_batches(t, 1, batch_size))[0], packed, None)[0]
                            for t in tasks])
     print(f"n = {k}: first batch of tasks {tasks.start}-{tasks.stop - 1} ({len(tasks)} unseen tasks), "
           f"nn.threshold in the config {threshold}")

@@ -137,17 +137,12 @@ def test_apply_overrides_does_not_mutate_input():
     assert base == {"train": {"iterations": 5}}
 
 
-def test_compare_resume_reuses_only_runs_with_the_same_config(tmp_path):
+def test_compare_resume_reuses_only_runs_with_the_same_config(tmp_path, benchmark_driver):
     """benchmarks/compare.py --resume: a finished run is reused only if its saved config is
     exactly this run's; anything else (other settings, no results, a broken config) reruns."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "compare.py"
-    spec = importlib.util.spec_from_file_location("compare_driver", path)
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
+    compare = benchmark_driver("compare")
 
     cfg = C.load_config("configs/permuted_mnist_gn.yaml", ["benchmark.num_tasks=2"])
     run = tmp_path / "run"
