@@ -13,7 +13,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install --quiet -e '.[avalanche,dev]'
+	# setuptools prints an information-only notice for every editable install of a flat
+	# layout; nothing is wrong, so it is filtered (only that message).
+	PYTHONWARNINGS="ignore:Editable installation:UserWarning" $(BIN)/python -m pip install --quiet -e '.[avalanche,dev]'
 	touch $(STAMP)
 
 demo: install

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from supsup.config import load_config
-from supsup.runner import run_experiment
+from supsup.experiment import run_experiment
 
 SUPSUP = {"supsup_gg": "GG", "supsup_gn": "GN", "supsup_nn": "NN"}
 BASELINES = ("naive", "ewc", "si", "lwf", "replay", "gem", "packnet")
@@ -76,7 +76,7 @@ def run_all(args, out: Path) -> list[dict]:
                 seconds = sum(res.get(k) or 0.0 for k in ("train_seconds", "eval_seconds", "data_cache_seconds"))
             else:
                 t0 = time.perf_counter()
-                res = run_experiment(cfg, run_dir)
+                res = run_experiment(cfg, run_dir).to_dict()
                 seconds = time.perf_counter() - t0
             uses_task_id = scenario == "GG" if method in SUPSUP else res["accuracy_uses_task_id"]
             acc = res["mean_acc_given_task"] if scenario == "GG" else res["mean_acc_inferred"]

@@ -5,7 +5,7 @@
 
 RUN_DIR holds a GG or GN run of the stream (``checkpoint.pt`` and ``config.yaml``, e.g.
 ``runs/reproduce/lenet_2500_gn``): its masks are what NN would learn if every task switch were
-detected. NN's check (paper Sec. 3.6, :func:`supsup.training.nn_detect`) computes
+detected. NN's check (paper Sec. 3.6, :class:`supsup.detection.NNDetector`) computes
 ``ratio = n * max_i softmax(-d H / d alpha)_i`` over ``n`` candidate masks at ``alpha = 1/n``
 and calls the batch a new task when ``ratio < nn.threshold``. This prints, for the first ``n``
 masks of the bank:
@@ -36,7 +36,7 @@ import torch
 
 def _ratio(model, x: torch.Tensor, packed: list[torch.Tensor], extra: list[torch.Tensor] | None) -> tuple[float, int]:
     """NN's statistic times n (uniform = 1), and the best candidate."""
-    from supsup.training import nn_detection_gradients
+    from supsup.detection import nn_detection_gradients
 
     grads, confidence = nn_detection_gradients(model, x, packed=packed, extra=extra)
     return confidence * grads.shape[0], int(grads.argmin())
@@ -80,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     from supsup import masks as M
     from supsup.checkpoint import load_checkpoint
     from supsup.config import load_config
-    from supsup.rng import make_generator
-    from supsup.runner import build_model, build_stream
+    from supsup.experiment import build_model, build_stream
     from supsup.training import make_optimizer, train_loss
 
     cfg = load_config(a.run / "config.yaml")
@@ -120,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
                 r, best = _ratio(model, x, packed, None)
                 seen.append(r)
                 found += best == task
-        gen = make_generator(model.seed, "scores", n)  # NN's next mask after n masks has id n
-        for layer in model.masked_layers:
-            layer.init_scores(gen)
+        # NN's next mask after n masks has id n: the scores it would start from
+        for layer, scores in zip(model.masked_layers, model.initial_scores(n)):
+            layer.set_scores(scores)
         opt = make_optimizer(model.trainable_parameters(), cfg.train)
         batches = stream.train_batches(unseen, max(a.trained) + len(a.trained), bs)
         after, steps = [], 0

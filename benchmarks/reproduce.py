@@ -3,7 +3,7 @@
     python benchmarks/reproduce.py [NAME ...] [--threads N] [--runs DIR] [--results DIR]
     python benchmarks/reproduce.py --report            # figures and table from what exists
 
-Each experiment is a config in ``configs/`` run with ``supsup.runner.run_experiment`` into
+Each experiment is a config in ``configs/`` run with ``supsup.experiment.run_experiment`` into
 ``RUNS/NAME`` (default ``runs/reproduce``). A checkpoint is written after every task, so a
 killed run loses at most one task: running the same command again resumes it. After each
 run, and with ``--report``, the results are copied to ``RESULTS/NAME`` (default
@@ -70,7 +70,7 @@ def run(name: str, runs: Path, threads: int | None) -> dict:
 
     from supsup.checkpoint import CHECKPOINT_NAME
     from supsup.config import load_config
-    from supsup.runner import format_table, run_experiment
+    from supsup.experiment import format_table, run_experiment
 
     if threads:
         torch.set_num_threads(threads)
@@ -87,7 +87,7 @@ def run(name: str, runs: Path, threads: int | None) -> dict:
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {'resuming' if resume else 'starting'} in {out}", flush=True)
     results = run_experiment(cfg, out, resume=resume)
     print(format_table(results), flush=True)
-    return results
+    return results.to_dict()
 
 
 # -------------------------------------------------------------------------------- reporting

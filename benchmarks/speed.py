@@ -31,8 +31,8 @@ import inference_speed  # noqa: E402
 import train_speed  # noqa: E402
 
 from supsup import masks as M  # noqa: E402
+from supsup.experiment.runstate import peak_rss_bytes  # noqa: E402
 from supsup.model import SupermaskModel  # noqa: E402
-from supsup.runner import peak_rss_bytes  # noqa: E402
 
 
 def bank_bytes(backbone: str = "fc1024", num_outputs: int = 500) -> dict:

@@ -1,7 +1,8 @@
 """Command line: the only place that parses argv.
 
-    supsup run CONFIG.yaml [--set key=value ...] [--out DIR] [--resume DIR]
+    supsup run CONFIG.yaml|NAME [--set key=value ...] [--out DIR] [--resume DIR]
     supsup eval DIR [--scenario GG|GN|NN] [--set key=value ...]
+    supsup configs
     supsup data mnist [--root DIR]
 
 Mistakes in a config or a command are one line on stderr and exit code 2, no traceback.
@@ -25,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="train and evaluate an experiment")
-    run.add_argument("config", nargs="?", help="YAML config (optional with --resume: the checkpoint's config)")
+    run.add_argument("config", nargs="?", help="YAML config, or the name of a shipped config (`supsup configs`); "
+                                               "optional with --resume: the checkpoint's config")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key (dotted, e.g. train.iterations=300); repeatable")
     run.add_argument("--out", help="output directory (default runs/<config name>)")
@@ -33,12 +35,15 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a saved mask bank without training")
     ev.add_argument("dir", help="a run directory holding checkpoint.pt")
-    ev.add_argument("--scenario", choices=["GG", "GN", "NN"], help="evaluation scenario (default: the run's)")
+    ev.add_argument("--scenario", choices=["GG", "GN", "NN"],  # the values of supsup.config.Scenario
+                    help="evaluation scenario (default: the run's)")
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override evaluation keys (eval.*, inference.*, device)")
     ev.add_argument("--json", metavar="PATH", help="also write the results to PATH")
     ev.add_argument("--curve", action="store_true",
                     help="GG/GN: recompute the accuracy-vs-tasks points eval.at_tasks from the bank's first n masks")
+
+    sub.add_parser("configs", help="list the configs shipped with supsup (run one with `supsup run NAME`)")
 
     data = sub.add_parser("data", help="provision datasets")
     data_sub = data.add_subparsers(dest="dataset", required=True)
@@ -55,7 +60,7 @@ def _fail(message: str, code: int = 2) -> int:
 def _cmd_run(args) -> int:
     from .checkpoint import CheckpointError, load_checkpoint
     from .config import apply_overrides, config_from_dict, load_config
-    from .runner import format_table, run_experiment
+    from .experiment import format_table, run_experiment
 
     if args.resume:
         out = Path(args.resume)
@@ -81,14 +86,25 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .runner import evaluate_saved, format_table
+    from .experiment import evaluate_saved, format_table
+    from .fileio import atomic_write_text
 
     results = evaluate_saved(args.dir, overrides=args.overrides, scenario=args.scenario, curve=args.curve)
     print(format_table(results))
     if args.json:
-        from .checkpoint import atomic_write_text
+        atomic_write_text(args.json, json.dumps(results.to_dict(), indent=2) + "\n")
+    return 0
 
-        atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
+
+def _cmd_configs(args) -> int:
+    from .config import read_yaml, shipped_configs
+
+    for name, path in sorted(shipped_configs().items()):
+        data = read_yaml(path)
+        bench = data.get("benchmark", {}) if isinstance(data.get("benchmark"), dict) else {}
+        model = data.get("model", {}) if isinstance(data.get("model"), dict) else {}
+        print(f"{name:<40} {data.get('scenario', 'GG'):<3} {bench.get('name', '?')}, "
+              f"{bench.get('num_tasks', '?')} tasks, {model.get('backbone', '?')}")
     return 0
 
 
@@ -117,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_run(args)
         if args.command == "eval":
             return _cmd_eval(args)
+        if args.command == "configs":
+            return _cmd_configs(args)
         return _cmd_data(args)
     except (ConfigError, CheckpointError) as err:
         return _fail(str(err))

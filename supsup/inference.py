@@ -13,6 +13,9 @@ inferences at once, and the products with every mask from one chunked pass over 
 bank (:func:`supsup.masks.bank_matmul`). Memory: O(G * P) floats plus the packed bank; the
 ``k x P`` float stack of the original code is never built. :func:`alpha_gradients_reference`
 is the plain float-stack implementation, kept as the test oracle and benchmark reference.
+
+Candidates are the bank's masks by default; :func:`candidate_extras` adds the mask in training
+and untrained masks of future task ids (NN detection, evaluation while a task trains).
 """
 
 from __future__ import annotations
@@ -24,12 +27,41 @@ import torch
 from . import masks as M
 from .model import SupermaskModel
 from .objectives import OBJECTIVES
+from .registry import Registry
 
-__all__ = ["alpha_gradients", "alpha_gradients_reference", "float_stacks", "infer_tasks", "InferenceError"]
+__all__ = ["INFERENCE_METHODS", "InferenceError", "alpha_gradients", "alpha_gradients_reference",
+           "candidate_extras", "default_objective", "float_stacks", "infer_task", "infer_tasks"]
+
+#: task-inference methods by name: ``fn(model, x, k, *, objective, num_classes, log_base,
+#: packed, extra) -> (tasks (G,), gradient evaluations)``
+INFERENCE_METHODS: Registry = Registry("inference method")
 
 
 class InferenceError(ValueError):
     """Bad input to task inference (e.g. non-finite images, no candidate masks)."""
+
+
+def candidate_extras(model: SupermaskModel, *, include_active: bool = False, pad_to: int = 0) -> list[torch.Tensor]:
+    """Packed masks per layer, ``(e, packed_nbytes(P_l))``, that follow the bank's ``k`` masks
+    as candidates of task inference (candidate ``k + j`` is row ``j``): the active task's
+    current mask if it is new and ``include_active``, then untrained masks of future task ids
+    (the initial scores they will get, :meth:`SupermaskModel.initial_scores`) until
+    ``k + e >= pad_to``. The bank itself is never copied."""
+    layers = model.masked_layers
+    rows: list[list[torch.Tensor]] = [[] for _ in layers]
+    n = model.num_banked_tasks
+    active = model.active_task
+    if include_active and active is not None and active >= n:
+        for r, layer in zip(rows, layers):
+            r.append(M.pack_bits(layer.current_mask()).unsqueeze(0))
+        n += 1
+    next_id = max(n, model.num_learned_tasks)
+    while n < pad_to:
+        for r, layer, scores in zip(rows, layers, model.initial_scores(next_id)):
+            r.append(M.pack_bits(M.binarize(scores, layer.mask_kind, layer.density)).unsqueeze(0))
+        n += 1
+        next_id += 1
+    return [torch.cat(r) if r else layer.bank.new_zeros(0, layer.bank.shape[1]) for r, layer in zip(rows, layers)]
 
 
 def _check_inputs(x: torch.Tensor) -> None:
@@ -200,36 +232,20 @@ def alpha_gradients_reference(model: SupermaskModel, x: torch.Tensor, alphas: to
     return torch.stack(out)
 
 
-def infer_tasks(model: SupermaskModel, x: torch.Tensor, *, method: str = "one_shot", objective: str = "g",
-                num_classes: int = 10, log_base: float = 2.0,
-                packed: list[torch.Tensor] | None = None,
-                extra: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
-    """Infer the task of each of ``G`` groups of images.
+def _one_shot(model: SupermaskModel, x: torch.Tensor, k: int, *, objective: str, num_classes: int,
+              log_base: float, packed, extra) -> tuple[torch.Tensor, int]:
+    """Paper Alg. 1: ``argmin_i d obj / d alpha_i`` at ``alpha = 1/k`` (one gradient)."""
+    alphas = torch.full((x.shape[0], k), 1.0 / k, dtype=x.dtype, device=x.device)
+    grads = alpha_gradients(model, x, alphas, objective=objective, num_classes=num_classes,
+                            packed=packed, extra=extra)
+    return grads.argmin(dim=1), 1
 
-    Args:
-        x: ``(G, n, ...)``.
-        method: ``one_shot`` or ``binary``.
-        packed, extra: the candidate masks, as for :func:`alpha_gradients` (default: the
-            bank's finished tasks).
 
-    Returns:
-        ``(tasks, steps)``: ``(G,)`` int64 indices into the candidates, and the number of
-        gradient evaluations used (1 for one_shot; for binary
-        :func:`supsup.masks.num_inference_steps`, ``ceil(log2 k)`` at the default ``log_base``).
-    """
-    k = sum(r.shape[0] for r in _candidate_blocks(model, packed, extra)[0])
+def _binary(model: SupermaskModel, x: torch.Tensor, k: int, *, objective: str, num_classes: int,
+            log_base: float, packed, extra) -> tuple[torch.Tensor, int]:
+    """Paper Alg. 2: keep the best ``1/log_base`` of the candidates (most negative gradient),
+    put alpha uniform over the survivors, repeat until one is left."""
     G = x.shape[0]
-    if k == 0:
-        raise InferenceError("no candidate masks: learn a task first")
-    if k == 1:
-        return torch.zeros(G, dtype=torch.long, device=x.device), 0
-    if method == "one_shot":
-        alphas = torch.full((G, k), 1.0 / k, dtype=x.dtype, device=x.device)
-        grads = alpha_gradients(model, x, alphas, objective=objective, num_classes=num_classes,
-                                packed=packed, extra=extra)
-        return grads.argmin(dim=1), 1
-    if method != "binary":
-        raise ValueError(f"unknown inference method {method!r}; known: one_shot, binary")
     alive = torch.ones(G, k, dtype=torch.bool, device=x.device)
     count, steps = k, 0  # every group starts from k and follows the same rule: one count for all
     while count > 1:
@@ -244,3 +260,65 @@ def infer_tasks(model: SupermaskModel, x: torch.Tensor, *, method: str = "one_sh
         ranks.scatter_(1, order, torch.arange(k, device=x.device).expand(G, k))
         alive = ranks < count
     return alive.float().argmax(dim=1), steps
+
+
+INFERENCE_METHODS.register("one_shot")(_one_shot)
+INFERENCE_METHODS.register("binary")(_binary)
+
+
+def infer_tasks(model: SupermaskModel, x: torch.Tensor, *, method: str = "one_shot", objective: str = "g",
+                num_classes: int | None = None, log_base: float = 2.0,
+                packed: list[torch.Tensor] | None = None,
+                extra: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
+    """Infer the task of each of ``G`` groups of images.
+
+    Args:
+        x: ``(G, n, ...)``.
+        method: a registered method (:data:`INFERENCE_METHODS`): ``one_shot`` or ``binary``.
+        objective: ``g`` or ``entropy`` (:data:`supsup.objectives.OBJECTIVES`).
+        num_classes: real classes (default: the model's ``num_classes``).
+        packed, extra: the candidate masks, as for :func:`alpha_gradients` (default: the
+            bank's finished tasks).
+
+    Returns:
+        ``(tasks, steps)``: ``(G,)`` int64 indices into the candidates, and the number of
+        gradient evaluations used (1 for one_shot; for binary
+        :func:`supsup.masks.num_inference_steps`, ``ceil(log2 k)`` at the default ``log_base``).
+    """
+    k = sum(r.shape[0] for r in _candidate_blocks(model, packed, extra)[0])
+    G = x.shape[0]
+    if k == 0:
+        raise InferenceError("no candidate masks: learn a task first")
+    if method not in INFERENCE_METHODS:
+        raise ValueError(f"unknown inference method {method!r}; known: {', '.join(INFERENCE_METHODS.names())}")
+    if k == 1:
+        return torch.zeros(G, dtype=torch.long, device=x.device), 0
+    num_classes = model.num_classes if num_classes is None else num_classes
+    return INFERENCE_METHODS.get(method)(model, x, k, objective=objective, num_classes=num_classes,
+                                         log_base=log_base, packed=packed, extra=extra)
+
+
+def default_objective(model: SupermaskModel) -> str:
+    """``g`` when the model has superfluous outputs (paper Sec. 3.5: more robust with many
+    tasks), else ``entropy``."""
+    return "g" if model.num_outputs > model.num_classes else "entropy"
+
+
+def infer_task(model: SupermaskModel, x: torch.Tensor, *, method: str = "one_shot", objective: str | None = None,
+               num_images: int | None = None, log_base: float = 2.0) -> int:
+    """The task of one batch of images, among the model's banked tasks.
+
+    Args:
+        x: ``(B, ...)`` images of one task.
+        method: ``one_shot`` (one gradient) or ``binary`` (halve the candidates each step).
+        objective: ``g`` or ``entropy``; default :func:`default_objective`.
+        num_images: infer from the first ``num_images`` images only (default: all ``B``).
+
+    Returns:
+        The task id (an index into the bank).
+    """
+    n = x.shape[0] if num_images is None else min(num_images, x.shape[0])
+    tasks, _ = infer_tasks(model, x[:n].unsqueeze(0), method=method,
+                           objective=default_objective(model) if objective is None else objective,
+                           log_base=log_base)
+    return int(tasks[0])

@@ -23,8 +23,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import masks as M
+from .registry import Registry
 
-__all__ = ["SupermaskLayer", "MaskedLinear", "MaskedConv2d", "wrap_layer", "SUPPORTED_LAYERS"]
+__all__ = ["SCORE_INITS", "SupermaskLayer", "MaskedLinear", "MaskedConv2d", "wrap_layer", "SUPPORTED_LAYERS"]
+
+#: a new task's initial scores by name: ``fn(shape, dtype, generator) -> tensor`` (on the CPU,
+#: so that every device gets the same numbers)
+SCORE_INITS: Registry = Registry("score_init")
+
+
+def kaiming_uniform_scores(shape: torch.Size, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """Kaiming-uniform with ``a = sqrt(5)``: ``nn.Linear``'s default init, as edge-popup's scores."""
+    scores = torch.empty(shape, dtype=dtype)
+    nn.init.kaiming_uniform_(scores, a=math.sqrt(5), generator=generator)
+    return scores
+
+
+SCORE_INITS.register("kaiming_uniform")(kaiming_uniform_scores)
 
 
 class _SuperposedMask(torch.autograd.Function):
@@ -52,7 +67,8 @@ class SupermaskLayer(nn.Module):
 
     base_layer: nn.Module
 
-    def __init__(self, base_layer: nn.Module, *, mask_kind: str = "threshold", density: float = 0.5):
+    def __init__(self, base_layer: nn.Module, *, mask_kind: str = "threshold", density: float = 0.5,
+                 score_init: str = "kaiming_uniform"):
         super().__init__()
         weight = base_layer.weight.detach().clone()
         bias = base_layer.bias.detach().clone() if getattr(base_layer, "bias", None) is not None else None
@@ -65,6 +81,7 @@ class SupermaskLayer(nn.Module):
         self.base_layer = base_layer
         self.mask_kind = mask_kind
         self.density = density
+        self.score_init = SCORE_INITS.get(score_init)
         self.scores: nn.Parameter | None = None
         self.register_buffer("bank", torch.zeros(0, M.packed_nbytes(weight.numel()), dtype=torch.uint8, device=weight.device))
         self.num_masks = 0
@@ -171,15 +188,15 @@ class SupermaskLayer(nn.Module):
 
     # ----------------------------------------------------------------------- scores
     def initial_scores(self, generator: torch.Generator) -> torch.Tensor:
-        """A new task's scores: Kaiming-uniform (a = sqrt(5), nn.Linear's default), drawn on
-        the CPU so that every device gets the same numbers."""
-        scores = torch.empty(self.weight.shape, dtype=self.weight.dtype)
-        nn.init.kaiming_uniform_(scores, a=math.sqrt(5), generator=generator)
-        return scores.to(self.weight.device)
+        """A new task's scores (the layer's score init, :data:`SCORE_INITS`), drawn on the CPU
+        so that every device gets the same numbers."""
+        return self.score_init(self.weight.shape, self.weight.dtype, generator).to(self.weight.device)
 
-    def init_scores(self, generator: torch.Generator) -> None:
-        """Start training a new task's scores."""
-        self.scores = nn.Parameter(self.initial_scores(generator))
+    def set_scores(self, scores: torch.Tensor) -> None:
+        """Start training from ``scores`` (shape of the weight)."""
+        if scores.shape != self.weight.shape:
+            raise ValueError(f"scores shape {tuple(scores.shape)} != weight shape {tuple(self.weight.shape)}")
+        self.scores = nn.Parameter(scores.to(device=self.weight.device, dtype=self.weight.dtype))
 
     def scores_from_mask(self, mask: torch.Tensor, magnitude: float) -> None:
         """Scores that binarise to ``mask`` (to resume training a finished task)."""

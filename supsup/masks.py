@@ -17,7 +17,10 @@ import math
 
 import torch
 
+from .registry import Registry
+
 __all__ = [
+    "MASK_KINDS",
     "masked_weight",
     "topk_mask",
     "threshold_mask",
@@ -50,6 +53,10 @@ class _MaskedWeight(torch.autograd.Function):
         return grad_out * weight, None, None
 
 
+#: mask kinds by name: ``fn(scores, density) -> bool mask`` of the same shape
+MASK_KINDS: Registry = Registry("mask kind")
+
+
 def threshold_mask(scores: torch.Tensor) -> torch.Tensor:
     """``M = [scores >= 0]`` (bool, same shape): the paper's setting for MNIST."""
     return scores >= 0
@@ -71,13 +78,15 @@ def topk_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
     return mask.view_as(scores)
 
 
+MASK_KINDS.register("threshold")(lambda scores, density: threshold_mask(scores))
+MASK_KINDS.register("topk")(topk_mask)
+
+
 def binarize(scores: torch.Tensor, kind: str, density: float = 0.5) -> torch.Tensor:
-    """Binary mask of ``scores`` for a mask kind (``threshold`` or ``topk``)."""
-    if kind == "threshold":
-        return threshold_mask(scores)
-    if kind == "topk":
-        return topk_mask(scores, density)
-    raise ValueError(f"unknown mask kind {kind!r}; known: threshold, topk")
+    """Binary mask of ``scores`` for a registered mask kind (:data:`MASK_KINDS`)."""
+    if kind not in MASK_KINDS:
+        raise ValueError(f"unknown mask kind {kind!r}; known: {', '.join(MASK_KINDS.names())}")
+    return MASK_KINDS.get(kind)(scores, density)
 
 
 def masked_weight(weight: torch.Tensor, scores: torch.Tensor, kind: str = "threshold",

@@ -5,22 +5,31 @@ State changes only through methods, guarded by :class:`Mode`:
 * :meth:`SupermaskModel.add_task` starts a new task (fresh scores, mode ``TRAIN``);
 * :meth:`SupermaskModel.finish_task` packs its mask into the bank (1 bit per weight) and
   releases the float scores (mode ``IDLE``);
-* :meth:`SupermaskModel.set_task` runs one task's mask (mode ``TASK``);
+* :meth:`SupermaskModel.set_task` runs one task's mask (mode ``TASK``); ``with
+  model.use_task(t):`` does the same for a block and restores the previous mode after it;
 * :meth:`SupermaskModel.superpose` runs ``W * sum_i alpha_i M_i`` (mode ``SUPERPOSE``).
+
+:meth:`SupermaskModel.save` / :meth:`SupermaskModel.load` keep a model in one small,
+self-contained file: the packed bank and the backbone's identity, from which the frozen
+weights are rebuilt (and checked against their digest).
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from . import masks as M
 from .backbones import create_backbone, init_weights
+from .bank import bank_state, check_bank_state
+from .errors import CapacityError, ModeError
 from .layers import SupermaskLayer, wrap_layer
+from .modelfile import ModelFile
 from .rng import make_generator
 
 __all__ = ["Mode", "ModeError", "CapacityError", "SupermaskModel"]
@@ -33,18 +42,10 @@ class Mode(enum.Enum):
     SUPERPOSE = "superpose"  # weighted sum of several masks
 
 
-class ModeError(RuntimeError):
-    """An operation that the model's current mode does not allow."""
-
-
-class CapacityError(RuntimeError):
-    """The bank already holds ``num_tasks`` masks."""
-
-
-def _wrap_children(module: nn.Module, mask_kind: str, density: float) -> None:
+def _wrap_children(module: nn.Module, **layer_kwargs) -> None:
     for name, child in module.named_children():
         if isinstance(child, (nn.Linear, nn.Conv2d)):
-            setattr(module, name, wrap_layer(child, mask_kind=mask_kind, density=density))
+            setattr(module, name, wrap_layer(child, **layer_kwargs))
         elif isinstance(child, SupermaskLayer):
             raise TypeError(f"{name} is already a supermask layer")
         else:
@@ -52,48 +53,64 @@ def _wrap_children(module: nn.Module, mask_kind: str, density: float) -> None:
                 raise TypeError(
                     f"cannot freeze {type(child).__name__} ({name}): only nn.Linear and nn.Conv2d "
                     "may hold parameters in a SupSup backbone")
-            _wrap_children(child, mask_kind, density)
+            _wrap_children(child, **layer_kwargs)
 
 
-class SupermaskModel(nn.Module):
+class SupermaskModel(ModelFile, nn.Module):
     """A frozen backbone whose Linear/Conv2d layers carry per-task supermasks.
 
     Args:
         backbone: any module whose only parameterised submodules are ``nn.Linear`` /
             ``nn.Conv2d``; they are wrapped in place and their weights frozen as buffers.
         num_tasks: capacity of the mask bank.
+        num_classes: real classes per task; outputs beyond them are superfluous neurons (paper
+            Sec. 3.5), never predicted (default: every output is a class).
         seed: seeds every task's initial scores, via generators derived from (seed, task id).
-        mask_kind: ``threshold`` or ``topk``.
+        mask_kind: a registered mask kind (:data:`supsup.masks.MASK_KINDS`): ``threshold``,
+            ``topk``.
         density: fraction kept by ``topk``.
+        score_init: a registered score init (:data:`supsup.layers.SCORE_INITS`).
     """
 
-    def __init__(self, backbone: nn.Module, *, num_tasks: int, seed: int = 0,
-                 mask_kind: str = "threshold", density: float = 0.5):
+    def __init__(self, backbone: nn.Module, *, num_tasks: int, num_classes: int | None = None, seed: int = 0,
+                 mask_kind: str = "threshold", density: float = 0.5, score_init: str = "kaiming_uniform"):
         super().__init__()
         if num_tasks < 1:
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
-        _wrap_children(backbone, mask_kind, density)
+        _wrap_children(backbone, mask_kind=mask_kind, density=density, score_init=score_init)
         self.backbone = backbone
+        if not self.masked_layers:
+            raise TypeError("the backbone has no nn.Linear or nn.Conv2d layer to mask")
         self.num_tasks = num_tasks
+        self.num_outputs = int(self.masked_layers[-1].weight.shape[0])
+        self.num_classes = self.num_outputs if num_classes is None else int(num_classes)
+        if not 1 <= self.num_classes <= self.num_outputs:
+            raise ValueError(f"num_classes must be in 1..{self.num_outputs} (the outputs), got {num_classes}")
         self.seed = seed
         self.mask_kind = mask_kind
         self.density = density
+        self.score_init = score_init
+        #: how :meth:`load` rebuilds the backbone (set by :meth:`from_name`; None for a module
+        #: built by the caller, which :meth:`load` then needs to be given)
+        self.spec: dict[str, Any] | None = None
         self._mode = Mode.IDLE
         self._active_task: int | None = None
         self._current_task: int | None = None
         self._num_learned = 0
-        if not self.masked_layers:
-            raise TypeError("the backbone has no nn.Linear or nn.Conv2d layer to mask")
 
     @classmethod
-    def from_name(cls, backbone: str, *, num_tasks: int, num_outputs: int, seed: int = 0,
-                  input_shape: Sequence[int] = (1, 28, 28), weight_init: str = "signed_constant",
-                  mask_kind: str = "threshold", density: float = 0.5,
+    def from_name(cls, backbone: str, *, num_tasks: int, num_outputs: int, num_classes: int | None = None,
+                  seed: int = 0, input_shape: Sequence[int] = (1, 28, 28), weight_init: str = "signed_constant",
+                  mask_kind: str = "threshold", density: float = 0.5, score_init: str = "kaiming_uniform",
                   device: torch.device | str = "cpu") -> SupermaskModel:
-        """Build a registered backbone, initialise its weights from (seed, "backbone")."""
+        """Build a registered backbone (:data:`supsup.backbones.BACKBONES`) with ``num_outputs``
+        outputs, its weights initialised from (seed, "backbone")."""
         net = create_backbone(backbone, input_shape=input_shape, num_outputs=num_outputs)
         init_weights(net, weight_init, make_generator(seed, "backbone"))
-        model = cls(net, num_tasks=num_tasks, seed=seed, mask_kind=mask_kind, density=density)
+        model = cls(net, num_tasks=num_tasks, num_classes=num_classes, seed=seed, mask_kind=mask_kind,
+                    density=density, score_init=score_init)
+        model.spec = {"backbone": backbone, "input_shape": [int(d) for d in input_shape],
+                      "num_outputs": num_outputs, "weight_init": weight_init}
         return model.to(device)
 
     # ------------------------------------------------------------------------ properties
@@ -171,13 +188,18 @@ class SupermaskModel(nn.Module):
         task_id = self._num_learned
         if task_id >= self.num_tasks:
             raise CapacityError(f"the bank is full: all {self.num_tasks} tasks are learned")
-        gen = make_generator(self.seed, "scores", task_id)
-        for layer in self.masked_layers:
-            layer.init_scores(gen)
+        for layer, scores in zip(self.masked_layers, self.initial_scores(task_id)):
+            layer.set_scores(scores)
         self._active_task = task_id
         self._num_learned += 1
         self.train_mode()
         return task_id
+
+    def initial_scores(self, task_id: int) -> list[torch.Tensor]:
+        """Task ``task_id``'s initial scores, one tensor per masked layer, drawn from a
+        generator seeded by (seed, "scores", task id): the same whatever ran before."""
+        gen = make_generator(self.seed, "scores", task_id)
+        return [layer.initial_scores(gen) for layer in self.masked_layers]
 
     def resume_task(self, task_id: int, magnitude: float = 1e-2) -> None:
         """Train a finished task again (NN scenario): scores are rebuilt from its mask with
@@ -217,6 +239,20 @@ class SupermaskModel(nn.Module):
         self._current_task = None
         return task_id
 
+    def abandon_task(self) -> None:
+        """Drop the task in training without banking its mask (e.g. after a failed step): a
+        new task's id is given again by the next :meth:`add_task`; a finished task trained
+        again keeps its banked mask."""
+        task_id = self._active_task
+        if task_id is None:
+            raise ModeError("no task is being trained")
+        for layer in self.masked_layers:
+            layer.release_scores()
+        if task_id >= self.num_banked_tasks:
+            self._num_learned = task_id
+        self._active_task = None
+        self.restore_mode()
+
     def task_masks(self, task_id: int) -> list[torch.Tensor]:
         """Boolean masks of a task, one per masked layer."""
         if task_id == self._active_task:
@@ -232,30 +268,23 @@ class SupermaskModel(nn.Module):
         self._mode = Mode.TASK
         self._current_task = task_id
 
-    # --------------------------------------------------------------------- superposition
-    def candidate_extras(self, *, include_active: bool = False, pad_to: int = 0) -> list[torch.Tensor]:
-        """Packed masks per layer, ``(e, packed_nbytes(P_l))``, that follow the bank's ``k``
-        masks as candidates of task inference (candidate ``k + j`` is row ``j``): the active
-        task's current mask if it is new and ``include_active``, then untrained masks of
-        future task ids (the initial scores they will get from (seed, task id)) until
-        ``k + e >= pad_to``. The bank itself is never copied."""
-        layers = self.masked_layers
-        rows: list[list[torch.Tensor]] = [[] for _ in layers]
-        n = self.num_banked_tasks
-        if include_active and self._active_task is not None and self._active_task >= n:
-            for r, layer in zip(rows, layers):
-                r.append(M.pack_bits(layer.current_mask()).unsqueeze(0))
-            n += 1
-        next_id = max(n, self._num_learned)
-        while n < pad_to:
-            gen = make_generator(self.seed, "scores", next_id)
-            for r, layer in zip(rows, layers):
-                scores = layer.initial_scores(gen)
-                r.append(M.pack_bits(M.binarize(scores, layer.mask_kind, layer.density)).unsqueeze(0))
-            n += 1
-            next_id += 1
-        return [torch.cat(r) if r else layer.bank.new_zeros(0, layer.bank.shape[1]) for r, layer in zip(rows, layers)]
+    @contextlib.contextmanager
+    def use_task(self, task_id: int) -> Iterator[SupermaskModel]:
+        """``with model.use_task(t): ...`` runs task ``t``'s mask inside the block, then puts
+        the model back in the mode it was in (training the active task, or idle)."""
+        self.set_task(task_id)
+        try:
+            yield self
+        finally:
+            self.restore_mode()
 
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Class predictions ``(B,)`` int64 for inputs ``(B, ...)`` in the current mode, among
+        the ``num_classes`` real classes (superfluous neurons are never a class)."""
+        return self(x)[:, : self.num_classes].argmax(dim=1)
+
+    # --------------------------------------------------------------------- superposition
     def superpose(self, alphas: torch.Tensor, packed: list[torch.Tensor] | None = None) -> None:
         """Mode SUPERPOSE: effective weights ``W * sum_i alpha_i M_i`` (paper eq. 3).
 
@@ -299,33 +328,16 @@ class SupermaskModel(nn.Module):
 
     # ------------------------------------------------------------------- (de)serialise
     def bank_state(self) -> dict[str, torch.Tensor]:
-        """Packed bank rows per layer (exactly ``num_banked_tasks`` rows each)."""
-        return {f"bank.{i}": layer.bank_rows.detach().cpu().clone() for i, layer in enumerate(self.masked_layers)}
+        """Packed bank rows per layer (exactly ``num_banked_tasks`` rows each), on the CPU."""
+        return bank_state(self.masked_layers)
 
     def load_bank_state(self, state: dict[str, torch.Tensor], num_learned: int | None = None) -> None:
-        """Replace the bank (strict: every layer, right shapes, uint8)."""
+        """Replace the bank (strict: every layer, right shapes, uint8; see
+        :func:`supsup.bank.check_bank_state`)."""
         if self._active_task is not None:
             raise ModeError("cannot load a bank while a task is being trained")
-        layers = self.masked_layers
-        expected = {f"bank.{i}" for i in range(len(layers))}
-        if set(state) != expected:
-            raise ValueError(f"bank state has keys {sorted(state)}, expected {sorted(expected)}")
-        rows = {state[f"bank.{i}"].shape[0] for i in range(len(layers))}
-        if len(rows) != 1:
-            raise ValueError(f"bank layers hold different numbers of masks: {sorted(rows)}")
-        (k,) = rows
-        if k > self.num_tasks:
-            raise ValueError(f"bank holds {k} masks, more than the model's capacity {self.num_tasks}")
-        for i, layer in enumerate(layers):
-            t = state[f"bank.{i}"]
-            want = (k, M.packed_nbytes(layer.num_weights))
-            legacy = (layer.num_weights + 7) // 8
-            if t.dtype == torch.uint8 and t.dim() == 2 and t.shape[0] == k and t.shape[1] == legacy != want[1]:
-                # Banks saved by 0.1.0 packed rows to whole bytes; rows are now whole 64-bit
-                # words. The padding bits are zero, so the masks are unchanged.
-                t = torch.nn.functional.pad(t, (0, want[1] - legacy))
-            if t.dtype != torch.uint8 or tuple(t.shape) != want:
-                raise ValueError(f"bank.{i}: expected uint8 {want}, got {t.dtype} {tuple(t.shape)}")
+        rows = check_bank_state(self.masked_layers, state, self.num_tasks)
+        for layer, t in zip(self.masked_layers, rows):
             layer.load_bank(t)
-        self._num_learned = k if num_learned is None else num_learned
+        self._num_learned = rows[0].shape[0] if num_learned is None else num_learned
         self.restore_mode()

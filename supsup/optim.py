@@ -4,6 +4,9 @@
 ``state_dict`` loads into either) whose step, for CPU float32 tensors without momentum or
 centering, runs as one compiled pass per tensor (:func:`supsup._kernels.rmsprop_step`) instead
 of torch's five elementwise passes. Every other case goes through torch's own step.
+
+:data:`OPTIMIZERS` maps the names a config may use (``train.optimizer``) to factories
+``fn(params, *, lr, momentum, weight_decay) -> torch.optim.Optimizer``.
 """
 
 from __future__ import annotations
@@ -11,8 +14,11 @@ from __future__ import annotations
 import torch
 
 from .masks import bit_kernels_available
+from .registry import Registry
 
-__all__ = ["FusedRMSprop"]
+__all__ = ["OPTIMIZERS", "FusedRMSprop"]
+
+OPTIMIZERS: Registry = Registry("optimizer")
 
 
 class FusedRMSprop(torch.optim.RMSprop):
@@ -61,3 +67,21 @@ class FusedRMSprop(torch.optim.RMSprop):
                 for group, params in zip(self.param_groups, saved):
                     group["params"] = params
         return loss
+
+
+def _rmsprop(params, *, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    # torch's RMSprop, with a one-pass compiled step on the CPU (memory-bound otherwise)
+    return FusedRMSprop(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def _adam(params, *, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)  # Adam has no momentum knob
+
+
+def _sgd(params, *, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+OPTIMIZERS.register("rmsprop")(_rmsprop)  # the paper's (lr 1e-4, no decay)
+OPTIMIZERS.register("adam")(_adam)
+OPTIMIZERS.register("sgd")(_sgd)

@@ -19,6 +19,7 @@ from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
 from supsup.checkpoint import CheckpointError  # noqa: E402
 from supsup.config import ConfigError, EvalConfig, InferenceConfig, TrainConfig, load_config  # noqa: E402
 from supsup.data.streams import create_stream  # noqa: E402
+from supsup.experiment import run_experiment as _run_experiment  # noqa: E402
 from supsup.integrations.avalanche import (  # noqa: E402
     ExperienceCache,
     SupSupStrategy,
@@ -38,9 +39,13 @@ from supsup.integrations.baselines import (  # noqa: E402
     packnet_model,
 )
 from supsup.model import SupermaskModel  # noqa: E402
-from supsup.runner import run_experiment  # noqa: E402
 
 ITERATIONS = 60
+
+
+def run_experiment(cfg, out, **kw) -> dict:
+    """The run, as results.json holds it."""
+    return _run_experiment(cfg, out, **kw).to_dict()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,7 +58,7 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _synthetic_stream(shape, *, num_tasks=3, num_classes=4, n_train=400, n_test=200, seed=0):
+def _synthetic_stream(shape, *, num_tasks=3, num_classes=4, n_train=400, n_test=200, seed=0, task_labels=None):
     """Permuted-style synthetic tasks from a seeded generator: class c lights up its own few
     features; task t permutes the features with its own permutation."""
     g = torch.Generator().manual_seed(seed)
@@ -72,7 +77,8 @@ def _synthetic_stream(shape, *, num_tasks=3, num_classes=4, n_train=400, n_test=
 
         train.append(draw(n_train))
         test.append(draw(n_test))
-    return tensors_benchmark(train_tensors=train, test_tensors=test, task_labels=list(range(num_tasks)))
+    labels = list(range(num_tasks)) if task_labels is None else list(task_labels)
+    return tensors_benchmark(train_tensors=train, test_tensors=test, task_labels=labels)
 
 
 class _OptimizerProbe:
@@ -109,9 +115,9 @@ def trained_gn(permuted2, tmp_path_factory):
         accuracy_metrics(experience=True, stream=True), loss_metrics(experience=True), TaskInferenceAccuracy(),
         loggers=[InteractiveLogger(), TextLogger(text), CSVLogger(str(logs / "csv")),
                  TensorboardLogger(tb_log_dir=str(logs / "tb"))])
-    model = SupermaskModel.from_name("lenet_300_100", num_tasks=2, num_outputs=100, seed=0)
+    model = SupermaskModel.from_name("lenet_300_100", num_tasks=2, num_outputs=100, num_classes=10, seed=0)
     probe = _OptimizerProbe()
-    strategy = SupSupStrategy(model=model, num_classes=10, scenario="GN",
+    strategy = SupSupStrategy(model=model, scenario="GN",
                               train_config=TrainConfig(iterations=ITERATIONS, batch_size=64, lr=1e-3),
                               eval_config=EvalConfig(batch_size=128, max_batches=2), evaluator=evaluator,
                               plugins=[probe])
@@ -158,7 +164,7 @@ def test_strategy_gg_without_a_mask_is_uniform(permuted2):
     """Task given but not learned yet: uniform logits (loss log 10, argmax class 0)."""
     model = SupermaskModel.from_name("lenet_300_100", num_tasks=2, num_outputs=10, seed=0)
     evaluator = EvaluationPlugin(accuracy_metrics(experience=True), loss_metrics(experience=True), loggers=[])
-    strategy = SupSupStrategy(model=model, num_classes=10, scenario="GG", evaluator=evaluator,
+    strategy = SupSupStrategy(model=model, scenario="GG", evaluator=evaluator,
                               eval_config=EvalConfig(batch_size=100, max_batches=2))
     exp = permuted2.test_stream[1]
     metrics = strategy.eval([exp])
@@ -227,7 +233,7 @@ def test_strategy_learns_a_custom_tensor_stream():
     model = supsup_model_for_benchmark(bench, backbone="lenet_300_100", num_outputs=40, seed=0)
     assert model.masked_layers[0].weight.shape[1] == 192 and model.num_tasks == 3
     evaluator = EvaluationPlugin(accuracy_metrics(experience=True), TaskInferenceAccuracy(), loggers=[])
-    strategy = SupSupStrategy(model=model, num_classes=4, scenario="GN", evaluator=evaluator,
+    strategy = SupSupStrategy(model=model, scenario="GN", evaluator=evaluator,
                               train_config=TrainConfig(iterations=100, batch_size=32, lr=1e-2),
                               eval_config=EvalConfig(batch_size=50), inference_config=InferenceConfig(num_images=10))
     for exp in bench.train_stream:
@@ -243,7 +249,7 @@ def test_model_fits_feature_vectors():
     bench = _synthetic_stream((20,), num_tasks=2, num_classes=5)
     model = supsup_model_for_benchmark(bench, backbone="fc_300_300", seed=0)
     assert model.masked_layers[0].weight.shape == (300, 20) and model.masked_layers[-1].weight.shape[0] == 5
-    strategy = SupSupStrategy(model=model, num_classes=5, evaluator=EvaluationPlugin(accuracy_metrics(experience=True),
+    strategy = SupSupStrategy(model=model, evaluator=EvaluationPlugin(accuracy_metrics(experience=True),
                                                                                      loggers=[]),
                               train_config=TrainConfig(iterations=80, batch_size=32, lr=1e-2))
     for exp in bench.train_stream:
@@ -258,7 +264,7 @@ def test_strategy_takes_a_user_optimizer():
     model = supsup_model_for_benchmark(bench, backbone="fc_300_300", seed=0)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     probe = _OptimizerProbe()
-    strategy = SupSupStrategy(model=model, num_classes=4, optimizer=optimizer, evaluator=None, plugins=[probe],
+    strategy = SupSupStrategy(model=model, optimizer=optimizer, evaluator=None, plugins=[probe],
                               train_config=TrainConfig(iterations=3, batch_size=16))
     for exp in bench.train_stream:
         strategy.train(exp)
@@ -266,10 +272,31 @@ def test_strategy_takes_a_user_optimizer():
     assert all([id(p) for p in params] == [id(p) for p in trainable] for params, trainable in probe.seen)
 
 
+def test_strategy_takes_the_task_from_the_task_label():
+    """``task_id_source="task_label"``: three experiences labelled tasks 0, 1, 0 train two
+    masks, the third experience training mask 0 further (the experience index would give
+    three). Evaluation with the task given reads the label too."""
+    bench = _synthetic_stream((20,), num_tasks=3, n_train=64, n_test=32, task_labels=[0, 1, 0])
+    model = supsup_model_for_benchmark(bench, backbone="fc_300_300", num_tasks=3, seed=0)
+    strategy = SupSupStrategy(model=model, task_id_source="task_label",
+                              evaluator=EvaluationPlugin(accuracy_metrics(experience=True), loggers=[]),
+                              train_config=TrainConfig(iterations=20, batch_size=16, lr=1e-2))
+    assert [strategy.task_id_of(e) for e in bench.train_stream] == [0, 1, 0]
+    masks = []
+    for exp in bench.train_stream:
+        strategy.train(exp)
+        masks.append(model.task_masks(0))
+    assert model.num_learned_tasks == 2 and model.num_banked_tasks == 2
+    assert all(torch.equal(a, b) for a, b in zip(masks[0], masks[1]))  # task 1 left mask 0 alone
+    assert not all(torch.equal(a, b) for a, b in zip(masks[1], masks[2]))  # task 0 came back
+    strategy.eval_task = "given"
+    assert len(per_experience(strategy.eval(bench.test_stream), "Top1_Acc_Exp")) == 3
+
+
 def test_strategy_rejects_out_of_order_tasks():
     bench = _synthetic_stream((20,), num_tasks=2)
     model = supsup_model_for_benchmark(bench, backbone="fc_300_300", seed=0)
-    strategy = SupSupStrategy(model=model, num_classes=4, evaluator=None,
+    strategy = SupSupStrategy(model=model, evaluator=None,
                               train_config=TrainConfig(iterations=2, batch_size=8))
     with pytest.raises(ValueError, match="in order"):
         strategy.train(bench.train_stream[1])
@@ -287,11 +314,13 @@ def _split_cfg(*extra):
 
 @pytest.mark.parametrize("scenario, extra", [
     ("GG", []),
+    ("GN", ["inference.num_images=1", "inference.objective=entropy"]),
     ("NN", ["nn.check_every=10", "nn.min_batches_per_task=10", "inference.num_images=8"]),
 ])
 def test_avalanche_backend_reproduces_native_runner(tmp_path, mnist_data, scenario, extra):
     """Same data, order, init and optimizer: the Avalanche backend's masks classify exactly
-    as the native runner's (NN: same detections too)."""
+    as the native runner's (NN: same detections too), and with the task inferred both score
+    the same GN protocol (supsup.evaluation) to the same numbers."""
     native = run_experiment(_split_cfg(f"scenario={scenario}", *extra), tmp_path / "native")
     aval = run_experiment(_split_cfg(f"scenario={scenario}", "backend=avalanche", *extra), tmp_path / "aval")
     assert set(native) <= set(aval)
@@ -300,6 +329,9 @@ def test_avalanche_backend_reproduces_native_runner(tmp_path, mnist_data, scenar
     saved = json.loads((tmp_path / "aval" / "results.json").read_text())
     assert saved["backend"] == "avalanche" and saved["tasks"] == aval["tasks"]
     assert (tmp_path / "aval" / "config.yaml").is_file() and (tmp_path / "aval" / "accuracy.png").is_file()
+    if scenario != "GG":
+        for key in ("acc_inferred", "task_inference_acc"):
+            assert [r[key] for r in aval["tasks"]] == [r[key] for r in native["tasks"]], key
     if scenario == "NN":
         assert aval["nn_allocations"] == native["nn_allocations"] and aval["nn_counts"] == native["nn_counts"]
 
@@ -307,17 +339,19 @@ def test_avalanche_backend_reproduces_native_runner(tmp_path, mnist_data, scenar
 def test_avalanche_backend_refuses_resume_and_torch_permutations(tmp_path):
     with pytest.raises(CheckpointError, match="cannot resume"):
         run_experiment(_split_cfg("backend=avalanche"), tmp_path / "r", resume=True)
-    # caught when the config is built, before any work: a one-line error naming the key
+    # caught before any work (the backend checks the config): a one-line error naming the key
     with pytest.raises(ConfigError, match="permutation_source"):
-        load_config("configs/permuted_mnist_gn.yaml", [*SMALL, "backend=avalanche"])
+        run_experiment(load_config("configs/permuted_mnist_gn.yaml", [*SMALL, "backend=avalanche"]), tmp_path / "p")
     with pytest.raises(ConfigError, match="eval.at_tasks"):
-        load_config("configs/permuted_mnist_gn.yaml", [*SMALL, "backend=avalanche",
-                                                       "benchmark.permutation_source=avalanche", "eval.at_tasks=[1]"])
+        run_experiment(load_config("configs/permuted_mnist_gn.yaml", [*SMALL, "backend=avalanche",
+                                                                      "benchmark.permutation_source=avalanche",
+                                                                      "eval.at_tasks=[1]"]), tmp_path / "a")
+    assert not (tmp_path / "p").exists() and not (tmp_path / "a").exists()
 
 
 # ---------------------------------------------------------------------------- baselines
 
-@pytest.mark.parametrize("method", BASELINES)
+@pytest.mark.parametrize("method", BASELINES.names())
 def test_baseline_runs_end_to_end(tmp_path, method):
     scenario = "GG" if method == "packnet" else "GN"
     cfg = _split_cfg("backend=avalanche", f"method={method}", f"scenario={scenario}")

@@ -43,15 +43,41 @@ def test_required_key_names_exist():
             node = node[part]
 
 
-def test_registries_match_config_choices():
-    from supsup.backbones import BACKBONES, WEIGHT_INITS
-    from supsup.data.streams import STREAMS
-    from supsup.objectives import OBJECTIVES
+@pytest.mark.parametrize("key, registry", [
+    ("model.backbone", "supsup.backbones:BACKBONES"),
+    ("model.weight_init", "supsup.backbones:WEIGHT_INITS"),
+    ("model.score_init", "supsup.layers:SCORE_INITS"),
+    ("benchmark.name", "supsup.data.streams:STREAMS"),
+    ("mask.kind", "supsup.masks:MASK_KINDS"),
+    ("train.optimizer", "supsup.optim:OPTIMIZERS"),
+    ("inference.method", "supsup.inference:INFERENCE_METHODS"),
+    ("inference.objective", "supsup.objectives:OBJECTIVES"),
+])
+def test_config_choices_are_the_registries(key, registry):
+    """A config accepts exactly the registered names (one source of truth): every registered
+    name validates, and an unknown one is refused with the registry's names listed."""
+    import importlib
 
-    assert sorted(C.BACKBONES) == BACKBONES.names()
-    assert sorted(C.WEIGHT_INITS) == WEIGHT_INITS.names()
-    assert sorted(C.BENCHMARKS) == STREAMS.names()
-    assert sorted(C.OBJECTIVES) == OBJECTIVES.names()
+    module, attr = registry.split(":")
+    names = getattr(importlib.import_module(module), attr).names()
+    assert names
+    extra = ["model.num_outputs=20"] if key == "benchmark.name" else []
+    for name in names:
+        load_config(None, [*extra, f"{key}={name}"])
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"{key}=no_such_name"])
+    assert err.value.key == key and ", ".join(names) in str(err.value)
+
+
+def test_backend_and_method_are_checked_by_the_experiment_layer():
+    from supsup.experiment import check_config
+
+    with pytest.raises(ConfigError, match="backend: unknown value 'natve' \\(did you mean 'native'\\?\\)"):
+        check_config(load_config(None, ["backend=natve"]))
+    with pytest.raises(ConfigError, match="method: baseline 'ewc' runs on Avalanche"):
+        check_config(load_config(None, ["method=ewc"]))
+    with pytest.raises(ConfigError, match="method: unknown value 'ewk' \\(did you mean 'ewc'\\?\\)"):
+        check_config(load_config(None, ["backend=avalanche", "benchmark.permutation_source=avalanche", "method=ewk"]))
 
 
 @pytest.mark.parametrize("overrides, key, fragment", [
@@ -71,6 +97,15 @@ def test_registries_match_config_choices():
     (["benchmark.num_tasks=5", "model.capacity=3"], "model.capacity", "smaller than the 5 tasks"),
     (["benchmark=3"], "benchmark", "is a section"),
     (["seed"], "seed", "key=value"),
+    (["inference.log_base=1"], "inference.log_base", "> 1.0"),
+    (["inference.log_base=0.5"], "inference.log_base", "> 1.0"),
+    (["inference.num_images=0"], "inference.num_images", ">= 1"),
+    (["inference.method=binery"], "inference.method", "did you mean 'binary'"),
+    (["nn.threshold=0"], "nn.threshold", "> 0.0"),
+    (["nn.check_every=0"], "nn.check_every", ">= 1"),
+    (["train.momentum=1"], "train.momentum", "< 1.0"),
+    (["eval.at_tasks=[0]"], "eval.at_tasks", ">= 1"),
+    (["benchmark.num_tasks=3", "eval.at_tasks=[4]"], "eval.at_tasks", "more than the 3 tasks"),
 ])
 def test_bad_values_name_the_key(overrides, key, fragment):
     with pytest.raises(ConfigError) as err:

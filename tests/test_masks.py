@@ -80,6 +80,17 @@ def test_threshold_mask_and_straight_through_gradient():
     assert torch.allclose(s.grad, g * w)  # STE: d mask / d scores := 1
 
 
+def test_threshold_keeps_a_score_of_exactly_zero():
+    """The boundary is part of the rule: ``M = [scores >= 0]`` keeps a weight whose score is 0
+    (and -0.0), in the banked mask and in the training forward alike."""
+    scores = torch.tensor([-1e-30, -0.0, 0.0, 1e-30, -2.0, 3.0])
+    expected = [False, True, True, True, False, True]
+    assert M.threshold_mask(scores).tolist() == expected
+    assert M.binarize(scores, "threshold").tolist() == expected
+    w = torch.ones(6)
+    assert M.masked_weight(w, scores.clone().requires_grad_(True)).tolist() == [float(e) for e in expected]
+
+
 def test_binary_steps_bound():
     for k in range(1, 300):
         assert M.num_inference_steps(k, 2.0) == (math.ceil(math.log2(k)) if k > 1 else 0)

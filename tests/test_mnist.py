@@ -35,6 +35,7 @@ from supsup.data.mnist import (
     resolve_root,
     safe_load_pickle,
 )
+from supsup.fileio import ChecksumMismatch, atomic_write_bytes
 
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
@@ -288,7 +289,10 @@ def test_read_idx_rejects_bad_files(tmp_path: pathlib.Path) -> None:
 
 
 def test_failed_write_leaves_nothing(tmp_path: pathlib.Path) -> None:
+    # The sources write every idx file with this helper, checked against its pinned digest.
     dest = tmp_path / "raw" / "t10k-labels-idx1-ubyte"
-    with pytest.raises(Exception, match="SHA-256 mismatch"):
-        mnist._atomic_write(dest, [b"wrong content"], MNIST_SHA256[dest.name])
+    with pytest.raises(ChecksumMismatch, match="SHA-256 mismatch"):
+        atomic_write_bytes(
+            dest, [b"wrong content"], sha256=MNIST_SHA256[dest.name], suffix=".partial"
+        )
     assert list(dest.parent.iterdir()) == []

@@ -182,12 +182,12 @@ def test_extra_candidates_read_the_bank_in_place_and_match_the_oracle():
     """NN's candidates: the bank (read in place, never copied), the mask in training and
     untrained masks of future task ids; gradients equal the float-stack oracle's over the
     concatenated candidates, and one-shot picks among all of them."""
-    from supsup.inference import _candidate_blocks
+    from supsup.inference import _candidate_blocks, candidate_extras
 
     model = _trained(num_tasks=3, capacity=6)  # three finished tasks
     model.add_task()
     _train(model, *_data(seed=7))  # a fourth in training
-    extra = model.candidate_extras(include_active=True, pad_to=5)
+    extra = candidate_extras(model, include_active=True, pad_to=5)
     assert [e.shape[0] for e in extra] == [2] * len(model.masked_layers)  # active + one untrained
     assert _candidate_blocks(model, None, extra)[0][0].data_ptr() == model.masked_layers[0].bank.data_ptr()
     x = torch.randn(2, 4, 1, 28, 28, generator=torch.Generator().manual_seed(3))
@@ -212,6 +212,28 @@ def test_mask_count_follows_bank_writes():
     model.finish_task()  # appends mask 3
     recount = sum(layer.stored_mask(t).float() for t in range(layer.num_masks))
     assert torch.equal(layer.mask_count(), recount)
+
+
+def test_loading_a_bank_drops_the_previous_mask_count():
+    """Regression guard: the mask count (the uniform superposition's fast path) belongs to the
+    bank it was built from. After inference has built it, loading another bank must give the
+    new bank's count, so the fast alpha gradients still equal the float-stack oracle."""
+    model = _trained(num_tasks=3)
+    x = torch.randn(2, 4, 1, 28, 28, generator=torch.Generator().manual_seed(8))
+    alphas = torch.full((2, 3), 1 / 3)
+    alpha_gradients(model, x, alphas, objective="entropy", num_classes=10)  # builds the count
+    fresh = SupermaskModel.from_name("lenet_300_100", num_tasks=3, num_outputs=20, seed=1)
+    for t in range(3):  # another backbone seed: other initial scores, other masks
+        fresh.add_task()
+        _train(fresh, *_data(seed=10 + t))
+        fresh.finish_task()
+    model.load_bank_state(fresh.bank_state())
+    for layer in model.masked_layers:
+        recount = sum(layer.stored_mask(t).float() for t in range(3))
+        assert torch.equal(layer.mask_count(), recount)
+    fast = alpha_gradients(model, x, alphas, objective="entropy", num_classes=10)
+    ref = alpha_gradients_reference(model, x, alphas, objective="entropy", num_classes=10)
+    assert torch.allclose(fast, ref, rtol=1e-4, atol=1e-6 * ref.abs().max().item())
 
 
 def test_bad_masks_are_refused_before_the_bank_changes():

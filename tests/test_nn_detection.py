@@ -10,7 +10,7 @@ import pytest
 
 from supsup.checkpoint import CHECKPOINT_NAME
 from supsup.config import load_config, save_config
-from supsup.runner import run_experiment
+from supsup.experiment import run_experiment
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "permuted_mnist_gn.yaml"
 # Three tasks trained long enough for their masks to be told apart, in a stream of five: tasks

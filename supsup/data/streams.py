@@ -35,6 +35,8 @@ class TaskStream:
 
     name = "stream"
     num_classes = 10
+    #: the most tasks the stream can make (None: no limit)
+    max_tasks: int | None = None
     input_shape: tuple[int, ...] = (1, 28, 28)
 
     #: transform whole splits once and keep them (worth it when the transform is costly)
@@ -201,6 +203,7 @@ class SplitMNIST(TaskStream):
 
     name = "split_mnist"
     num_classes = 2
+    max_tasks = 5
 
     def __init__(self, data, *, num_tasks: int = 5, seed: int = 0, device="cpu"):
         if not 1 <= num_tasks <= 5:

@@ -1,0 +1,285 @@
+"""The run configuration: one dataclass per YAML section, validated on construction.
+
+Names a config may use (backbones, benchmarks, mask kinds, optimizers, objectives, inference
+methods, score and weight inits) are checked against the registries that define them, so a
+new registered component is usable in a config at once. ``backend`` and ``method`` belong to
+the experiment layer, which checks them (:func:`supsup.experiment.check_config`).
+
+Every mistake raises :class:`ConfigError`, whose message is one line that names the dotted key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import math
+from dataclasses import dataclass, field
+
+__all__ = [
+    "BenchmarkConfig",
+    "ConfigError",
+    "EvalConfig",
+    "InferenceConfig",
+    "MaskConfig",
+    "ModelConfig",
+    "NNConfig",
+    "PRECISIONS",
+    "RunConfig",
+    "Scenario",
+    "TrainConfig",
+]
+
+PRECISIONS = ("fp32", "bf16")
+
+
+class Scenario(str, enum.Enum):
+    """When the task id is given (paper Sec. 3): ``GG`` at train and test, ``GN`` at train
+    only (inferred at test), ``NN`` never (new tasks detected while training)."""
+
+    GG = "GG"
+    GN = "GN"
+    NN = "NN"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def task_given_at_test(self) -> bool:
+        return self is Scenario.GG
+
+    @property
+    def task_given_at_train(self) -> bool:
+        return self is not Scenario.NN
+
+
+class ConfigError(ValueError):
+    """A configuration problem; ``str(err)`` is a one-line message naming the key."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+def check_choice(key: str, value: str, choices) -> None:
+    """``value`` must be one of ``choices`` (a sequence, or a registry with ``names()``)."""
+    names = choices.names() if hasattr(choices, "names") else list(choices)
+    if value not in names:
+        hint = difflib.get_close_matches(str(value), names, n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ConfigError(key, f"unknown value {value!r}{extra}; choose one of {', '.join(names)}")
+
+
+def check_range(key: str, value: float, lo: float | None = None, hi: float | None = None,
+                lo_open: bool = False, hi_open: bool = False) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(key, f"must be finite, got {value!r}")
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise ConfigError(key, f"must be {'>' if lo_open else '>='} {lo}, got {value!r}")
+    if hi is not None and (value >= hi if hi_open else value > hi):
+        raise ConfigError(key, f"must be {'<' if hi_open else '<='} {hi}, got {value!r}")
+
+
+@dataclass
+class BenchmarkConfig:
+    """Which task stream to learn."""
+
+    name: str = field(default="permuted_mnist", metadata={"help": "a registered stream (supsup.data.streams.STREAMS): permuted_mnist | rotated_mnist | split_mnist"})
+    num_tasks: int = field(default=5, metadata={"help": "tasks in the stream; also the mask bank's capacity"})
+    angles: list[float] | None = field(default=None, metadata={"help": "rotated_mnist: explicit angles in degrees (default: evenly spaced over 360)"})
+    permutation_source: str = field(default="torch", metadata={"help": "permuted_mnist: 'torch' (generator seeded by seed and task id) or 'avalanche' (np.random.RandomState(seed).permutation, as Avalanche's PermutedMNIST)"})
+    data_root: str | None = field(default=None, metadata={"help": "MNIST root (default $SUPSUP_DATA or ~/.cache/supsup)"})
+
+    def __post_init__(self) -> None:
+        from ..data.streams import STREAMS
+
+        check_choice("benchmark.name", self.name, STREAMS)
+        check_range("benchmark.num_tasks", self.num_tasks, 1)
+        check_choice("benchmark.permutation_source", self.permutation_source, ("torch", "avalanche"))
+        max_tasks = STREAMS.get(self.name).max_tasks
+        if max_tasks is not None and self.num_tasks > max_tasks:
+            raise ConfigError("benchmark.num_tasks", f"{self.name} has at most {max_tasks} tasks, got {self.num_tasks}")
+        if self.angles is not None:
+            if len(self.angles) < self.num_tasks:
+                raise ConfigError("benchmark.angles", f"needs one angle per task ({self.num_tasks}), got {len(self.angles)}")
+            for a in self.angles:
+                check_range("benchmark.angles", a)
+
+    @property
+    def num_classes(self) -> int:
+        """Classes per task of the stream."""
+        from ..data.streams import STREAMS
+
+        return STREAMS.get(self.name).num_classes
+
+
+@dataclass
+class ModelConfig:
+    """The frozen backbone."""
+
+    backbone: str = field(default="fc1024", metadata={"help": "a registered backbone (supsup.backbones.BACKBONES): fc1024 | lenet_300_100 | fc_300_300 | conv4"})
+    num_outputs: int = field(default=500, metadata={"help": "output width: the real classes plus superfluous neurons"})
+    weight_init: str = field(default="signed_constant", metadata={"help": "signed_constant | kaiming_normal"})
+    score_init: str = field(default="kaiming_uniform", metadata={"help": "initial scores of a new task (supsup.layers.SCORE_INITS)"})
+    capacity: int | None = field(default=None, metadata={"help": "masks the bank may hold (default: benchmark.num_tasks); NN may use fewer"})
+
+    def __post_init__(self) -> None:
+        from ..backbones import BACKBONES, WEIGHT_INITS
+        from ..layers import SCORE_INITS
+
+        check_choice("model.backbone", self.backbone, BACKBONES)
+        check_range("model.num_outputs", self.num_outputs, 1)
+        check_choice("model.weight_init", self.weight_init, WEIGHT_INITS)
+        check_choice("model.score_init", self.score_init, SCORE_INITS)
+        if self.capacity is not None:
+            check_range("model.capacity", self.capacity, 1)
+
+
+@dataclass
+class MaskConfig:
+    """How scores become a binary mask."""
+
+    kind: str = field(default="threshold", metadata={"help": "threshold (mask = scores >= 0) | topk (keep the `density` fraction with the largest |score|)"})
+    density: float = field(default=0.5, metadata={"help": "topk: fraction of weights kept, in (0, 1]"})
+
+    def __post_init__(self) -> None:
+        from ..masks import MASK_KINDS
+
+        check_choice("mask.kind", self.kind, MASK_KINDS)
+        check_range("mask.density", self.density, 0.0, 1.0, lo_open=True)
+
+
+@dataclass
+class TrainConfig:
+    """Per-task optimisation (paper, PermutedMNIST: 1000 steps of 128, RMSprop, lr 1e-4)."""
+
+    iterations: int = field(default=1000, metadata={"help": "optimizer steps per task"})
+    batch_size: int = field(default=128, metadata={"help": "training batch size"})
+    lr: float = field(default=1e-4, metadata={"help": "learning rate"})
+    optimizer: str = field(default="rmsprop", metadata={"help": "rmsprop | adam | sgd (supsup.optim.OPTIMIZERS)"})
+    momentum: float = field(default=0.0, metadata={"help": "sgd/rmsprop momentum"})
+    weight_decay: float = field(default=0.0, metadata={"help": "weight decay on the scores"})
+    precision: str = field(default="fp32", metadata={"help": "fp32, or bf16: training matmuls in bfloat16 with fp32 accumulation (torch.autocast); scores, optimizer and all evaluation stay fp32"})
+
+    def __post_init__(self) -> None:
+        from ..optim import OPTIMIZERS
+
+        check_range("train.iterations", self.iterations, 1)
+        check_range("train.batch_size", self.batch_size, 1)
+        check_range("train.lr", self.lr, 0.0, lo_open=True)
+        check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        check_range("train.momentum", self.momentum, 0.0, 1.0, hi_open=True)
+        check_range("train.weight_decay", self.weight_decay, 0.0)
+        check_choice("train.precision", self.precision, PRECISIONS)
+
+
+@dataclass
+class InferenceConfig:
+    """Task inference (GN/NN evaluation)."""
+
+    method: str = field(default="one_shot", metadata={"help": "one_shot | binary (supsup.inference.INFERENCE_METHODS)"})
+    objective: str = field(default="g", metadata={"help": "entropy (H) | g (G, superfluous neurons)"})
+    num_images: int = field(default=1, metadata={"help": "images of each test batch used to infer its task"})
+    log_base: float = field(default=2.0, metadata={"help": "binary: keep the best 1/log_base of the candidates each step"})
+    group_size: int = field(default=128, metadata={"help": "inferences that share one pass over the packed bank "
+                                                           "(speed only: each inference is computed on its own)"})
+
+    def __post_init__(self) -> None:
+        from ..inference import INFERENCE_METHODS
+        from ..objectives import OBJECTIVES
+
+        check_choice("inference.method", self.method, INFERENCE_METHODS)
+        check_choice("inference.objective", self.objective, OBJECTIVES)
+        check_range("inference.num_images", self.num_images, 1)
+        check_range("inference.log_base", self.log_base, 1.0, lo_open=True)
+        check_range("inference.group_size", self.group_size, 1)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation on the test split."""
+
+    batch_size: int = field(default=128, metadata={"help": "test batch size; each GN batch comes from one task"})
+    max_batches: int | None = field(default=None, metadata={"help": "evaluate at most this many test batches per task (None: all)"})
+    at_tasks: list[int] | None = field(default=None, metadata={"help": "also evaluate every learned task after this many tasks (accuracy-vs-tasks curve)"})
+    sample_tasks: int | None = field(default=None, metadata={"help": "curve points and the final task-inferred evaluation evaluate at most this many learned tasks, evenly spaced (None: all)"})
+    extra_objectives: list[str] = field(default_factory=list, metadata={"help": "task-inference objectives evaluated besides inference.objective (same masks)"})
+
+    def __post_init__(self) -> None:
+        from ..objectives import OBJECTIVES
+
+        check_range("eval.batch_size", self.batch_size, 1)
+        if self.max_batches is not None:
+            check_range("eval.max_batches", self.max_batches, 1)
+        if self.sample_tasks is not None:
+            check_range("eval.sample_tasks", self.sample_tasks, 1)
+        for n in self.at_tasks or []:
+            check_range("eval.at_tasks", n, 1)
+        for obj in self.extra_objectives:
+            check_choice("eval.extra_objectives", obj, OBJECTIVES)
+
+
+@dataclass
+class NNConfig:
+    """NN scenario: task-boundary detection while training without task labels."""
+
+    check_every: int = field(default=100, metadata={"help": "batches between two detection checks"})
+    min_candidates: int = field(default=5, metadata={"help": "superpose at least this many masks, padding with untrained ones"})
+    threshold: float = field(default=1.125, metadata={"help": "new task if max softmax(-grad) < threshold / n"})
+    min_batches_per_task: int = field(default=100, metadata={"help": "guard: a mask trains at least this many batches before another new mask may be allocated"})
+
+    def __post_init__(self) -> None:
+        check_range("nn.check_every", self.check_every, 1)
+        check_range("nn.min_candidates", self.min_candidates, 1)
+        check_range("nn.threshold", self.threshold, 0.0, lo_open=True)
+        check_range("nn.min_batches_per_task", self.min_batches_per_task, 0)
+
+
+@dataclass
+class RunConfig:
+    """A whole experiment."""
+
+    seed: int = field(default=0, metadata={"help": "seeds the backbone, every task's scores, data order and permutations"})
+    scenario: Scenario = field(default=Scenario.GG, metadata={"help": "GG (task id at train and test) | GN (inferred at test) | NN (never given)"})
+    backend: str = field(default="native", metadata={"help": "native (fast tensor streams) | avalanche (Avalanche benchmark and strategy)"})
+    method: str = field(default="supsup", metadata={"help": "supsup, or an Avalanche baseline (backend avalanche): naive | ewc | si | lwf | replay | gem | packnet"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available, else cpu) | cpu | cuda | cuda:N"})
+    progress: bool = field(default=True, metadata={"help": "tqdm progress bars"})
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    nn: NNConfig = field(default_factory=NNConfig)
+
+    def __post_init__(self) -> None:
+        try:
+            self.scenario = Scenario(self.scenario)
+        except ValueError:
+            check_choice("scenario", str(self.scenario), [s.value for s in Scenario])
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError("device", f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N")
+        self.validate_combinations()
+
+    @property
+    def capacity(self) -> int:
+        """Masks the bank may hold."""
+        return self.model.capacity if self.model.capacity is not None else self.benchmark.num_tasks
+
+    def validate_combinations(self) -> None:
+        """Checks that span sections."""
+        classes = self.benchmark.num_classes
+        outputs = self.model.num_outputs
+        if outputs < classes:
+            raise ConfigError("model.num_outputs", f"must be at least the {classes} classes of {self.benchmark.name}, got {outputs}")
+        for n in self.eval.at_tasks or []:
+            if n > self.benchmark.num_tasks:
+                raise ConfigError("eval.at_tasks", f"{n} is more than the {self.benchmark.num_tasks} tasks of the stream")
+        if "g" in self.eval.extra_objectives and outputs <= classes:
+            raise ConfigError("eval.extra_objectives", f"'g' needs superfluous neurons: model.num_outputs ({outputs}) must exceed the {classes} classes")
+        if not self.scenario.task_given_at_test and self.inference.objective == "g" and outputs <= classes:
+            raise ConfigError("inference.objective", f"'g' needs superfluous neurons: model.num_outputs ({outputs}) must exceed the {classes} classes")
+        if self.scenario is Scenario.GN and self.inference.num_images > self.eval.batch_size:
+            raise ConfigError("inference.num_images", f"({self.inference.num_images}) is larger than the evaluation batch eval.batch_size ({self.eval.batch_size})")
+        if self.scenario.task_given_at_train and self.capacity < self.benchmark.num_tasks:
+            raise ConfigError("model.capacity", f"({self.capacity}) is smaller than the {self.benchmark.num_tasks} tasks to learn in {self.scenario}")

@@ -1,0 +1,210 @@
+"""NN: detecting new tasks while training without task labels (paper Sec. 3.6).
+
+:class:`NNDetector` is the one object that decides, batch by batch, which mask the stream
+trains: it observes each training batch before the step and answers *keep training*, *new
+task* (bank the active mask, start the next) or *switch to mask i* (an earlier task came back:
+train its mask again), and applies the answer to the model. The native NN loop and the
+Avalanche strategy both drive it, and rebuild their optimizer when the mask changed.
+
+The check (every ``nn.check_every`` batches): a one-shot entropy gradient over
+``n = max(k, nn.min_candidates)`` candidate masks at ``alpha = 1/n`` (the ``k`` learned ones,
+padded with untrained masks of future task ids); a new task when ``n * max softmax(-grad)`` is
+below ``nn.threshold``.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import NNConfig, TrainConfig
+from .inference import alpha_gradients, candidate_extras
+from .model import SupermaskModel
+from .training import make_optimizer, train_loss
+
+__all__ = ["Decision", "NNDetector", "NNState", "Verdict", "mask_to_task", "nn_detection_gradients",
+           "shared_masks", "train_unlabeled"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NNState:
+    """What NN detection carries from one batch to the next (checkpointed)."""
+
+    batches_seen: int = 0
+    batches_on_mask: int = 0  # batches the active mask trained since it was allocated/selected
+    allocations: list[int] = field(default_factory=list)  # batch index at which each mask started
+    capacity_warned: bool = False
+    #: counts[mask][true_task] = batches of that true task trained on that mask (reporting only)
+    counts: dict[int, dict[int, int]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"batches_seen": self.batches_seen, "batches_on_mask": self.batches_on_mask,
+                "allocations": list(self.allocations), "capacity_warned": self.capacity_warned,
+                "counts": {str(m): {str(t): c for t, c in d.items()} for m, d in self.counts.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> NNState:
+        return cls(batches_seen=int(d["batches_seen"]), batches_on_mask=int(d["batches_on_mask"]),
+                   allocations=[int(a) for a in d["allocations"]], capacity_warned=bool(d["capacity_warned"]),
+                   counts={int(m): {int(t): int(c) for t, c in v.items()} for m, v in d["counts"].items()})
+
+
+class Decision(enum.Enum):
+    KEEP = "keep training"
+    NEW_TASK = "new task"
+    SWITCH = "switch to mask"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What :meth:`NNDetector.observe` decided for a batch; ``mask`` is the mask trained next."""
+
+    decision: Decision
+    mask: int
+    confidence: float | None = None  # max softmax(-grad) of the check, when one ran
+
+    @property
+    def mask_changed(self) -> bool:
+        """True when the caller must train with a fresh optimizer (another mask's scores)."""
+        return self.decision is not Decision.KEEP
+
+
+def nn_detection_gradients(model: SupermaskModel, x: torch.Tensor, *, packed: list[torch.Tensor] | None = None,
+                           extra: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, float]:
+    """The statistic of NN's check on batch ``x`` ``(n_img, ...)``: ``d H / d alpha`` ``(n,)``
+    at ``alpha = 1/n`` over the ``n`` candidates (``packed``, default the bank, then ``extra``;
+    see :func:`~supsup.inference.alpha_gradients`), and ``max softmax(-grad)``."""
+    n = (packed[0].shape[0] if packed is not None else model.num_banked_tasks) + (extra[0].shape[0] if extra else 0)
+    alphas = torch.full((1, n), 1.0 / n, dtype=x.dtype, device=x.device)
+    grads = alpha_gradients(model, x.unsqueeze(0), alphas, objective="entropy", num_classes=1,
+                            packed=packed, extra=extra)[0]
+    return grads, float(torch.softmax(-grads, dim=0).max())
+
+
+def mask_to_task(counts: dict[int, dict[int, int]]) -> dict[int, int]:
+    """Each detected mask -> the true task it saw most batches of."""
+    return {m: max(d.items(), key=lambda kv: (kv[1], -kv[0]))[0] for m, d in counts.items() if d}
+
+
+def shared_masks(counts: dict[int, dict[int, int]], min_batches: int) -> dict[int, list[int]]:
+    """Masks that trained on more than one true task -> those tasks, sorted. A task counts when
+    it gave the mask at least ``min_batches`` batches: pass ``nn.check_every``, since a switch
+    between two checks leaves up to ``check_every - 1`` batches of the new task on the old mask
+    even when the next check catches it.
+
+    NN never sees task labels, but a benchmark knows the true task of every batch: a shared
+    mask means detection missed a task switch (or the bank was full), so tasks were trained
+    over each other and the earlier ones are partly forgotten."""
+    shared = {m: sorted(t for t, c in d.items() if c >= min_batches) for m, d in counts.items()}
+    return {m: tasks for m, tasks in sorted(shared.items()) if len(tasks) > 1}
+
+
+class NNDetector:
+    """Decides and applies, batch by batch, which mask an unlabeled stream trains.
+
+    Call :meth:`observe` before each training step on batch ``x`` and :meth:`after_step`
+    after it; when the verdict's ``mask_changed``, train with a fresh optimizer.
+    """
+
+    def __init__(self, model: SupermaskModel, cfg: NNConfig, state: NNState | None = None):
+        self.model = model
+        self.cfg = cfg
+        self.state = state if state is not None else NNState()
+
+    def start(self) -> Verdict | None:
+        """Start mask 0 if no mask is active (the stream's very first batch); None otherwise."""
+        if self.model.active_task is not None:
+            return None
+        self._allocate()
+        return Verdict(Decision.NEW_TASK, self.model.active_task)
+
+    def observe(self, x: torch.Tensor) -> Verdict:
+        """Decide (every ``check_every`` batches) and apply: keep, new task or switch."""
+        started = self.start()
+        if started is not None:
+            return started
+        if self.state.batches_seen % self.cfg.check_every != 0:
+            return Verdict(Decision.KEEP, self.model.active_task)
+        return self._check(x)
+
+    def after_step(self, true_task: int | None = None) -> None:
+        """Count the batch just trained (``true_task``: the benchmark's label, reporting only)."""
+        state = self.state
+        if true_task is not None:
+            counts = state.counts.setdefault(self.model.active_task, {})
+            counts[true_task] = counts.get(true_task, 0) + 1
+        state.batches_seen += 1
+        state.batches_on_mask += 1
+
+    def _allocate(self) -> None:
+        self.model.add_task()
+        self.state.allocations.append(self.state.batches_seen)
+        self.state.batches_on_mask = 0
+
+    def _check(self, x: torch.Tensor) -> Verdict:
+        model, cfg, state = self.model, self.cfg, self.state
+        k = model.num_learned_tasks
+        n = max(k, cfg.min_candidates)
+        grads, conf = nn_detection_gradients(model, x, extra=candidate_extras(model, include_active=True, pad_to=n))
+        best = int(grads[:k].argmin())
+        active = model.active_task
+        if conf < cfg.threshold / n:  # no learned mask is sure of this batch: a new task
+            if state.batches_on_mask < cfg.min_batches_per_task:
+                log.info("NN guard: mask %d trained only %d batches; not allocating", active, state.batches_on_mask)
+                return Verdict(Decision.KEEP, active, conf)
+            if k < model.num_tasks:
+                model.finish_task()
+                self._allocate()
+                log.info("NN: new task detected at batch %d (confidence %.4f); mask %d",
+                         state.batches_seen, conf, model.active_task)
+                return Verdict(Decision.NEW_TASK, model.active_task, conf)
+            if not state.capacity_warned:
+                warnings.warn(f"NN: the mask bank is full ({model.num_tasks} masks); "
+                              "new tasks are trained on the best existing mask", RuntimeWarning, stacklevel=3)
+                state.capacity_warned = True
+        if best == active:
+            return Verdict(Decision.KEEP, active, conf)
+        # An earlier task came back: train its mask again. Logged, since a new task missed by
+        # the check lands here too and then overwrites an old task's mask.
+        log.info("NN: batch %d looks like mask %d's task (confidence %.4f); training mask %d again",
+                 state.batches_seen, best, conf, best)
+        model.finish_task()
+        model.resume_task(best)
+        state.batches_on_mask = 0
+        return Verdict(Decision.SWITCH, best, conf)
+
+    def mask_to_task(self) -> dict[int, int]:
+        """Each mask -> the true task it trained on most (reporting only)."""
+        return mask_to_task(self.state.counts)
+
+
+def train_unlabeled(detector: NNDetector, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                    optimizer: torch.optim.Optimizer | None, cfg: TrainConfig, *, true_task: int | None = None,
+                    total: int | None = None, progress: bool = True) -> torch.optim.Optimizer | None:
+    """Train on a stretch of an unlabeled stream, the detector choosing the mask of every batch
+    (a fresh optimizer whenever it changes). ``true_task`` is the benchmark's label of these
+    batches, for reporting only. Returns the optimizer of the mask in training at the end."""
+    model = detector.model
+    bar = tqdm(batches, total=total, desc=f"NN (true task {true_task})", disable=not progress,
+               leave=False, dynamic_ncols=True)
+    for x, y in bar:
+        if detector.observe(x).mask_changed or optimizer is None:
+            optimizer = make_optimizer(model.trainable_parameters(), cfg)
+        model.train_mode()
+        loss = train_loss(model, x, y, cfg.precision)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        detector.after_step(true_task)
+        if detector.state.batches_seen % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", masks=model.num_learned_tasks)
+    bar.close()
+    return optimizer

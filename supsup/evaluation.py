@@ -1,0 +1,145 @@
+"""Evaluation protocols, written once for every backend: the task given (GG) and the task
+inferred from the test batch (GN, NN).
+
+**The GN protocol** (the paper's, as the official code scores it with unshared labels): every
+test batch comes from one task; the task is inferred from the batch's first
+``inference.num_images`` images alone (never its label), and the whole batch is classified
+with the inferred mask. A batch whose task is inferred wrongly counts as all wrong, even if the
+wrong mask happens to classify some of its images right: with unshared labels a wrong task
+means wrong classes. So
+
+* ``acc_inferred`` = (images correctly classified in batches whose task was inferred right) /
+  (all images);
+* ``task_inference_acc`` = (batches whose task was inferred right) / (batches);
+* ``acc_given_task`` = accuracy with the task's own mask (GG).
+
+In NN, masks are numbered in detection order: ``task_map`` maps each mask to the true task it
+stands for (the one it trained on most), for scoring only.
+
+:func:`score_task` applies the protocol to per-batch :class:`BatchOutcome` records; the native
+runner (:func:`evaluate_inferred`) and the Avalanche strategy both produce those records, so
+the same masks give the same numbers through both by construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .config import InferenceConfig
+from .inference import infer_tasks
+from .model import SupermaskModel
+
+__all__ = ["BatchOutcome", "TaskScores", "classify", "evaluate_given_task", "evaluate_inferred",
+           "infer_batch_masks", "score_task"]
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """One test batch under the GN protocol.
+
+    Attributes:
+        size: images in the batch.
+        inferred_task: the task its inferred mask stands for (-1: a mask that stands for no
+            task, e.g. an NN mask that never trained).
+        correct: images classified right with the inferred mask (used only when
+            ``inferred_task`` is the batch's task).
+    """
+
+    size: int
+    inferred_task: int
+    correct: int
+
+
+@dataclass(frozen=True)
+class TaskScores:
+    """One task's scores under the GN protocol (see the module docstring)."""
+
+    acc_inferred: float
+    task_inference_acc: float
+
+
+def score_task(task_id: int, outcomes: Sequence[BatchOutcome]) -> TaskScores:
+    """The GN protocol over one task's test batches: a batch counts only when its task was
+    inferred right (then by its predictions); a wrongly inferred batch counts as all wrong."""
+    total = sum(o.size for o in outcomes)
+    right = [o for o in outcomes if o.inferred_task == task_id]
+    return TaskScores(acc_inferred=sum(o.correct for o in right) / max(1, total),
+                      task_inference_acc=len(right) / max(1, len(outcomes)))
+
+
+@torch.no_grad()
+def classify(model: SupermaskModel, x: torch.Tensor, y: torch.Tensor, mask_id: int) -> int:
+    """Images of batch ``(x, y)`` that mask ``mask_id`` classifies right (among the model's
+    ``num_classes`` real classes)."""
+    with model.use_task(mask_id):
+        return int((model.predict(x) == y).sum())
+
+
+def evaluate_given_task(model: SupermaskModel, batches: Iterable[Batch], mask_id: int
+                        ) -> tuple[float, list[tuple[int, int]]]:
+    """GG: accuracy of ``batches`` with mask ``mask_id`` (the task's own).
+
+    Returns ``(accuracy, [(correct, size) per batch])``.
+    """
+    per_batch = [(classify(model, x, y, mask_id), y.numel()) for x, y in batches]
+    correct = sum(c for c, _ in per_batch)
+    total = sum(n for _, n in per_batch)
+    return correct / max(1, total), per_batch
+
+
+def infer_batch_masks(model: SupermaskModel, images: Sequence[torch.Tensor], cfg: InferenceConfig, *,
+                      packed: list[torch.Tensor] | None = None,
+                      extra: list[torch.Tensor] | None = None) -> list[int]:
+    """The mask inferred for each test batch ``images[i]`` ``(B_i, ...)`` from its first
+    ``cfg.num_images`` images (paper protocol), over the candidates ``packed`` / ``extra``
+    (:func:`supsup.inference.alpha_gradients`).
+
+    Batches share an inference pass in groups of ``cfg.group_size`` (speed only); a group only
+    holds batches that give the same number of images, so every batch uses its own first
+    ``num_images`` (a short last batch uses all it has, on its own).
+    """
+    predicted = [0] * len(images)
+    by_size: dict[int, list[int]] = {}
+    for i, x in enumerate(images):
+        by_size.setdefault(min(cfg.num_images, x.shape[0]), []).append(i)
+    for n, members in by_size.items():
+        for start in range(0, len(members), cfg.group_size):
+            chunk = members[start: start + cfg.group_size]
+            xs = torch.stack([images[i][:n] for i in chunk])
+            tasks, _ = infer_tasks(model, xs, method=cfg.method, objective=cfg.objective,
+                                   num_classes=model.num_classes, log_base=cfg.log_base, packed=packed, extra=extra)
+            for i, t in zip(chunk, tasks.tolist()):
+                predicted[i] = int(t)
+    return predicted
+
+
+def evaluate_inferred(model: SupermaskModel, batches: Sequence[Batch], task_id: int, cfg: InferenceConfig, *,
+                      per_batch_given: list[tuple[int, int]] | None = None,
+                      task_map: Callable[[int], int] | None = None,
+                      packed: list[torch.Tensor] | None = None,
+                      extra: list[torch.Tensor] | None = None) -> TaskScores:
+    """GN accuracy of task ``task_id`` over its test ``batches`` (the protocol of the module
+    docstring).
+
+    Args:
+        per_batch_given: ``(correct, size)`` per batch with the task's own mask, when known
+            (GG/GN: a batch inferred right is then scored without another forward pass).
+        task_map: mask id -> the task it stands for (NN); default: mask ``i`` is task ``i``.
+    """
+    masks = infer_batch_masks(model, [x for x, _ in batches], cfg, packed=packed, extra=extra)
+    outcomes = []
+    for i, ((x, y), mask) in enumerate(zip(batches, masks)):
+        stands_for = mask if task_map is None else task_map(mask)
+        if stands_for != task_id:
+            correct = 0  # not used by the protocol: the batch counts as wrong
+        elif task_map is None and per_batch_given is not None:
+            correct = per_batch_given[i][0]  # the task's own mask: exactly its GG count
+        else:
+            correct = classify(model, x, y, mask)
+        outcomes.append(BatchOutcome(size=y.numel(), inferred_task=stands_for, correct=correct))
+    return score_task(task_id, outcomes)

@@ -1,0 +1,43 @@
+"""Backends register themselves here; :func:`run_experiment` dispatches a config to one.
+
+A backend is an object with ``check(cfg)`` (raise :class:`~supsup.config.ConfigError` for what
+it cannot run, before any work) and ``run(cfg, out_dir, resume) -> RunResults``. The modules
+that define them (:mod:`.native`, :mod:`.avalanche_backend`) import nothing heavy at module
+level: Avalanche is imported only when its backend runs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+from ..config import RunConfig
+from ..registry import Registry
+from .results import RunResults
+
+__all__ = ["BACKENDS", "Backend", "check_config", "run_experiment"]
+
+
+class Backend(Protocol):
+    def check(self, cfg: RunConfig) -> None: ...
+
+    def run(self, cfg: RunConfig, out_dir: str | os.PathLike, resume: bool) -> RunResults: ...
+
+
+BACKENDS: Registry[Backend] = Registry("backend")
+
+
+def check_config(cfg: RunConfig) -> None:
+    """What only the experiment layer can check: the backend exists and can run ``cfg``."""
+    if cfg.backend not in BACKENDS:
+        from ..config.sections import check_choice
+
+        check_choice("backend", cfg.backend, BACKENDS)
+    BACKENDS.get(cfg.backend).check(cfg)
+
+
+def run_experiment(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False) -> RunResults:
+    """Run ``cfg`` into ``out_dir`` with its backend; returns what ``results.json`` holds."""
+    check_config(cfg)
+    return BACKENDS.get(cfg.backend).run(cfg, out_dir, resume)
+

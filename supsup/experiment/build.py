@@ -1,0 +1,48 @@
+"""What a run config builds: the device, the task stream, the model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..config import RunConfig
+from ..model import SupermaskModel
+
+__all__ = ["build_model", "build_stream", "resolve_device"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when present, else the CPU; a CUDA device asked for must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+def build_stream(cfg: RunConfig, device: torch.device, *, progress: bool = True):
+    """The native task stream of ``cfg.benchmark`` (real MNIST, provisioned if needed)."""
+    from ..data.mnist import load_mnist
+    from ..data.streams import create_stream
+
+    data = load_mnist(cfg.benchmark.data_root, progress=progress)
+    kwargs: dict[str, Any] = {}
+    if cfg.benchmark.name == "permuted_mnist":
+        kwargs["permutation_source"] = cfg.benchmark.permutation_source
+    elif cfg.benchmark.name == "rotated_mnist":
+        kwargs["angles"] = cfg.benchmark.angles
+    return create_stream(cfg.benchmark.name, data, num_tasks=cfg.benchmark.num_tasks, seed=cfg.seed,
+                         device=device, **kwargs)
+
+
+def build_model(cfg: RunConfig, device: torch.device, input_shape: Sequence[int] = (1, 28, 28),
+                num_classes: int | None = None) -> SupermaskModel:
+    """The model of ``cfg``: its backbone, ``cfg.capacity`` masks, the stream's classes."""
+    return SupermaskModel.from_name(
+        cfg.model.backbone, num_tasks=cfg.capacity, num_outputs=cfg.model.num_outputs,
+        num_classes=cfg.benchmark.num_classes if num_classes is None else num_classes,
+        seed=cfg.seed, input_shape=input_shape, weight_init=cfg.model.weight_init,
+        mask_kind=cfg.mask.kind, density=cfg.mask.density, score_init=cfg.model.score_init, device=device)

@@ -1,0 +1,259 @@
+"""A run's results as typed objects, serialised to ``results.json``.
+
+:class:`RunResults` is what every backend fills and what ``results.json`` holds: per-task rows
+(:class:`TaskRow`), means (:class:`Summary`), accuracy-vs-tasks points (:class:`CurvePoint`),
+what NN detection did (:class:`NNReport`), timings and sizes. :meth:`RunResults.to_dict` gives
+the JSON keys; :meth:`RunResults.from_dict` reads them back (also files written by earlier
+versions, which lack the newer keys).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import RunConfig, Scenario
+from ..version import __version__
+
+__all__ = ["CurvePoint", "InferredScores", "NNReport", "RunResults", "Summary", "TaskRow", "safe_mean"]
+
+
+def safe_mean(values) -> float | None:
+    """Mean of the values that are not None or NaN (None if there are none)."""
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else None
+
+
+@dataclass
+class InferredScores:
+    """Task-inferred accuracy and task-inference accuracy (GN protocol) for one objective."""
+
+    acc_inferred: float | None = None
+    task_inference_acc: float | None = None
+
+
+@dataclass
+class TaskRow:
+    """One task's accuracies. ``inferred`` holds the first objective's scores (keys
+    ``acc_inferred``, ``task_inference_acc``); ``by_objective`` those of further objectives
+    (keys ``acc_inferred_<objective>``, ``task_inference_acc_<objective>``)."""
+
+    task_id: int
+    acc_given_task: float | None = None
+    inferred: InferredScores = field(default_factory=InferredScores)
+    by_objective: dict[str, InferredScores] = field(default_factory=dict)
+    acc_given_task_when_learned: float | None = None  # right after learning it (GG/GN)
+
+    @property
+    def acc_inferred(self) -> float | None:
+        return self.inferred.acc_inferred
+
+    @property
+    def task_inference_acc(self) -> float | None:
+        return self.inferred.task_inference_acc
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"task_id": self.task_id, "acc_given_task": self.acc_given_task,
+                             "acc_inferred": self.inferred.acc_inferred,
+                             "task_inference_acc": self.inferred.task_inference_acc}
+        for obj, s in self.by_objective.items():
+            d[f"acc_inferred_{obj}"] = s.acc_inferred
+            d[f"task_inference_acc_{obj}"] = s.task_inference_acc
+        if self.acc_given_task_when_learned is not None:
+            d["acc_given_task_when_learned"] = self.acc_given_task_when_learned
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TaskRow:
+        by_obj = {k[len("acc_inferred_"):]: InferredScores(v, d.get("task_inference_acc_" + k[len("acc_inferred_"):]))
+                  for k, v in d.items() if k.startswith("acc_inferred_")}
+        return cls(task_id=int(d["task_id"]), acc_given_task=d.get("acc_given_task"),
+                   inferred=InferredScores(d.get("acc_inferred"), d.get("task_inference_acc")),
+                   by_objective=by_obj, acc_given_task_when_learned=d.get("acc_given_task_when_learned"))
+
+
+@dataclass
+class Summary:
+    """Means over task rows: ``mean_acc_given_task``; with the task inferred,
+    ``mean_acc_inferred`` and ``task_inference_acc`` (and ``..._<objective>`` per further
+    objective)."""
+
+    mean_acc_given_task: float | None = None
+    inferred: InferredScores = field(default_factory=InferredScores)
+    by_objective: dict[str, InferredScores] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, rows: list[TaskRow], *, inferred: bool) -> Summary:
+        """Means of ``rows`` (the inferred keys only when ``inferred``)."""
+        out = cls(mean_acc_given_task=safe_mean(r.acc_given_task for r in rows))
+        if inferred:
+            out.inferred = InferredScores(safe_mean(r.acc_inferred for r in rows),
+                                          safe_mean(r.task_inference_acc for r in rows))
+            objectives = list(dict.fromkeys(o for r in rows for o in r.by_objective))
+            out.by_objective = {
+                o: InferredScores(safe_mean(r.by_objective[o].acc_inferred for r in rows if o in r.by_objective),
+                                  safe_mean(r.by_objective[o].task_inference_acc for r in rows if o in r.by_objective))
+                for o in objectives}
+        return out
+
+    def to_dict(self, *, with_inferred: bool = True) -> dict[str, Any]:
+        d: dict[str, Any] = {"mean_acc_given_task": self.mean_acc_given_task}
+        if with_inferred:
+            d["mean_acc_inferred"] = self.inferred.acc_inferred
+            d["task_inference_acc"] = self.inferred.task_inference_acc
+        for obj, s in self.by_objective.items():
+            d[f"mean_acc_inferred_{obj}"] = s.acc_inferred
+            d[f"task_inference_acc_{obj}"] = s.task_inference_acc
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Summary:
+        by_obj = {k[len("mean_acc_inferred_"):]: InferredScores(v, d.get("task_inference_acc_" + k[len("mean_acc_inferred_"):]))
+                  for k, v in d.items() if k.startswith("mean_acc_inferred_")}
+        return cls(mean_acc_given_task=d.get("mean_acc_given_task"),
+                   inferred=InferredScores(d.get("mean_acc_inferred"), d.get("task_inference_acc")),
+                   by_objective=by_obj)
+
+
+@dataclass
+class CurvePoint:
+    """Accuracy after ``num_tasks_learned`` tasks over ``tasks_evaluated`` (all learned tasks,
+    or a sample of them)."""
+
+    num_tasks_learned: int
+    tasks_evaluated: list[int]
+    summary: Summary
+    seconds: float
+    rows: list[TaskRow]
+    num_detected_tasks: int | None = None  # NN: masks detected by then
+    inferred: bool = True  # whether the point has task-inferred keys (GN/NN)
+
+    def to_dict(self, *, with_rows: bool = True) -> dict[str, Any]:
+        d: dict[str, Any] = {"num_tasks_learned": self.num_tasks_learned, "tasks_evaluated": self.tasks_evaluated}
+        d.update(self.summary.to_dict(with_inferred=self.inferred))
+        d["seconds"] = self.seconds
+        if with_rows:
+            d["rows"] = [r.to_dict() for r in self.rows]
+        if self.num_detected_tasks is not None:
+            d["num_detected_tasks"] = self.num_detected_tasks
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CurvePoint:
+        return cls(num_tasks_learned=int(d["num_tasks_learned"]), tasks_evaluated=[int(t) for t in d["tasks_evaluated"]],
+                   summary=Summary.from_dict(d), seconds=float(d.get("seconds", 0.0)),
+                   rows=[TaskRow.from_dict(r) for r in d.get("rows", [])],
+                   num_detected_tasks=d.get("num_detected_tasks"), inferred="mean_acc_inferred" in d)
+
+
+@dataclass
+class NNReport:
+    """What NN detection did: masks allocated (at which batch), which true tasks each trained
+    on (``counts[mask][task]`` batches), the task each mask stands for, and masks shared by
+    several true tasks (missed task switches)."""
+
+    num_detected_tasks: int
+    allocations: list[int]
+    mask_to_task: dict[int, int]
+    counts: dict[int, dict[int, int]]
+    shared_masks: dict[int, list[int]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"num_detected_tasks": self.num_detected_tasks, "nn_allocations": list(self.allocations),
+                "mask_to_task": {str(m): t for m, t in sorted(self.mask_to_task.items())},
+                "nn_counts": {str(m): {str(t): c for t, c in sorted(d.items())} for m, d in sorted(self.counts.items())},
+                "nn_shared_masks": {str(m): tasks for m, tasks in sorted(self.shared_masks.items())}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> NNReport | None:
+        if "mask_to_task" not in d:
+            return None
+        return cls(num_detected_tasks=int(d["num_detected_tasks"]), allocations=[int(a) for a in d["nn_allocations"]],
+                   mask_to_task={int(m): int(t) for m, t in d["mask_to_task"].items()},
+                   counts={int(m): {int(t): int(c) for t, c in v.items()} for m, v in d.get("nn_counts", {}).items()},
+                   shared_masks={int(m): [int(t) for t in v] for m, v in d.get("nn_shared_masks", {}).items()})
+
+
+_HEAD_KEYS = ("scenario", "benchmark", "num_tasks", "backend", "method", "backbone")
+
+
+@dataclass
+class RunResults:
+    """Everything a run reports (``results.json``). ``extra`` holds backend-specific keys
+    (e.g. a baseline's hyperparameters) written as they are."""
+
+    scenario: Scenario
+    benchmark: str
+    num_tasks: int
+    backend: str
+    method: str
+    backbone: str
+    tasks: list[TaskRow] = field(default_factory=list)
+    summary: Summary = field(default_factory=Summary)
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    bank_bytes: int | None = None
+    num_masked_weights: int | None = None
+    bank_sha256: str | None = None
+    curve: list[CurvePoint] = field(default_factory=list)
+    tasks_inferred: int | None = None
+    peak_rss_bytes: int | None = None
+    nn: NNReport | None = None
+    supsup_version: str = __version__
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def new(cls, cfg: RunConfig) -> RunResults:
+        """Empty results for a run of ``cfg``."""
+        return cls(scenario=cfg.scenario, benchmark=cfg.benchmark.name, num_tasks=cfg.benchmark.num_tasks,
+                   backend=cfg.backend, method=cfg.method, backbone=cfg.model.backbone)
+
+    def summarise(self) -> None:
+        """Fill :attr:`summary` from the task rows."""
+        self.summary = Summary.of(self.tasks, inferred=not self.scenario.task_given_at_test)
+
+    @property
+    def num_detected_tasks(self) -> int | None:
+        return None if self.nn is None else self.nn.num_detected_tasks
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"scenario": self.scenario.value, "benchmark": self.benchmark, "num_tasks": self.num_tasks,
+                             "backend": self.backend, "method": self.method, "backbone": self.backbone,
+                             "tasks": [r.to_dict() for r in self.tasks]}
+        summary = self.summary.to_dict()
+        d.update({k: summary[k] for k in ("mean_acc_given_task", "mean_acc_inferred", "task_inference_acc")})
+        d.update({"num_detected_tasks": self.num_detected_tasks, "train_seconds": self.train_seconds,
+                  "eval_seconds": self.eval_seconds, "bank_bytes": self.bank_bytes,
+                  "num_masked_weights": self.num_masked_weights, "supsup_version": self.supsup_version})
+        if self.bank_sha256 is not None:
+            d["bank_sha256"] = self.bank_sha256
+        if self.curve:
+            d["curve"] = [p.to_dict() for p in self.curve]
+        d.update({k: v for k, v in summary.items() if k not in d})  # further objectives' means
+        if self.tasks_inferred is not None:
+            d["tasks_inferred"] = self.tasks_inferred
+        if self.peak_rss_bytes is not None:
+            d["peak_rss_bytes"] = self.peak_rss_bytes
+        if self.nn is not None:
+            d.update({k: v for k, v in self.nn.to_dict().items() if k != "num_detected_tasks"})
+        d.update(self.extra)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunResults:
+        known = set(_HEAD_KEYS) | {"tasks", "mean_acc_given_task", "mean_acc_inferred", "task_inference_acc",
+                                   "num_detected_tasks", "train_seconds", "eval_seconds", "bank_bytes",
+                                   "num_masked_weights", "supsup_version", "bank_sha256", "curve",
+                                   "tasks_inferred", "peak_rss_bytes", "nn_allocations", "mask_to_task",
+                                   "nn_counts", "nn_shared_masks"}
+        known |= {k for k in d if k.startswith(("mean_acc_inferred_", "task_inference_acc_"))}
+        return cls(scenario=Scenario(d["scenario"]), benchmark=d["benchmark"], num_tasks=int(d["num_tasks"]),
+                   backend=d.get("backend", "native"), method=d.get("method", "supsup"), backbone=d.get("backbone", ""),
+                   tasks=[TaskRow.from_dict(r) for r in d.get("tasks", [])], summary=Summary.from_dict(d),
+                   train_seconds=float(d.get("train_seconds", 0.0)), eval_seconds=float(d.get("eval_seconds", 0.0)),
+                   bank_bytes=d.get("bank_bytes"), num_masked_weights=d.get("num_masked_weights"),
+                   bank_sha256=d.get("bank_sha256"), curve=[CurvePoint.from_dict(p) for p in d.get("curve", [])],
+                   tasks_inferred=d.get("tasks_inferred"), peak_rss_bytes=d.get("peak_rss_bytes"),
+                   nn=NNReport.from_dict(d), supsup_version=d.get("supsup_version", "unknown"),
+                   extra={k: v for k, v in d.items() if k not in known})

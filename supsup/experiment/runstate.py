@@ -1,0 +1,137 @@
+"""A run directory's checkpoint: written after every finished task, checked strictly when a
+run resumes (same config, same backbone), and the finished run's ``results.json``.
+
+Output directory layout::
+
+    DIR/config.yaml       the resolved config
+    DIR/checkpoint.pt     packed bank + state after the last finished task (supsup.checkpoint)
+    DIR/progress.json     what is done so far, and the accuracy-vs-tasks points (long runs)
+    DIR/results.json      per-task and mean accuracies, timings, bank size
+    DIR/accuracy.png      accuracy per task
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
+from ..config import RunConfig, config_to_dict
+from ..fileio import atomic_write_text
+from ..model import SupermaskModel
+from ..version import __version__
+from .results import RunResults
+
+__all__ = ["RESUME_FREE", "config_mismatch", "finished_results", "model_identity", "peak_rss_bytes",
+           "restore_checkpoint", "write_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+#: Config keys that may differ between a checkpoint and a resumed run: they change how results
+#: are computed (where, how many inferences share a pass over the bank), not what is computed.
+RESUME_FREE = {"progress", "device", "inference.group_size"}
+
+
+def config_mismatch(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ (resume-free keys excepted), with both values."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        dotted = f"{prefix}{key}"
+        if dotted in RESUME_FREE:
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_mismatch(a, b, f"{dotted}.")
+        elif a != b:
+            out.append(f"{dotted} (checkpoint: {a!r}, now: {b!r})")
+    return out
+
+
+def model_identity(cfg: RunConfig, model: SupermaskModel) -> dict[str, Any]:
+    """What a checkpoint's bank belongs to: the backbone, its init and seed, the frozen weights'
+    digest (a checkpoint of another model is refused with the differing key named)."""
+    return {"backbone": cfg.model.backbone, "weight_init": cfg.model.weight_init, "seed": cfg.seed,
+            "num_outputs": cfg.model.num_outputs, "num_tasks": model.num_tasks,
+            "mask_kind": cfg.mask.kind, "num_masked_weights": model.num_masked_weights,
+            "layer_shapes": [list(layer.weight.shape) for layer in model.masked_layers],
+            "frozen_weights_sha256": model.frozen_weights_digest()}
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident memory so far (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def write_checkpoint(out: Path, cfg: RunConfig, model: SupermaskModel, results: RunResults, loop: dict,
+                     extra_tensors: dict[str, Any] | None = None) -> None:
+    """``DIR/checkpoint.pt`` (the bank, ``loop`` state, results so far) and ``progress.json``."""
+    tensors: dict[str, Any] = dict(model.bank_state())
+    if extra_tensors:
+        tensors.update(extra_tensors)
+    meta = {"supsup_version": __version__, "config": config_to_dict(cfg), "model": model_identity(cfg, model),
+            "results": results.to_dict(), "loop": loop}
+    save_checkpoint(out, tensors, meta)
+    # A small, human-readable view of a long run while it goes: what is done and the
+    # accuracy-vs-tasks points so far (benchmarks/reproduce.py plots from it).
+    progress = {"tasks_done": loop["next_task"], "num_tasks": cfg.benchmark.num_tasks,
+                "num_learned_masks": model.num_learned_tasks, "train_seconds": results.train_seconds,
+                "eval_seconds": results.eval_seconds, "peak_rss_bytes": peak_rss_bytes(),
+                "curve": [p.to_dict(with_rows=False) for p in results.curve]}
+    atomic_write_text(out / "progress.json", json.dumps(progress, indent=2) + "\n")
+
+
+def restore_checkpoint(out: Path, cfg: RunConfig, model: SupermaskModel
+                       ) -> tuple[dict[str, torch.Tensor], RunResults, dict[str, Any]]:
+    """Load ``DIR/checkpoint.pt`` into ``model`` (its bank) after checking that it was made
+    with ``cfg`` and this backbone; returns ``(tensors, results so far, loop state)``."""
+    tensors, meta = load_checkpoint(out)
+    problems = config_mismatch(meta.get("config", {}), config_to_dict(cfg))
+    if problems:
+        raise CheckpointError(f"checkpoint in {out} was made with a different config: " + "; ".join(problems))
+    saved_id, now_id = meta.get("model", {}), model_identity(cfg, model)
+    for key in now_id:
+        if saved_id.get(key) != now_id[key]:
+            raise CheckpointError(f"checkpoint in {out} does not match this model: {key} is {saved_id.get(key)!r} "
+                                  f"in the checkpoint, {now_id[key]!r} here")
+    bank = {k: v for k, v in tensors.items() if k.startswith("bank.")}
+    try:
+        # The learned-task count is the bank's row count: a mask still in training (NN) has
+        # no row and is re-created by the NN loop. Checkpoints up to 0.1.0 saved a count that
+        # included it, which gave it an id one past its row; that saved count is not used.
+        model.load_bank_state(bank)
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"checkpoint in {out} has an unusable mask bank: {err}") from None
+    try:
+        results = RunResults.from_dict(meta["results"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint in {out} has unreadable results: {err}") from None
+    return tensors, results, meta["loop"]
+
+
+def finished_results(out: Path, cfg: RunConfig, loop: dict) -> RunResults | None:
+    """results.json of a run whose checkpoint has every task done, or None. A run that ends
+    writes it last, after its final evaluation; if it is missing, older than the checkpoint or
+    unreadable (the run was stopped during that evaluation), the evaluation is done again."""
+    path = out / "results.json"
+    if loop["next_task"] < cfg.benchmark.num_tasks or not path.exists():
+        return None
+    if path.stat().st_mtime < (out / CHECKPOINT_NAME).stat().st_mtime:
+        return None  # older than the last checkpoint: left by an earlier run in this directory
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or data.get("num_tasks") != cfg.benchmark.num_tasks:
+            raise ValueError("it does not describe this run")
+        return RunResults.from_dict(data)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        log.warning("%s is unusable (%s): evaluating the finished run again", path, err)
+        return None

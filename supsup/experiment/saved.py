@@ -1,0 +1,77 @@
+"""``supsup eval``: evaluate a saved run's bank again, without training."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+
+from ..bank import bank_sha256
+from ..checkpoint import CheckpointError, load_checkpoint
+from ..config import ConfigError, Scenario, apply_overrides, config_from_dict
+from .build import build_model, build_stream, resolve_device
+from .evaluate import curve_point, final_evaluation
+from .results import RunResults
+from .runstate import restore_checkpoint
+
+__all__ = ["evaluate_saved"]
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_saved(out_dir: str | os.PathLike, *, overrides: list[str] = (), scenario: str | None = None,
+                   curve: bool = False) -> RunResults:
+    """Evaluate a saved bank without training (GG, or GN with inference).
+
+    With ``curve`` (GG/GN), the accuracy-vs-tasks points ``eval.at_tasks`` are recomputed
+    from the bank: the point after ``n`` tasks evaluates tasks ``0..n-1`` with the first ``n``
+    masks as the only candidates, which is exactly the state after ``n`` tasks since a
+    learned mask never changes. So a finished run's curve can be measured again with other
+    inference settings, without training."""
+    out = Path(out_dir)
+    _, meta = load_checkpoint(out)
+    data = meta["config"]
+    if scenario is not None:
+        data = dict(data, scenario=scenario)
+    cfg = config_from_dict(apply_overrides(data, list(overrides)))
+    # Evaluation-only keys may change; everything that defines the model must not.
+    base = config_from_dict(meta["config"])
+    for section in ("model", "mask"):
+        if getattr(cfg, section) != getattr(base, section):
+            raise CheckpointError(f"{section}.* cannot change when evaluating a saved bank")
+    if cfg.seed != base.seed or cfg.benchmark != base.benchmark:
+        raise CheckpointError("seed and benchmark.* cannot change when evaluating a saved bank")
+    if cfg.scenario is Scenario.NN and base.scenario is not Scenario.NN:
+        raise CheckpointError("scenario NN needs a bank trained in NN")
+    device = resolve_device(cfg.device)
+    stream = build_stream(cfg, device, progress=cfg.progress)
+    model = build_model(cfg, device)
+    restored = dataclasses.replace(cfg, scenario=base.scenario, eval=base.eval, inference=base.inference)
+    _, results, _ = restore_checkpoint(out, restored, model)
+    if model.active_task is None and model.num_banked_tasks < cfg.benchmark.num_tasks and cfg.scenario is not Scenario.NN:
+        log.warning("the bank holds %d of %d tasks; evaluating those", model.num_banked_tasks, cfg.benchmark.num_tasks)
+    results.scenario = cfg.scenario
+    learned = model.num_banked_tasks
+    results.tasks = [r for r in results.tasks if r.task_id < learned]
+    if cfg.scenario is not Scenario.NN:
+        at = [n for n in (cfg.eval.at_tasks or []) if n <= learned] or None
+        cfg = dataclasses.replace(cfg, benchmark=dataclasses.replace(cfg.benchmark, num_tasks=learned),
+                                  eval=dataclasses.replace(cfg.eval, at_tasks=at))
+    t0 = time.perf_counter()
+    reuse = False  # the saved curve may come from other settings
+    if curve:
+        if cfg.scenario is Scenario.NN:
+            raise CheckpointError("--curve needs GG or GN: NN retrains masks, so a later bank does not hold "
+                                  "the state after n tasks")
+        if not cfg.eval.at_tasks:
+            raise ConfigError("eval.at_tasks", "--curve needs the task counts to evaluate, e.g. --set 'eval.at_tasks=[10,50]'")
+        results.curve = [curve_point(cfg, model, stream, n, bank_prefix=True) for n in sorted(set(cfg.eval.at_tasks))]
+        reuse = True
+    final_evaluation(cfg, model, stream, results, reuse_curve=reuse)
+    results.eval_seconds = time.perf_counter() - t0
+    results.bank_bytes = model.bank_bytes
+    results.num_masked_weights = model.num_masked_weights
+    results.bank_sha256 = bank_sha256(model.masked_layers)
+    return results

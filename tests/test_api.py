@@ -1,0 +1,245 @@
+"""The Python API for a user's own loop: train from DataLoaders, use_task, predict, save and
+load, infer_task; the README's example runs as written."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import supsup
+from supsup import (
+    CapacityError,
+    Mode,
+    ModeError,
+    SupermaskModel,
+    TrainConfig,
+    infer_task,
+    train_task,
+)
+from supsup.checkpoint import CheckpointError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _loader(task: int, n: int = 256, seed: int = 0) -> DataLoader:
+    """Synthetic 4-class task ``task``: class c lights up its own features, permuted per task."""
+    g = torch.Generator().manual_seed(1000 * task + seed)
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(task))
+    means = torch.zeros(4, 64)
+    for c in range(4):
+        means[c, 16 * c: 16 * c + 16] = 2.0
+    y = torch.randint(0, 4, (n,), generator=g)
+    x = (means[y] + 0.5 * torch.randn(n, 64, generator=g))[:, perm]
+    return DataLoader(TensorDataset(x, y), batch_size=32, shuffle=False)
+
+
+def _model(**kw) -> SupermaskModel:
+    kw = {"num_tasks": 3, "num_outputs": 40, "num_classes": 4, "input_shape": (64,), **kw}
+    return SupermaskModel.from_name("fc_300_300", **kw)
+
+
+@pytest.fixture(scope="module")
+def trained() -> SupermaskModel:
+    model = _model()
+    for task in range(2):
+        assert train_task(model, _loader(task), TrainConfig(lr=1e-2), epochs=3) == task
+    return model
+
+
+def test_train_task_learns_each_task_from_a_dataloader(trained):
+    assert trained.num_banked_tasks == 2 and trained.mode is Mode.IDLE and trained.active_task is None
+    for task in range(2):
+        x, y = next(iter(_loader(task, seed=1)))
+        with trained.use_task(task):
+            assert (trained.predict(x) == y).float().mean() > 0.9
+
+
+def test_train_task_counts_steps_and_epochs():
+    """``max_steps`` runs exactly that many steps (passing over the loader as often as needed);
+    ``epochs`` passes over it; a one-shot iterator is read once."""
+    steps = []
+
+    class Counting(torch.optim.SGD):
+        def step(self, closure=None):
+            steps.append(1)
+            return super().step(closure)
+
+    from supsup import optim
+
+    optim.OPTIMIZERS.register("counting_sgd")(lambda params, lr, momentum, weight_decay: Counting(params, lr=lr))
+    try:
+        cfg = TrainConfig(optimizer="counting_sgd", lr=1e-2)
+        model = _model()
+        train_task(model, _loader(0), cfg, max_steps=19)  # 8 batches per pass
+        assert len(steps) == 19
+        steps.clear()
+        train_task(model, _loader(1), cfg, epochs=3)
+        assert len(steps) == 24
+        steps.clear()
+        train_task(model, iter(_loader(2)), cfg, max_steps=100)
+        assert len(steps) == 8
+    finally:
+        optim.OPTIMIZERS._items.pop("counting_sgd")
+
+
+def test_a_failed_training_leaves_no_half_task():
+    """An exception mid-task (bad labels) leaves nothing in the bank and the id free."""
+    model = _model()
+    bad = DataLoader(TensorDataset(torch.randn(8, 64), torch.full((8,), 99)), batch_size=4)
+    with pytest.raises(IndexError):
+        train_task(model, bad)
+    assert model.active_task is None and model.num_learned_tasks == 0 and model.mode is Mode.IDLE
+    assert train_task(model, _loader(0), max_steps=2) == 0
+
+
+def test_use_task_restores_the_mode(trained):
+    x, _ = next(iter(_loader(0)))
+    with trained.use_task(1):
+        assert trained.mode is Mode.TASK and trained.current_task == 1
+    assert trained.mode is Mode.IDLE
+    with pytest.raises(ModeError):
+        trained(x)
+    model = _model()
+    model.add_task()
+    before = model(x)
+    with pytest.raises(RuntimeError, match="boom"), model.use_task(0):
+        raise RuntimeError("boom")  # restored on the way out of an exception too
+    assert model.mode is Mode.TRAIN and torch.equal(model(x), before)
+
+
+def test_predict_never_picks_a_superfluous_neuron():
+    model = _model(num_outputs=40, num_classes=4)
+    model.add_task()
+    with torch.no_grad():
+        for layer in model.masked_layers[-1:]:  # make superfluous outputs 4..39 the largest
+            layer.base_layer.weight[4:] = 10.0
+            layer.base_layer.weight[:4] = -10.0
+    x = torch.rand(16, 64)
+    assert model(x).argmax(dim=1).min() >= 4
+    assert model.predict(x).max() < 4
+
+
+def test_num_classes_is_checked():
+    with pytest.raises(ValueError, match="num_classes"):
+        _model(num_outputs=10, num_classes=11)
+    assert _model(num_outputs=10, num_classes=None).num_classes == 10
+
+
+def test_save_and_load_give_identical_outputs(trained, tmp_path):
+    path = tmp_path / "m.supsup"
+    trained.save(path)
+    loaded = SupermaskModel.load(path)
+    assert loaded.num_banked_tasks == 2 and loaded.num_classes == 4 and loaded.num_tasks == 3
+    assert loaded.frozen_weights_digest() == trained.frozen_weights_digest()
+    x = torch.randn(32, 64)
+    for task in range(2):
+        with trained.use_task(task), loaded.use_task(task):
+            assert torch.equal(trained(x), loaded(x))
+    # the loaded model keeps learning: the next task is 2, and the bank is full after it
+    assert train_task(loaded, _loader(2), max_steps=3) == 2
+    with pytest.raises(CapacityError):
+        loaded.add_task()
+
+
+def test_saving_a_task_in_training_is_refused(tmp_path):
+    model = _model()
+    model.add_task()
+    with pytest.raises(ModeError, match="finish_task"):
+        model.save(tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_corrupt_and_foreign_model_files_are_refused(trained, tmp_path):
+    path = tmp_path / "m.supsup"
+    trained.save(path)
+    raw = path.read_bytes()
+    (tmp_path / "flip").write_bytes(raw[:100] + bytes([raw[100] ^ 1]) + raw[101:])
+    with pytest.raises(CheckpointError, match="checksum does not match"):
+        SupermaskModel.load(tmp_path / "flip")
+    (tmp_path / "short").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointError, match="checksum does not match"):
+        SupermaskModel.load(tmp_path / "short")
+    (tmp_path / "foreign").write_bytes(b"PK\x03\x04 not a model")
+    with pytest.raises(CheckpointError, match="not a supsup model file"):
+        SupermaskModel.load(tmp_path / "foreign")
+    with pytest.raises(CheckpointError, match="no model file"):
+        SupermaskModel.load(tmp_path / "absent")
+
+
+def test_a_run_checkpoint_is_not_a_model_file(tmp_path):
+    from supsup.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path, {}, {"loop": {}})
+    with pytest.raises(CheckpointError, match="is a supsup checkpoint, not a supsup model file"):
+        SupermaskModel.load(tmp_path / "checkpoint.pt")
+
+
+def test_custom_backbones_are_saved_and_checked(tmp_path):
+    def backbone(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 32, bias=False), nn.ReLU(), nn.Linear(32, 8, bias=False))
+
+    model = SupermaskModel(backbone(0), num_tasks=2, num_classes=4)
+    train_task(model, _loader(0), max_steps=3)
+    model.save(tmp_path / "c")
+    with pytest.raises(CheckpointError, match="backbone=module"):
+        SupermaskModel.load(tmp_path / "c")
+    x = torch.randn(4, 64)
+    loaded = SupermaskModel.load(tmp_path / "c", backbone=backbone(0))
+    with model.use_task(0), loaded.use_task(0):
+        assert torch.equal(model(x), loaded(x))
+    with pytest.raises(CheckpointError, match="frozen weights differ"):
+        SupermaskModel.load(tmp_path / "c", backbone=backbone(1))
+
+
+def test_infer_task_finds_the_task_of_a_batch(trained):
+    """(With the default objective, G, on real MNIST: tests/test_inference.py.)"""
+    for task in range(2):
+        x, _ = next(iter(_loader(task, seed=2)))
+        assert infer_task(trained, x, objective="entropy") == task
+        assert infer_task(trained, x, method="binary", objective="entropy") == task
+        assert infer_task(trained, x, objective="entropy", num_images=4) == task
+    no_spare = _model(num_outputs=4)
+    train_task(no_spare, _loader(0), max_steps=1)
+    train_task(no_spare, _loader(1), max_steps=1)
+    assert supsup.inference.default_objective(no_spare) == "entropy"  # G needs superfluous outputs
+    infer_task(no_spare, x)
+
+
+def test_files_follow_the_umask(tmp_path):
+    """Atomic writes used to create every file 0600; they now get 0666 & ~umask."""
+    from supsup.fileio import atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
+
+
+def test_readme_python_api_runs_as_written(tmp_path, mnist_data):
+    """The README's ``## Python API`` block, exactly as written, in a fresh interpreter, in
+    under a minute on this machine; it finds the task and classifies well."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Python API"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert len(code.strip().splitlines()) <= 30
+    (tmp_path / "example.py").write_text(code)
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    seconds = time.perf_counter() - t0
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"inferred task (\d+), accuracy ([0-9.]+)", r.stdout)
+    assert m and int(m.group(1)) == 1 and float(m.group(2)) > 0.9, r.stdout
+    assert (tmp_path / "permuted.supsup").is_file()
+    assert seconds < 60, f"the README example took {seconds:.0f} s"

@@ -1,0 +1,164 @@
+"""Task inference picks the right task, and the GN protocol scores what it claims to.
+
+Masks trained on PermutedMNIST tasks (real MNIST, LeNet 300-100, a few seconds) are told
+apart from a single image by every method and objective; a wrong choice of sign or of the
+candidates' coefficients shows up as wrong tasks, not as a shape or a range.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from supsup import evaluation, inference
+from supsup.config import InferenceConfig, TrainConfig
+from supsup.data.streams import create_stream
+from supsup.evaluation import evaluate_given_task, evaluate_inferred
+from supsup.model import Mode, ModeError, SupermaskModel
+from supsup.training import train_task
+
+NUM_TASKS = 4
+
+
+@pytest.fixture(scope="module")
+def permuted(mnist_data):
+    """Four PermutedMNIST tasks learned by LeNet 300-100 with 90 superfluous outputs."""
+    stream = create_stream("permuted_mnist", mnist_data, num_tasks=NUM_TASKS, seed=0)
+    model = SupermaskModel.from_name("lenet_300_100", num_tasks=NUM_TASKS + 1, num_outputs=100, num_classes=10,
+                                     seed=0)
+    for t in range(NUM_TASKS):
+        train_task(model, stream.train_batches(t, 100, 64), TrainConfig(lr=1e-3))
+    return model, stream
+
+
+def _groups(stream, task_id: int, groups: int, images: int) -> torch.Tensor:
+    x, _ = next(stream.test_batches(task_id, groups * images))
+    return x.view(groups, images, *x.shape[1:])
+
+
+@pytest.mark.parametrize("method", ["one_shot", "binary"])
+@pytest.mark.parametrize("objective", ["entropy", "g"])
+@pytest.mark.parametrize("images", [1, 8])
+def test_infer_tasks_finds_the_task_of_every_group(permuted, method, objective, images):
+    """Each of 12 groups per task, from 1 or 8 test images, is assigned its own task (measured:
+    all of them). Picking the largest gradient instead of the smallest finds none."""
+    model, stream = permuted
+    for t in range(NUM_TASKS):
+        tasks, steps = inference.infer_tasks(model, _groups(stream, t, 12, images), method=method,
+                                             objective=objective, num_classes=10)
+        assert tasks.tolist() == [t] * 12, (t, tasks.tolist())
+        assert steps == (1 if method == "one_shot" else 2)  # binary: log2(4) halvings
+
+
+def test_infer_task_defaults_to_one_shot_g_and_finds_the_task(permuted):
+    """``infer_task`` (the Python API): one batch, its task from the first image by default."""
+    model, stream = permuted
+    assert inference.default_objective(model) == "g"
+    for t in range(NUM_TASKS):
+        x, _ = next(stream.test_batches(t, 64))
+        assert inference.infer_task(model, x, num_images=1) == t
+        assert inference.infer_task(model, x[5:], method="binary") == t
+
+
+def test_binary_search_superposes_its_survivors_uniformly(permuted, monkeypatch):
+    """Every binary-search step puts alpha = 1/count on each surviving candidate and 0 on the
+    dropped ones (paper Alg. 2 renormalises over the survivors): counts 4, 2 for four masks."""
+    model, stream = permuted
+    seen: list[torch.Tensor] = []
+    real = inference.alpha_gradients
+
+    def spy(model, x, alphas, **kw):
+        seen.append(alphas.clone())
+        return real(model, x, alphas, **kw)
+
+    monkeypatch.setattr(inference, "alpha_gradients", spy)
+    inference.infer_tasks(model, _groups(stream, 2, 3, 4), method="binary", objective="entropy", num_classes=10)
+    assert len(seen) == 2
+    for alphas, count in zip(seen, (4, 2)):
+        alive = alphas > 0
+        assert (alive.sum(dim=1) == count).all()
+        assert torch.equal(alphas[alive], torch.full((3 * count,), 1.0 / count))
+        assert torch.allclose(alphas.sum(dim=1), torch.ones(3))
+    assert (seen[1][:, 2] == 0.5).all()  # task 2 survives the first halving in every group
+
+
+def test_gn_counts_a_batch_with_a_wrong_task_as_all_wrong(permuted, monkeypatch):
+    """The paper's protocol: a test batch classified with a wrongly inferred mask scores 0,
+    even when that mask would have classified some images right. Inference is forced wrong
+    on every other batch; the accuracy is then exactly the right batches' GG hits."""
+    model, stream = permuted
+    batches = list(stream.test_batches(1, 128, 6))
+    acc_given, per_batch = evaluate_given_task(model, batches, 1)
+
+    def every_other_wrong(model, x, **kw):
+        return torch.tensor([1 if i % 2 == 0 else 3 for i in range(x.shape[0])]), 1
+
+    monkeypatch.setattr(evaluation, "infer_tasks", every_other_wrong)
+    total = sum(n for _, n in per_batch)
+    for given in (per_batch, None):  # the right batches scored from the GG counts, or again
+        res = evaluate_inferred(model, batches, 1, InferenceConfig(group_size=128), per_batch_given=given)
+        assert res.task_inference_acc == 0.5
+        assert res.acc_inferred == sum(c for c, _ in per_batch[0::2]) / total
+    assert acc_given == sum(c for c, _ in per_batch) / total
+    assert 0.3 < res.acc_inferred < acc_given - 0.3  # wrong batches score nothing
+
+
+def test_evaluating_a_task_restores_the_mode(permuted):
+    """``evaluate_given_task`` selects the task's mask; afterwards the model is back where it
+    was: training the active task (forward = its scores) or idle (forward refused)."""
+    trained, stream = permuted
+    model = SupermaskModel.from_name("lenet_300_100", num_tasks=NUM_TASKS + 1, num_outputs=100, num_classes=10,
+                                     seed=0)
+    model.load_bank_state(trained.bank_state())
+    batches = list(stream.test_batches(0, 64, 1))
+    x, _ = next(stream.test_batches(0, 8))
+    evaluate_given_task(model, batches, 0)
+    assert model.mode is Mode.IDLE
+    with pytest.raises(ModeError):
+        model(x)
+    task = model.add_task()
+    before = model(x).detach()
+    evaluate_given_task(model, batches, 0)
+    assert model.mode is Mode.TRAIN and model.current_task == task
+    assert torch.equal(model(x).detach(), before)
+
+
+def test_gn_infers_every_batch_from_its_own_first_images(mnist_data, monkeypatch):
+    """Regression: batches share an inference pass in groups, and a group used the size of its
+    smallest batch for all of them; the last test batch of MNIST (16 images) made 15 batches
+    of 128 infer their task from 16 images only (RotatedMNIST task inference fell to 0.95)."""
+    stream = create_stream("permuted_mnist", mnist_data, num_tasks=2, seed=0)
+    model = SupermaskModel.from_name("lenet_300_100", num_tasks=2, num_outputs=100, num_classes=10, seed=0)
+    for _ in range(2):
+        model.add_task()
+        model.finish_task()
+    seen: list[int] = []
+    real = evaluation.infer_tasks
+
+    def spy(model, x, **kw):
+        seen.extend([x.shape[1]] * x.shape[0])
+        return real(model, x, **kw)
+
+    monkeypatch.setattr(evaluation, "infer_tasks", spy)
+    batches = list(stream.test_batches(1, 128))
+    evaluate_inferred(model, batches, 1, InferenceConfig(num_images=128, group_size=32))
+    sizes = [min(128, x.shape[0]) for x, _ in batches]
+    assert sizes[-1] == 16 and sorted(seen) == sorted(sizes)
+
+
+@pytest.mark.parametrize("method", ["one_shot", "binary"])
+def test_group_size_changes_speed_not_results(mnist_data, method):
+    """``inference.group_size`` only sets how many inferences share a pass over the bank (and
+    so whether the compiled kernel or unpack + matmul computes it): it is resume-free, so it
+    must not change any inferred task."""
+    stream = create_stream("permuted_mnist", mnist_data, num_tasks=5, seed=0)
+    model = SupermaskModel.from_name("lenet_300_100", num_tasks=5, num_outputs=100, num_classes=10, seed=0)
+    for t in range(5):
+        train_task(model, stream.train_batches(t, 60, 64), TrainConfig(lr=1e-3))
+    for task in (0, 4):
+        batches = list(stream.test_batches(task, 128, 12))
+        results = [evaluate_inferred(model, batches, task,
+                                     InferenceConfig(method=method, objective="entropy", group_size=g))
+                   for g in (1, 5, 128)]
+        assert results[0] == results[1] == results[2]
+        assert results[0].task_inference_acc > 0.5  # real inference, not a degenerate constant
