@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint mutate clean
 
 install: $(STAMP)
 
@@ -23,11 +23,22 @@ demo: install
 	rm -rf runs/demo
 	$(BIN)/supsup run configs/demo.yaml --out runs/demo
 
+# The suite, then the kernel and inference tests again with the torch implementations that a
+# GPU runs (SUPSUP_KERNELS=torch: no compiled CPU kernel).
 test: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
+	SUPSUP_KERNELS=torch $(BIN)/python -m pytest -q -m "not slow" tests/test_masks.py tests/test_model.py tests/test_inference.py
+
+# Mutation testing of the core modules (hours on 2 cores; not part of `make test`). The score
+# per module and the surviving mutants: `.venv/bin/mutmut results`; see README, Development.
+mutate: install
+	$(BIN)/python -m pip install --quiet 'mutmut==3.8.1'
+	rm -rf mutants
+	$(BIN)/mutmut run --max-children 2
+	$(BIN)/python benchmarks/mutation_report.py
 
 lint: install
 	$(BIN)/ruff check supsup tests benchmarks
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache mutants

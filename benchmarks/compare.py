@@ -34,7 +34,10 @@ from supsup.experiment import run_experiment
 SUPSUP = {"supsup_gg": "GG", "supsup_gn": "GN", "supsup_nn": "NN"}
 BASELINES = ("naive", "ewc", "si", "lwf", "replay", "gem", "packnet")
 ALL_METHODS = (*SUPSUP, *BASELINES)
-BENCHMARKS = {"permuted_mnist": "PermutedMNIST", "rotated_mnist": "RotatedMNIST"}
+BENCHMARKS = {"permuted_mnist": "PermutedMNIST", "rotated_mnist": "RotatedMNIST",
+              "split_mnist_gnu": "SplitMNIST (class-incremental)"}
+#: the config each benchmark starts from (``configs/<benchmark>_gn.yaml`` unless named here)
+CONFIGS = {"split_mnist_gnu": "split_mnist_gnu.yaml"}
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -46,7 +49,7 @@ def run_overrides(benchmark: str, method: str, args) -> tuple[str, list[str]]:
         scenario, name = ("GG" if method == "packnet" else "GN"), method
     sets = [f"scenario={scenario}", f"method={name}", "backend=avalanche", f"benchmark.num_tasks={args.tasks}",
             f"train.iterations={args.iterations}", f"model.backbone={args.backbone}", f"seed={args.seed}",
-            "progress=false", "eval.at_tasks=null"]  # curve points: native backend only
+            "progress=false", "eval.at_tasks=null"]
     if benchmark == "permuted_mnist":
         sets.append("benchmark.permutation_source=avalanche")
     if args.eval_max_batches is not None:
@@ -69,7 +72,7 @@ def run_all(args, out: Path) -> list[dict]:
     for benchmark in args.benchmarks:
         for method in args.methods:
             scenario, sets = run_overrides(benchmark, method, args)
-            cfg = load_config(ROOT / "configs" / f"{benchmark}_gn.yaml", sets)
+            cfg = load_config(ROOT / "configs" / CONFIGS.get(benchmark, f"{benchmark}_gn.yaml"), sets)
             run_dir = out / "runs" / benchmark / f"{method}"
             res = finished_run(run_dir, cfg) if args.resume else None
             if res is not None:
@@ -80,12 +83,32 @@ def run_all(args, out: Path) -> list[dict]:
                 seconds = time.perf_counter() - t0
             uses_task_id = scenario == "GG" if method in SUPSUP else res["accuracy_uses_task_id"]
             acc = res["mean_acc_given_task"] if scenario == "GG" else res["mean_acc_inferred"]
+            kind = "given" if uses_task_id else "inferred"
+            metrics = {k: (res.get(k) or {}).get(kind) for k in ("average_accuracy", "bwt", "forgetting", "fwt")}
             rows.append({"benchmark": benchmark, "method": method, "scenario": scenario, "task_id_at_test": uses_task_id,
-                         "acc": acc, "acc_given_task": res["mean_acc_given_task"],
+                         "acc": acc, "acc_given_task": res["mean_acc_given_task"], **metrics,
                          "task_inference_acc": res.get("task_inference_acc"), "seconds": seconds,
+                         "acc_per_image": res.get("mean_acc_inferred_per_image"),
                          "hparams": res.get("baseline_hparams", {}).get(method)})
             print(f"{benchmark:15s} {method:10s} {scenario}  acc {acc:.4f}  ({seconds:.0f} s)", flush=True)
     return rows
+
+
+def set_rows(args) -> list[dict]:
+    """SET at SupSup's bytes per task (``benchmarks/set_baseline.py``: one sparse FC 1024 per
+    PermutedMNIST task, task given), when its results are there for the same tasks and steps."""
+    path = ROOT / "benchmarks" / "results" / "set_baseline.json"
+    if "permuted_mnist" not in args.benchmarks or not path.exists():
+        return []
+    r = json.loads(path.read_text())
+    if r.get("tasks") != args.tasks or r.get("iterations") != args.iterations:
+        return []
+    if "set" not in args.methods:
+        args.methods = [*args.methods, "set"]
+    return [{"benchmark": "permuted_mnist", "method": "set", "scenario": "GG", "task_id_at_test": True,
+             "acc": r["mean_test_accuracy"], "acc_given_task": r["mean_test_accuracy"], "task_inference_acc": None,
+             "seconds": r["total_seconds"], "hparams": {"bytes_per_task": r["bytes_per_task"], "zeta": r["zeta"]},
+             "average_accuracy": r["mean_test_accuracy"], "bwt": 0.0, "forgetting": 0.0, "fwt": None}]
 
 
 def measure_data_path(args) -> dict:
@@ -160,9 +183,27 @@ def write_markdown(path: Path, rows: list[dict], args, command: str, timing: dic
             cell = f"{r['acc']:.4f}"
             if r["task_inference_acc"] is not None:
                 cell += f" (task inf. {r['task_inference_acc']:.3f})"
+            if r.get("acc_per_image") is not None:
+                cell += f"; per image {r['acc_per_image']:.4f}"
             cells.append(cell)
         lines.append(f"| {method} | {any_row['scenario']} | {'yes' if any_row['task_id_at_test'] else 'no'} | "
                      + " | ".join(cells) + " |")
+    def f(v):
+        return "-" if v is None else f"{v:+.4f}"
+
+    lines += ["", "Forgetting, from the accuracy matrix (a row after every task): backward transfer BWT "
+              "(final minus just-learned accuracy, averaged over the earlier tasks; negative is forgetting), "
+              "average forgetting F (best earlier accuracy minus final) and, for methods that answer tasks "
+              "they have not learned yet, forward transfer FWT (accuracy just before learning a task minus "
+              "before any training). Definitions: `supsup/metrics.py`.", "",
+              "| method | " + " | ".join(f"{BENCHMARKS[b]} BWT | F | FWT" for b in benches) + " |",
+              "|---|" + "---|---|---|" * len(benches)]
+    for method in args.methods:
+        mine = {r["benchmark"]: r for r in rows if r["method"] == method}
+        if mine:
+            lines.append(f"| {method} | " + " | ".join(
+                " | ".join(f(mine[b].get(k)) if b in mine else "-" for k in ("bwt", "forgetting", "fwt"))
+                for b in benches) + " |")
     hp = {r["method"]: r["hparams"] for r in rows if r["hparams"] is not None}
     if hp:
         lines += ["", "Baseline hyperparameters (Adam, lr 1e-4, for all):", ""]
@@ -244,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     timing = None if args.no_data_timing else measure_data_path(args)
     rows = run_all(args, args.out)
+    rows += set_rows(args)
     wall = sum(r["seconds"] for r in rows)  # reused runs count with the time they took
     (args.out / "compare.json").write_text(json.dumps({"command": command, "rows": rows, "data_path": timing},
                                                       indent=2) + "\n")

@@ -1,11 +1,13 @@
 """Masked vs dense training step, measured in one run (interleaved repeats, best of each).
 
 FC 1024 (784-1024-1024-500) by default, batch 128. Dense: the same backbone trained normally
-(torch's RMSprop on the weights). Masked: SupSup's step (scores, straight-through mask,
-supsup's optimizer), in fp32 and with ``train.precision: bf16``. Reports the ratios masked /
-dense and the projected seconds per task of 1000 steps.
+(torch's RMSprop on the weights; BatchNorm layers in training mode). Masked: SupSup's step
+(scores, straight-through mask, supsup's optimizer, per-task BatchNorm statistics), in fp32 and
+with ``train.precision: bf16``. Reports the ratios masked / dense and the projected seconds per
+task of 1000 steps.
 
     python benchmarks/train_speed.py [--steps 50] [--repeats 5] [--backbone fc1024] [--json PATH]
+    python benchmarks/train_speed.py --backbone resnet18 --input-shape 3,32,32 --num-outputs 5
 """
 
 from __future__ import annotations
@@ -34,12 +36,13 @@ def _time_steps(step, steps: int) -> float:
 
 
 def measure(backbone: str = "fc1024", num_outputs: int = 500, batch: int = 128, steps: int = 50,
-            repeats: int = 5) -> dict:
+            repeats: int = 5, input_shape: tuple[int, ...] = (1, 28, 28), mask_kind: str = "threshold",
+            density: float = 0.5) -> dict:
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 1, 28, 28, generator=gen)
-    y = torch.randint(0, 10, (batch,), generator=gen)
+    x = torch.randn(batch, *input_shape, generator=gen)
+    y = torch.randint(0, min(10, num_outputs), (batch,), generator=gen)
 
-    dense = create_backbone(backbone, num_outputs=num_outputs)
+    dense = create_backbone(backbone, input_shape=input_shape, num_outputs=num_outputs).train()
     init_weights(dense, "signed_constant", make_generator(0, "backbone"))
     opt_d = torch.optim.RMSprop(dense.parameters(), lr=1e-4)
 
@@ -50,7 +53,8 @@ def measure(backbone: str = "fc1024", num_outputs: int = 500, batch: int = 128, 
         opt_d.step()
 
     def masked(precision):
-        model = SupermaskModel.from_name(backbone, num_tasks=1, num_outputs=num_outputs, seed=0)
+        model = SupermaskModel.from_name(backbone, num_tasks=1, num_outputs=num_outputs, seed=0,
+                                         input_shape=input_shape, mask_kind=mask_kind, density=density)
         model.add_task()
         opt = make_optimizer(model.trainable_parameters(), TrainConfig(precision=precision))
 
@@ -67,7 +71,8 @@ def measure(backbone: str = "fc1024", num_outputs: int = 500, batch: int = 128, 
         for name, fn in steps_fns.items():
             times[name].append(_time_steps(fn, steps))
     ms = {k: 1e3 * min(v) for k, v in times.items()}  # min: the least-disturbed repeat
-    return {"backbone": backbone, "batch_size": batch, "threads": torch.get_num_threads(),
+    return {"backbone": backbone, "input_shape": list(input_shape), "mask_kind": mask_kind, "batch_size": batch,
+            "threads": torch.get_num_threads(),
             "dense_step_ms": ms["dense"], "masked_step_ms": ms["masked_fp32"], "masked_bf16_step_ms": ms["masked_bf16"],
             "train_step_ratio_vs_dense": ms["masked_fp32"] / ms["dense"],
             "train_step_ratio_vs_dense_bf16": ms["masked_bf16"] / ms["dense"],
@@ -82,10 +87,14 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--input-shape", default="1,28,28", help="C,H,W (or F) of one input")
+    p.add_argument("--mask-kind", default="threshold")
+    p.add_argument("--density", type=float, default=0.5)
     p.add_argument("--json", help="write the numbers to this file")
     a = p.parse_args()
-    r = measure(a.backbone, a.num_outputs, a.batch_size, a.steps, a.repeats)
-    print(f"{r['backbone']} batch {r['batch_size']} ({r['threads']} threads): dense {r['dense_step_ms']:.2f} ms/step; "
+    shape = tuple(int(d) for d in a.input_shape.split(","))
+    r = measure(a.backbone, a.num_outputs, a.batch_size, a.steps, a.repeats, shape, a.mask_kind, a.density)
+    print(f"{r['backbone']} {a.input_shape} {a.mask_kind} batch {r['batch_size']} ({r['threads']} threads): dense {r['dense_step_ms']:.2f} ms/step; "
           f"masked fp32 {r['masked_step_ms']:.2f} ms ({r['train_step_ratio_vs_dense']:.2f}x dense), "
           f"bf16 {r['masked_bf16_step_ms']:.2f} ms ({r['train_step_ratio_vs_dense_bf16']:.2f}x dense); "
           f"1000 steps ~ {r['masked_step_ms']:.1f} s (fp32), {r['masked_bf16_step_ms']:.1f} s (bf16)")

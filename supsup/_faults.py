@@ -2,7 +2,9 @@
 
 ``SUPSUP_CRASH_AT=checkpoint_write:N`` kills the process with SIGKILL in the middle of the
 N-th atomic file write (after half of the temporary file is written, before the rename), so
-tests can check that an interrupted write never damages the previous checkpoint.
+tests can check that an interrupted write never damages the previous checkpoint;
+``SUPSUP_CRASH_AT=parallel_round:N`` at the N-th round of task-parallel training. With several
+processes, ``SUPSUP_CRASH_RANK=R`` limits it to rank ``R``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ def maybe_crash(point: str) -> None:
         return
     name, _, nth = spec.partition(":")
     if name != point:
+        return
+    rank = os.environ.get("SUPSUP_CRASH_RANK")
+    if rank is not None and rank != os.environ.get("RANK", "0"):
         return
     _calls[point] = _calls.get(point, 0) + 1
     if _calls[point] == int(nth or 1):

@@ -17,10 +17,16 @@ be summed as vectors, so they differ from a sequential float sum by rounding onl
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["bank_dot", "rmsprop_step"]
+__all__ = ["bank_dot", "rmsprop_step", "set_threads"]
+
+
+def set_threads(n: int) -> None:
+    """Run the parallel kernels on ``n`` threads (at most numba's ``NUMBA_NUM_THREADS``)."""
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
 
 #: masks handled by one task of the parallel loop, and 64-bit words of ``u`` per cache block
 #: (``G * 512 * 64`` floats stay in L2 while a block of masks is processed)

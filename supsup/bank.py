@@ -1,9 +1,16 @@
-"""The mask bank as plain data: every masked layer's packed rows, keyed ``bank.<i>``.
+"""The mask bank as plain data: every masked layer's packed rows, keyed ``bank.<i>``, and the
+BatchNorm statistics banked with them.
 
 A finished task's mask is stored at 1 bit per weight, in each layer's ``bank`` buffer
 (:class:`~supsup.layers.SupermaskLayer`); these functions turn the rows of all layers into a
-flat ``{"bank.<i>": (k, packed_nbytes(P_i)) uint8}`` mapping (what checkpoints and model files
-hold) and back, strictly.
+flat mapping (what checkpoints and model files hold) and back, strictly:
+
+* ``bank.<i>``: ``(k, packed_nbytes(P_i))`` uint8, masked layer ``i``;
+* ``norm.<j>``: ``(k, 2, C_j)`` float32, BatchNorm layer ``j``'s mean and variance per task
+  (``per_task`` statistics);
+* ``norm_running.<j>``: ``(2, C_j)`` float32, its running statistics (the shared ones, or the
+  task in training's);
+* ``task_classes`` (class-incremental streams): ``(k, c)`` int64, each task's classes, -1 padded.
 """
 
 from __future__ import annotations
@@ -15,37 +22,55 @@ import torch
 
 from . import masks as M
 from .layers import SupermaskLayer
+from .norm import TaskBatchNorm
 
 __all__ = ["bank_sha256", "bank_state", "check_bank_state"]
 
 
-def bank_state(layers: Sequence[SupermaskLayer]) -> dict[str, torch.Tensor]:
-    """Packed bank rows per layer (exactly the banked masks), on the CPU."""
-    return {f"bank.{i}": layer.bank_rows.detach().cpu().clone() for i, layer in enumerate(layers)}
+def bank_state(layers: Sequence[SupermaskLayer], norms: Sequence[TaskBatchNorm] = ()) -> dict[str, torch.Tensor]:
+    """Packed bank rows per layer (exactly the banked masks) and BatchNorm statistics, on the CPU."""
+    out = {f"bank.{i}": layer.bank_rows.detach().cpu().clone() for i, layer in enumerate(layers)}
+    for j, bn in enumerate(norms):
+        if bn.keeps_stats:
+            out[f"norm.{j}"] = bn.stats_rows().detach().cpu().clone()
+        if bn.norm != "batch":
+            out[f"norm_running.{j}"] = torch.stack([bn.running_mean, bn.running_var]).detach().cpu().clone()
+    return out
 
 
-def bank_sha256(layers: Sequence[SupermaskLayer], num_tasks: int | None = None) -> str:
-    """SHA-256 of the packed bank, task by task (task 0's rows of every layer, then task 1's,
-    ...): equal digests mean bitwise-equal masks. ``num_tasks`` hashes the first tasks only."""
+def bank_sha256(layers: Sequence[SupermaskLayer], num_tasks: int | None = None,
+                norms: Sequence[TaskBatchNorm] = ()) -> str:
+    """SHA-256 of the bank, task by task (task 0's mask rows of every layer and its BatchNorm
+    statistics, then task 1's, ...): equal digests mean bitwise-equal banks. ``num_tasks``
+    hashes the first tasks only."""
     h = hashlib.sha256()
     k = layers[0].num_masks if num_tasks is None else num_tasks
     rows = [layer.bank_rows[:k].detach().cpu() for layer in layers]
+    stats = [bn.stats_rows()[:k].detach().cpu().contiguous() for bn in norms if bn.keeps_stats]
     for t in range(k):
-        for r in rows:
+        for r in [*rows, *stats]:
             h.update(r[t].numpy().tobytes())
     return h.hexdigest()
 
 
 def check_bank_state(layers: Sequence[SupermaskLayer], state: dict[str, torch.Tensor],
-                     capacity: int) -> list[torch.Tensor]:
-    """Validate a bank mapping against ``layers``; returns each layer's rows, padded to whole
-    64-bit words where a bank saved by 0.1.0 packed them to whole bytes.
+                     capacity: int, norms: Sequence[TaskBatchNorm] = ()) -> tuple[list[torch.Tensor], dict]:
+    """Validate a bank mapping against ``layers`` and ``norms``; returns each masked layer's
+    rows (padded to whole 64-bit words where a bank saved by 0.1.0 packed them to whole bytes)
+    and ``{key: tensor}`` of the BatchNorm entries.
 
     Raises:
         ValueError: missing or extra layers, different mask counts, more masks than
             ``capacity``, wrong dtype or row width.
     """
     expected = {f"bank.{i}" for i in range(len(layers))}
+    if "task_classes" in state:  # optional: each task's classes (class-incremental streams)
+        expected.add("task_classes")
+    for j, bn in enumerate(norms):
+        if bn.keeps_stats:
+            expected.add(f"norm.{j}")
+        if bn.norm != "batch":
+            expected.add(f"norm_running.{j}")
     if set(state) != expected:
         raise ValueError(f"bank state has keys {sorted(state)}, expected {sorted(expected)}")
     counts = {state[f"bank.{i}"].shape[0] for i in range(len(layers))}
@@ -66,4 +91,12 @@ def check_bank_state(layers: Sequence[SupermaskLayer], state: dict[str, torch.Te
         if t.dtype != torch.uint8 or tuple(t.shape) != want:
             raise ValueError(f"bank.{i}: expected uint8 {want}, got {t.dtype} {tuple(t.shape)}")
         out.append(t)
-    return out
+    norm_entries = {}
+    for j, bn in enumerate(norms):
+        for key, want in ((f"norm.{j}", (k, 2, bn.num_features)), (f"norm_running.{j}", (2, bn.num_features))):
+            if key in expected:
+                t = state[key]
+                if t.dtype != torch.float32 or tuple(t.shape) != want:
+                    raise ValueError(f"{key}: expected float32 {want}, got {t.dtype} {tuple(t.shape)}")
+                norm_entries[key] = t
+    return out, norm_entries

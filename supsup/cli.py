@@ -3,6 +3,7 @@
     supsup run CONFIG.yaml|NAME [--set key=value ...] [--out DIR] [--resume DIR]
     supsup eval DIR [--scenario GG|GN|NN] [--set key=value ...]
     supsup configs
+    supsup report DIR
     supsup data mnist [--root DIR]
 
 Mistakes in a config or a command are one line on stderr and exit code 2, no traceback.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a config key (dotted, e.g. train.iterations=300); repeatable")
     run.add_argument("--out", help="output directory (default runs/<config name>)")
     run.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR after its last finished task")
+    run.add_argument("--threads", type=int, metavar="N",
+                     help="CPU threads for torch and numba (default: OMP_NUM_THREADS, else all cores)")
 
     ev = sub.add_parser("eval", help="evaluate a saved mask bank without training")
     ev.add_argument("dir", help="a run directory holding checkpoint.pt")
@@ -44,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="GG/GN: recompute the accuracy-vs-tasks points eval.at_tasks from the bank's first n masks")
 
     sub.add_parser("configs", help="list the configs shipped with supsup (run one with `supsup run NAME`)")
+
+    rep = sub.add_parser("report", help="write DIR/report.md and its figures for a finished run")
+    rep.add_argument("dir", help="a run directory holding results.json (and checkpoint.pt for the mask figures)")
+    rep.add_argument("--max-tasks", type=int, default=40, help="tasks sampled for the mask overlap figure")
 
     data = sub.add_parser("data", help="provision datasets")
     data_sub = data.add_subparsers(dest="dataset", required=True)
@@ -76,13 +84,33 @@ def _cmd_run(args) -> int:
             return _fail("run needs a CONFIG file (or --resume DIR)")
         cfg = load_config(args.config, args.overrides)
         out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    if args.threads is not None:
+        _set_threads(args.threads)
+    from .experiment.distributed import DistributedError
+
     try:
         results = run_experiment(cfg, out, resume=bool(args.resume))
     except CheckpointError as err:
         return _fail(str(err))
-    print(format_table(results))
-    print(f"wrote {out}/results.json, {out}/accuracy.png, {out}/config.yaml, {out}/checkpoint.pt")
+    except DistributedError as err:
+        return _fail(f"{err}. The last checkpoint in {out} is intact: continue with --resume {out}", 1)
+    if int(os.environ.get("RANK", "0")) == 0:  # several processes (torchrun): rank 0 reports
+        print(format_table(results))
+        print(f"wrote {out}/results.json, {out}/accuracy.png, {out}/config.yaml, {out}/checkpoint.pt")
     return 0
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    if n < 1:
+        raise SystemExit(_fail(f"--threads must be >= 1, got {n}"))
+    torch.set_num_threads(n)
+    try:
+        import numba
+    except ImportError:  # pragma: no cover - numba is a dependency
+        return
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
 def _cmd_eval(args) -> int:
@@ -127,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .data.errors import DataUnavailableError
 
     try:
         if args.command == "run":
@@ -135,8 +164,15 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_eval(args)
         if args.command == "configs":
             return _cmd_configs(args)
+        if args.command == "report":
+            from .experiment.runreport import write_run_report
+
+            print(f"wrote {write_run_report(args.dir, max_tasks=args.max_tasks)}")
+            return 0
         return _cmd_data(args)
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, DataUnavailableError) as err:
+        if int(os.environ.get("RANK", "0")) != 0:  # several processes: every rank has the same error
+            return 2
         return _fail(str(err))
     except KeyboardInterrupt:
         return _fail("interrupted (the last checkpoint is intact; continue with --resume)", 130)

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from .config import NNConfig, TrainConfig
 from .inference import alpha_gradients, candidate_extras
 from .model import SupermaskModel
-from .training import make_optimizer, train_loss
+from .objectives import entropy
+from .training import make_optimizer, training_autocast
 
 __all__ = ["Decision", "NNDetector", "NNState", "Verdict", "mask_to_task", "nn_detection_gradients",
            "shared_masks", "train_unlabeled"]
@@ -44,17 +45,22 @@ class NNState:
     capacity_warned: bool = False
     #: counts[mask][true_task] = batches of that true task trained on that mask (reporting only)
     counts: dict[int, dict[int, int]] = field(default_factory=dict)
+    #: calibrated rule: calibration[mask] = [mean, variance] of the entropy (mean over a
+    #: batch's images) that the mask shows on its own task's training batches (moving averages)
+    calibration: dict[int, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"batches_seen": self.batches_seen, "batches_on_mask": self.batches_on_mask,
                 "allocations": list(self.allocations), "capacity_warned": self.capacity_warned,
-                "counts": {str(m): {str(t): c for t, c in d.items()} for m, d in self.counts.items()}}
+                "counts": {str(m): {str(t): c for t, c in d.items()} for m, d in self.counts.items()},
+                "calibration": {str(m): list(v) for m, v in self.calibration.items()}}
 
     @classmethod
     def from_dict(cls, d: dict) -> NNState:
         return cls(batches_seen=int(d["batches_seen"]), batches_on_mask=int(d["batches_on_mask"]),
                    allocations=[int(a) for a in d["allocations"]], capacity_warned=bool(d["capacity_warned"]),
-                   counts={int(m): {int(t): int(c) for t, c in v.items()} for m, v in d["counts"].items()})
+                   counts={int(m): {int(t): int(c) for t, c in v.items()} for m, v in d["counts"].items()},
+                   calibration={int(m): [float(x) for x in v] for m, v in d.get("calibration", {}).items()})
 
 
 class Decision(enum.Enum):
@@ -135,9 +141,12 @@ class NNDetector:
             return Verdict(Decision.KEEP, self.model.active_task)
         return self._check(x)
 
-    def after_step(self, true_task: int | None = None) -> None:
-        """Count the batch just trained (``true_task``: the benchmark's label, reporting only)."""
+    def after_step(self, true_task: int | None = None, logits: torch.Tensor | None = None) -> None:
+        """Count the batch just trained (``true_task``: the benchmark's label, reporting only;
+        ``logits``: its training forward, which the calibrated rule follows)."""
         state = self.state
+        if logits is not None and self.cfg.rule == "calibrated":
+            self._calibrate(float(entropy(logits.detach().float().unsqueeze(0), 1)))
         if true_task is not None:
             counts = state.counts.setdefault(self.model.active_task, {})
             counts[true_task] = counts.get(true_task, 0) + 1
@@ -149,14 +158,57 @@ class NNDetector:
         self.state.allocations.append(self.state.batches_seen)
         self.state.batches_on_mask = 0
 
+    def _calibrate(self, h: float) -> None:
+        """Moving mean and variance of the active mask's entropy on its training batches."""
+        m = self.cfg.calibration_momentum
+        # a new mask starts from its first batch; one trained again continues its own statistics
+        mean, var = self.state.calibration.get(self.model.active_task, [h, 0.0])
+        delta = h - mean
+        mean += m * delta
+        var = (1 - m) * (var + m * delta * delta)
+        self.state.calibration[self.model.active_task] = [mean, var]
+
+    def _z(self, mask: int, h: float) -> float:
+        mean, var = self.state.calibration.get(mask, [h, 0.0])
+        return (h - mean) / max(var ** 0.5, self.cfg.calibration_min_std)
+
+    @torch.no_grad()
+    def _calibrated_rule(self, x: torch.Tensor) -> tuple[bool, int, float]:
+        """(new task?, best mask, statistic): the batch's entropy under a mask against what
+        that mask shows on its own task, ``z = (H - mean) / std``; the active mask keeps the
+        batch when ``z <= nn.z_threshold``, else the banked mask with the smallest ``z`` under
+        the threshold takes it, else it is a new task. The banked masks are shortlisted by the
+        entropy gradient (as the paper's check) when there are more than ``nn.shortlist``."""
+        model, cfg = self.model, self.cfg
+        active = model.active_task
+        banked = [m for m in range(model.num_banked_tasks) if m != active]
+        if len(banked) > cfg.shortlist:
+            grads, _ = nn_detection_gradients(model, x)
+            order = grads.argsort().tolist()
+            banked = [m for m in order if m != active][: cfg.shortlist]
+        z = {}
+        for m in [active, *banked]:
+            with model.use_task(m):
+                z[m] = self._z(m, float(entropy(model(x).float().unsqueeze(0), 1)))
+        if z[active] <= cfg.z_threshold:
+            return False, active, z[active]
+        best = min(banked, key=lambda m: z[m], default=None)
+        if best is not None and z[best] <= cfg.z_threshold:
+            return False, best, z[best]
+        return True, active if best is None else best, min(z.values())
+
     def _check(self, x: torch.Tensor) -> Verdict:
         model, cfg, state = self.model, self.cfg, self.state
         k = model.num_learned_tasks
-        n = max(k, cfg.min_candidates)
-        grads, conf = nn_detection_gradients(model, x, extra=candidate_extras(model, include_active=True, pad_to=n))
-        best = int(grads[:k].argmin())
         active = model.active_task
-        if conf < cfg.threshold / n:  # no learned mask is sure of this batch: a new task
+        if cfg.rule == "calibrated":
+            is_new, best, conf = self._calibrated_rule(x)
+        else:  # the paper's: n * max softmax(-grad) below the threshold over n >= min_candidates masks
+            n = max(k, cfg.min_candidates)
+            grads, conf = nn_detection_gradients(model, x, extra=candidate_extras(model, include_active=True, pad_to=n))
+            best = int(grads[:k].argmin())
+            is_new = conf < cfg.threshold / n
+        if is_new:  # no learned mask is sure of this batch: a new task
             if state.batches_on_mask < cfg.min_batches_per_task:
                 log.info("NN guard: mask %d trained only %d batches; not allocating", active, state.batches_on_mask)
                 return Verdict(Decision.KEEP, active, conf)
@@ -188,23 +240,28 @@ class NNDetector:
 
 def train_unlabeled(detector: NNDetector, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                     optimizer: torch.optim.Optimizer | None, cfg: TrainConfig, *, true_task: int | None = None,
-                    total: int | None = None, progress: bool = True) -> torch.optim.Optimizer | None:
+                    total: int | None = None, progress: bool = True) -> tuple[torch.optim.Optimizer | None, float]:
     """Train on a stretch of an unlabeled stream, the detector choosing the mask of every batch
     (a fresh optimizer whenever it changes). ``true_task`` is the benchmark's label of these
-    batches, for reporting only. Returns the optimizer of the mask in training at the end."""
+    batches, for reporting only. Returns the optimizer of the mask in training at the end and
+    the mean loss of the last 50 steps."""
     model = detector.model
     bar = tqdm(batches, total=total, desc=f"NN (true task {true_task})", disable=not progress,
                leave=False, dynamic_ncols=True)
+    recent: list[float] = []
     for x, y in bar:
         if detector.observe(x).mask_changed or optimizer is None:
             optimizer = make_optimizer(model.trainable_parameters(), cfg)
         model.train_mode()
-        loss = train_loss(model, x, y, cfg.precision)
+        with training_autocast(cfg.precision, x.device):
+            logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        detector.after_step(true_task)
+        detector.after_step(true_task, logits=logits)
+        recent = [*recent[-49:], loss.item()]
         if detector.state.batches_seen % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}", masks=model.num_learned_tasks)
+            bar.set_postfix(loss=f"{recent[-1]:.3f}", masks=model.num_learned_tasks)
     bar.close()
-    return optimizer
+    return optimizer, sum(recent) / max(1, len(recent))

@@ -24,7 +24,7 @@ the same masks give the same numbers through both by construction.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,7 +33,7 @@ from .inference import infer_tasks
 from .model import SupermaskModel
 
 __all__ = ["BatchOutcome", "TaskScores", "classify", "evaluate_given_task", "evaluate_inferred",
-           "infer_batch_masks", "score_task"]
+           "evaluate_per_image", "infer_batch_masks", "score_task"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -57,10 +57,13 @@ class BatchOutcome:
 
 @dataclass(frozen=True)
 class TaskScores:
-    """One task's scores under the GN protocol (see the module docstring)."""
+    """One task's scores under the GN protocol (see the module docstring), and where its
+    batches went: ``inferred_counts[t]`` batches were inferred as task ``t`` (a row of the
+    task-inference confusion matrix)."""
 
     acc_inferred: float
     task_inference_acc: float
+    inferred_counts: dict[int, int] = field(default_factory=dict)
 
 
 def score_task(task_id: int, outcomes: Sequence[BatchOutcome]) -> TaskScores:
@@ -68,8 +71,11 @@ def score_task(task_id: int, outcomes: Sequence[BatchOutcome]) -> TaskScores:
     inferred right (then by its predictions); a wrongly inferred batch counts as all wrong."""
     total = sum(o.size for o in outcomes)
     right = [o for o in outcomes if o.inferred_task == task_id]
+    counts: dict[int, int] = {}
+    for o in outcomes:
+        counts[o.inferred_task] = counts.get(o.inferred_task, 0) + 1
     return TaskScores(acc_inferred=sum(o.correct for o in right) / max(1, total),
-                      task_inference_acc=len(right) / max(1, len(outcomes)))
+                      task_inference_acc=len(right) / max(1, len(outcomes)), inferred_counts=dict(sorted(counts.items())))
 
 
 @torch.no_grad()
@@ -112,7 +118,8 @@ def infer_batch_masks(model: SupermaskModel, images: Sequence[torch.Tensor], cfg
             chunk = members[start: start + cfg.group_size]
             xs = torch.stack([images[i][:n] for i in chunk])
             tasks, _ = infer_tasks(model, xs, method=cfg.method, objective=cfg.objective,
-                                   num_classes=model.num_classes, log_base=cfg.log_base, packed=packed, extra=extra)
+                                   num_classes=model.num_classes, log_base=cfg.log_base, refine=cfg.refine,
+                                   refine_candidates=cfg.refine_candidates, packed=packed, extra=extra)
             for i, t in zip(chunk, tasks.tolist()):
                 predicted[i] = int(t)
     return predicted
@@ -143,3 +150,22 @@ def evaluate_inferred(model: SupermaskModel, batches: Sequence[Batch], task_id: 
             correct = classify(model, x, y, mask)
         outcomes.append(BatchOutcome(size=y.numel(), inferred_task=stands_for, correct=correct))
     return score_task(task_id, outcomes)
+
+
+@torch.no_grad()
+def evaluate_per_image(model: SupermaskModel, batches: Sequence[Batch], cfg: InferenceConfig, *,
+                       packed: list[torch.Tensor] | None = None, extra: list[torch.Tensor] | None = None) -> float:
+    """Accuracy when the task of every test image is inferred from that image alone and the
+    image classified with the inferred mask (among that task's classes): the class-incremental
+    reading, where a test image need not come with others of its task."""
+    correct = total = 0
+    for x, y in batches:
+        tasks, _ = infer_tasks(model, x.unsqueeze(1), method=cfg.method, objective=cfg.objective,
+                               num_classes=model.num_classes, log_base=cfg.log_base, refine=cfg.refine,
+                               refine_candidates=cfg.refine_candidates, packed=packed, extra=extra)
+        for mask in tasks.unique().tolist():
+            rows = tasks == mask
+            with model.use_task(int(mask)):
+                correct += int((model.predict(x[rows]) == y[rows]).sum())
+        total += y.numel()
+    return correct / max(1, total)

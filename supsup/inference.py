@@ -29,8 +29,8 @@ from .model import SupermaskModel
 from .objectives import OBJECTIVES
 from .registry import Registry
 
-__all__ = ["INFERENCE_METHODS", "InferenceError", "alpha_gradients", "alpha_gradients_reference",
-           "candidate_extras", "default_objective", "float_stacks", "infer_task", "infer_tasks"]
+__all__ = ["INFERENCE_METHODS", "REFINEMENTS", "InferenceError", "alpha_gradients", "alpha_gradients_reference",
+           "candidate_extras", "default_objective", "exact_objectives", "float_stacks", "infer_task", "infer_tasks"]
 
 #: task-inference methods by name: ``fn(model, x, k, *, objective, num_classes, log_base,
 #: packed, extra) -> (tasks (G,), gradient evaluations)``
@@ -168,7 +168,8 @@ def alpha_gradients(model: SupermaskModel, x: torch.Tensor, alphas: torch.Tensor
     try:
         if bool((alphas == alphas[:1]).all()):  # the same superposition for every group
             coefs = _superposed_coefs(model, blocks, alphas[:1], bank_in_place=packed is None)
-            model.superpose_fixed([c[0] for c in coefs])
+            # BatchNorm: each inference normalises with its own images' statistics
+            model.superpose_fixed([c[0] for c in coefs], groups=G)
             io = _layer_io_grads(model, x, objective, num_classes)
         else:
             # Different alphas per group (binary search): one forward per group, with the
@@ -233,42 +234,84 @@ def alpha_gradients_reference(model: SupermaskModel, x: torch.Tensor, alphas: to
 
 
 def _one_shot(model: SupermaskModel, x: torch.Tensor, k: int, *, objective: str, num_classes: int,
-              log_base: float, packed, extra) -> tuple[torch.Tensor, int]:
-    """Paper Alg. 1: ``argmin_i d obj / d alpha_i`` at ``alpha = 1/k`` (one gradient)."""
+              log_base: float, packed, extra, keep: int = 1) -> tuple[torch.Tensor, int]:
+    """Paper Alg. 1: ``argmin_i d obj / d alpha_i`` at ``alpha = 1/k`` (one gradient). Returns the
+    ``keep`` best candidates per group, best first."""
     alphas = torch.full((x.shape[0], k), 1.0 / k, dtype=x.dtype, device=x.device)
     grads = alpha_gradients(model, x, alphas, objective=objective, num_classes=num_classes,
                             packed=packed, extra=extra)
-    return grads.argmin(dim=1), 1
+    if keep == 1:
+        return grads.argmin(dim=1, keepdim=True), 1
+    return grads.topk(min(keep, k), dim=1, largest=False).indices, 1
 
 
 def _binary(model: SupermaskModel, x: torch.Tensor, k: int, *, objective: str, num_classes: int,
-            log_base: float, packed, extra) -> tuple[torch.Tensor, int]:
+            log_base: float, packed, extra, keep: int = 1) -> tuple[torch.Tensor, int]:
     """Paper Alg. 2: keep the best ``1/log_base`` of the candidates (most negative gradient),
-    put alpha uniform over the survivors, repeat until one is left."""
+    put alpha uniform over the survivors, repeat until one is left (or ``keep``; returned best
+    first by the last gradient)."""
     G = x.shape[0]
     alive = torch.ones(G, k, dtype=torch.bool, device=x.device)
     count, steps = k, 0  # every group starts from k and follows the same rule: one count for all
-    while count > 1:
+    order = torch.arange(k, device=x.device).expand(G, k)
+    while count > keep:
         alphas = alive.to(x.dtype) / count
         grads = alpha_gradients(model, x, alphas, objective=objective, num_classes=num_classes,
                                 packed=packed, extra=extra)
         steps += 1
         grads = grads.masked_fill(~alive, math.inf)
-        count = M.binary_keep(count, log_base)
+        count = max(keep, M.binary_keep(count, log_base))
         order = grads.argsort(dim=1, stable=True)
         ranks = torch.empty_like(order)
         ranks.scatter_(1, order, torch.arange(k, device=x.device).expand(G, k))
         alive = ranks < count
-    return alive.float().argmax(dim=1), steps
+    return order[:, :count], steps
 
 
 INFERENCE_METHODS.register("one_shot")(_one_shot)
 INFERENCE_METHODS.register("binary")(_binary)
 
+#: what follows the gradient's ranking: ``none`` (the paper) or ``exact`` (see :func:`infer_tasks`)
+REFINEMENTS = ("none", "exact")
+
+
+def _candidate_masks(model: SupermaskModel, blocks: list[list[torch.Tensor]], index: int) -> list[torch.Tensor]:
+    """Candidate ``index``'s mask per layer, as floats shaped like the weight."""
+    out = []
+    for layer, rows in zip(model.masked_layers, blocks):
+        i = index
+        for r in rows:
+            if i < r.shape[0]:
+                out.append(M.unpack_bits(r[i], layer.num_weights).view_as(layer.weight).to(layer.weight.dtype))
+                break
+            i -= r.shape[0]
+    return out
+
+
+@torch.no_grad()
+def exact_objectives(model: SupermaskModel, x: torch.Tensor, shortlist: torch.Tensor, *, objective: str,
+                     num_classes: int, packed=None, extra=None) -> torch.Tensor:
+    """The objective of each group ``x[g]`` ``(n, ...)`` under each of its candidates alone
+    (``shortlist`` ``(G, r)`` candidate indices): ``(G, r)``. One forward per distinct candidate,
+    over every group that has it; the bank is read in place (one mask unpacked at a time)."""
+    blocks = _candidate_blocks(model, packed, extra)
+    G, n = x.shape[:2]
+    out = torch.full(shortlist.shape, math.inf, dtype=x.dtype, device=x.device)
+    try:
+        for cand in shortlist.unique().tolist():
+            where = (shortlist == cand).nonzero()
+            groups = where[:, 0]
+            model.superpose_fixed(_candidate_masks(model, blocks, int(cand)), groups=len(groups))
+            logits = model(x[groups].reshape(len(groups) * n, *x.shape[2:]))
+            out[groups, where[:, 1]] = OBJECTIVES.get(objective)(logits.view(len(groups), n, -1), num_classes)
+    finally:
+        model.restore_mode()
+    return out
+
 
 def infer_tasks(model: SupermaskModel, x: torch.Tensor, *, method: str = "one_shot", objective: str = "g",
-                num_classes: int | None = None, log_base: float = 2.0,
-                packed: list[torch.Tensor] | None = None,
+                num_classes: int | None = None, log_base: float = 2.0, refine: str = "none",
+                refine_candidates: int = 5, packed: list[torch.Tensor] | None = None,
                 extra: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
     """Infer the task of each of ``G`` groups of images.
 
@@ -277,6 +320,10 @@ def infer_tasks(model: SupermaskModel, x: torch.Tensor, *, method: str = "one_sh
         method: a registered method (:data:`INFERENCE_METHODS`): ``one_shot`` or ``binary``.
         objective: ``g`` or ``entropy`` (:data:`supsup.objectives.OBJECTIVES`).
         num_classes: real classes (default: the model's ``num_classes``).
+        refine: ``none`` (the paper: the gradient decides) or ``exact`` (beyond the paper: the
+            gradient shortlists ``refine_candidates`` masks, one-shot's best or binary search
+            stopped there, and the objective evaluated exactly under each of them alone picks
+            the task; :func:`exact_objectives`).
         packed, extra: the candidate masks, as for :func:`alpha_gradients` (default: the
             bank's finished tasks).
 
@@ -291,11 +338,19 @@ def infer_tasks(model: SupermaskModel, x: torch.Tensor, *, method: str = "one_sh
         raise InferenceError("no candidate masks: learn a task first")
     if method not in INFERENCE_METHODS:
         raise ValueError(f"unknown inference method {method!r}; known: {', '.join(INFERENCE_METHODS.names())}")
+    if refine not in REFINEMENTS:
+        raise ValueError(f"unknown refine {refine!r}; known: {', '.join(REFINEMENTS)}")
     if k == 1:
         return torch.zeros(G, dtype=torch.long, device=x.device), 0
     num_classes = model.num_classes if num_classes is None else num_classes
-    return INFERENCE_METHODS.get(method)(model, x, k, objective=objective, num_classes=num_classes,
-                                         log_base=log_base, packed=packed, extra=extra)
+    keep = min(k, refine_candidates) if refine == "exact" else 1
+    shortlist, steps = INFERENCE_METHODS.get(method)(model, x, k, objective=objective, num_classes=num_classes,
+                                                     log_base=log_base, packed=packed, extra=extra, keep=keep)
+    if keep == 1:
+        return shortlist[:, 0], steps
+    exact = exact_objectives(model, x, shortlist, objective=objective, num_classes=num_classes, packed=packed,
+                             extra=extra)
+    return shortlist.gather(1, exact.argmin(dim=1, keepdim=True)).squeeze(1), steps
 
 
 def default_objective(model: SupermaskModel) -> str:

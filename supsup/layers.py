@@ -23,9 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import masks as M
+from .norm import TaskBatchNorm
 from .registry import Registry
 
-__all__ = ["SCORE_INITS", "SupermaskLayer", "MaskedLinear", "MaskedConv2d", "wrap_layer", "SUPPORTED_LAYERS"]
+__all__ = ["SCORE_INITS", "SupermaskLayer", "MaskedLinear", "MaskedConv2d", "wrap_backbone", "wrap_layer",
+           "SUPPORTED_LAYERS"]
 
 #: a new task's initial scores by name: ``fn(shape, dtype, generator) -> tensor`` (on the CPU,
 #: so that every device gets the same numbers)
@@ -40,6 +42,9 @@ def kaiming_uniform_scores(shape: torch.Size, dtype: torch.dtype, generator: tor
 
 
 SCORE_INITS.register("kaiming_uniform")(kaiming_uniform_scores)
+#: "SupSup Transfer" (paper Sec. 4.4): a Kaiming-uniform draw averaged with the earlier tasks'
+#: masks (see :meth:`SupermaskLayer.transfer_scores`)
+SCORE_INITS.register("transfer")(kaiming_uniform_scores)
 
 
 class _SuperposedMask(torch.autograd.Function):
@@ -83,6 +88,8 @@ class SupermaskLayer(nn.Module):
         self.density = density
         self.score_init = SCORE_INITS.get(score_init)
         self.scores: nn.Parameter | None = None
+        #: a sampled mask kind's generator while a task trains (set by the model)
+        self.sampler: torch.Generator | None = None
         self.register_buffer("bank", torch.zeros(0, M.packed_nbytes(weight.numel()), dtype=torch.uint8, device=weight.device))
         self.num_masks = 0
         self._mode = "idle"
@@ -192,6 +199,23 @@ class SupermaskLayer(nn.Module):
         so that every device gets the same numbers."""
         return self.score_init(self.weight.shape, self.weight.dtype, generator).to(self.weight.device)
 
+    def transfer_scores(self, fresh: torch.Tensor) -> torch.Tensor:
+        """"SupSup Transfer" from 1-bit masks: the official code starts task ``t``'s scores
+        from the mean of the earlier tasks' float scores, which are not kept here. The closest
+        faithful variant: each earlier task ``i`` stands for a score tensor at the init's scale
+        ``b`` (the Kaiming-uniform bound), ``b (2 M_i - 1)`` for threshold masks (the sign of
+        its scores) or ``b M_i`` for top-k masks (kept weights rank first), and the new scores
+        are the mean over those ``t`` tensors and the fresh draw ``fresh`` (which breaks the
+        ties). Costs O(P) from the bank's mask count, whatever ``t``."""
+        t = self.num_masks
+        if t == 0:
+            return fresh
+        fan_in = self.weight[0].numel()
+        bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_ with a = sqrt(5): gain sqrt(1/3) * sqrt(3 / fan_in)
+        count = self.mask_count().to(fresh.device, fresh.dtype)
+        earlier = bound * (2 * count - t) if self.mask_kind == "threshold" else bound * count
+        return (fresh + earlier) / (t + 1)
+
     def set_scores(self, scores: torch.Tensor) -> None:
         """Start training from ``scores`` (shape of the weight)."""
         if scores.shape != self.weight.shape:
@@ -207,7 +231,7 @@ class SupermaskLayer(nn.Module):
         self.scores = None
 
     # ------------------------------------------------------------------------ modes
-    def _set_mode(self, mode: str, *, task_mask: torch.Tensor | None = None,
+    def set_mode(self, mode: str, *, task_mask: torch.Tensor | None = None,
                   alphas: torch.Tensor | None = None, packed: torch.Tensor | None = None,
                   coef: torch.Tensor | None = None) -> None:
         self._mode = mode
@@ -223,7 +247,7 @@ class SupermaskLayer(nn.Module):
         if mode == "train":
             if self.scores is None:
                 raise RuntimeError("train mode without active scores")
-            return M.masked_weight(self.weight, self.scores, self.mask_kind, self.density)
+            return M.masked_weight(self.weight, self.scores, self.mask_kind, self.density, self.sampler)
         if mode == "task":
             if self._cached_weight is None:
                 # Same product as in training, so a banked mask gives bitwise-identical outputs.
@@ -302,3 +326,22 @@ def wrap_layer(layer: nn.Module, **kwargs) -> SupermaskLayer:
         if type(layer) is cls:
             return wrapper(layer, **kwargs)
     raise TypeError(f"cannot mask {type(layer).__name__}; supported: {', '.join(c.__name__ for c in SUPPORTED_LAYERS)}")
+
+
+def wrap_backbone(module: nn.Module, norm: str, **layer_kwargs) -> None:
+    """Wrap, in place, every ``nn.Linear`` / ``nn.Conv2d`` of ``module`` (:func:`wrap_layer`)
+    and every non-affine BatchNorm (:class:`~supsup.norm.TaskBatchNorm` with ``norm``);
+    ``TypeError`` for any other module that holds parameters."""
+    for name, child in module.named_children():
+        if isinstance(child, (nn.Linear, nn.Conv2d)):
+            setattr(module, name, wrap_layer(child, **layer_kwargs))
+        elif isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(module, name, TaskBatchNorm(child, norm=norm))
+        elif isinstance(child, (SupermaskLayer, TaskBatchNorm)):
+            raise TypeError(f"{name} is already wrapped")
+        else:
+            if any(True for _ in child.parameters(recurse=False)):
+                raise TypeError(
+                    f"cannot freeze {type(child).__name__} ({name}): only nn.Linear and nn.Conv2d "
+                    "may hold parameters in a SupSup backbone (and non-affine BatchNorm, statistics only)")
+            wrap_backbone(child, norm, **layer_kwargs)

@@ -12,8 +12,11 @@ kernel (:mod:`supsup._kernels`) handles 64 weights per word.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import os
+from collections.abc import Iterator
 
 import torch
 
@@ -21,7 +24,9 @@ from .registry import Registry
 
 __all__ = [
     "MASK_KINDS",
+    "SAMPLED_KINDS",
     "masked_weight",
+    "sample_mask",
     "topk_mask",
     "threshold_mask",
     "binarize",
@@ -32,6 +37,7 @@ __all__ = [
     "bank_bilinear",
     "bank_weighted_sum",
     "bit_kernels_available",
+    "kernel_threads",
 ]
 
 
@@ -80,6 +86,12 @@ def topk_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
 
 MASK_KINDS.register("threshold")(lambda scores, density: threshold_mask(scores))
 MASK_KINDS.register("topk")(topk_mask)
+# Bernoulli supermasks (Zhou et al., 2019): trained on masks sampled with p = sigmoid(scores);
+# the banked mask is the most likely one, p >= 0.5, i.e. scores >= 0.
+MASK_KINDS.register("bernoulli")(lambda scores, density: threshold_mask(scores))
+
+#: mask kinds whose training forward samples the mask (from a generator the layer is given)
+SAMPLED_KINDS = ("bernoulli",)
 
 
 def binarize(scores: torch.Tensor, kind: str, density: float = 0.5) -> torch.Tensor:
@@ -89,9 +101,36 @@ def binarize(scores: torch.Tensor, kind: str, density: float = 0.5) -> torch.Ten
     return MASK_KINDS.get(kind)(scores, density)
 
 
+class _SampledWeight(torch.autograd.Function):
+    """``W * M`` with ``M ~ Bernoulli(sigmoid(scores))`` sampled in the forward; the straight-
+    through gradient treats the sample as its probability: ``d loss / d scores = grad_out * W *
+    sigmoid'(scores)`` (Zhou et al., 2019)."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(scores, weight)
+        return weight * mask.view(torch.uint8)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        scores, weight = ctx.saved_tensors
+        p = torch.sigmoid(scores)
+        return grad_out * weight * p * (1 - p), None, None
+
+
+def sample_mask(scores: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A Bernoulli mask ``M ~ Bernoulli(sigmoid(scores))`` (bool, shape of ``scores``), drawn
+    from ``generator`` on its device (the CPU for a CPU generator) and moved to the scores'."""
+    u = torch.rand(scores.shape, generator=generator, device=generator.device)
+    return u.to(scores.device) < torch.sigmoid(scores.detach())
+
+
 def masked_weight(weight: torch.Tensor, scores: torch.Tensor, kind: str = "threshold",
-                  density: float = 0.5) -> torch.Tensor:
-    """Effective weight ``W * binarize(scores)``; gradients flow to ``scores`` only (STE)."""
+                  density: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Effective weight ``W * binarize(scores)``; gradients flow to ``scores`` only (STE). For a
+    sampled kind (``bernoulli``) with a ``generator``, ``W * M`` with a freshly sampled mask."""
+    if kind in SAMPLED_KINDS and generator is not None:
+        return _SampledWeight.apply(scores, weight, sample_mask(scores, generator))
     mask = binarize(scores.detach(), kind, density)
     if kind == "topk":
         # edge-popup ranks |scores|: the straight-through gradient reaches |scores|, and
@@ -143,14 +182,44 @@ def _chunk_bytes(k: int, nbytes: int, budget: int) -> int:
 KERNEL_MAX_COLUMNS = 8
 
 
+#: environment variable: ``torch`` forces the plain torch implementations on the CPU too
+#: (what runs on a GPU); unset or ``auto``: the compiled kernels where they apply
+KERNELS_ENV_VAR = "SUPSUP_KERNELS"
+
+
 @functools.lru_cache(maxsize=1)
 def _kernels():
-    """:mod:`supsup._kernels`, or None when numba cannot be imported."""
+    """:mod:`supsup._kernels`, or None when numba cannot be imported or ``SUPSUP_KERNELS=torch``."""
+    choice = os.environ.get(KERNELS_ENV_VAR, "auto")
+    if choice not in ("auto", "torch"):
+        raise ValueError(f"{KERNELS_ENV_VAR}={choice!r}: use 'torch' (torch implementations only) or 'auto'")
+    if choice == "torch":
+        return None
     try:
         from . import _kernels
     except ImportError:  # pragma: no cover - numba is a dependency; stay usable without it
         return None
     return _kernels
+
+
+@contextlib.contextmanager
+def kernel_threads() -> Iterator[None]:
+    """Run a compiled kernel with torch's thread count, and leave torch's as it was.
+
+    numba's OpenMP layer shares the OpenMP runtime with torch, and the first parallel launch
+    resets that runtime's thread count to numba's default (every core), which would silently
+    change torch's: a job given 1 thread (``OMP_NUM_THREADS=1``, ``torch.set_num_threads``)
+    would run on all cores. So the kernel uses ``torch.get_num_threads()`` threads, and torch's
+    count is put back if the launch changed it."""
+    n = torch.get_num_threads()
+    kernels = _kernels()
+    if kernels is not None:
+        kernels.set_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
 
 
 def bit_kernels_available() -> bool:
@@ -179,7 +248,8 @@ def _kernel_dot(packed: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     buf = u.new_zeros(G, nw * 64)  # zero past the last weight: the padding bits are zero too
     buf[:, :P] = u
     words = packed.numpy().view("<u8")  # little-endian words: bit t of byte j is weight 8j + t
-    out = _kernels().bank_dot(words, buf.numpy().reshape(G, nw, 64))
+    with kernel_threads():
+        out = _kernels().bank_dot(words, buf.numpy().reshape(G, nw, 64))
     return torch.from_numpy(out)
 
 

@@ -16,20 +16,21 @@ weights are rebuilt (and checked against their digest).
 
 from __future__ import annotations
 
-import contextlib
 import enum
-import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import masks as M
 from .backbones import create_backbone, init_weights
-from .bank import bank_state, check_bank_state
+from .bank import check_bank_state
 from .errors import CapacityError, ModeError
-from .layers import SupermaskLayer, wrap_layer
+from .layers import SupermaskLayer, wrap_backbone
 from .modelfile import ModelFile
+from .norm import NORMS, TaskBatchNorm
+from .prediction import Prediction
 from .rng import make_generator
 
 __all__ = ["Mode", "ModeError", "CapacityError", "SupermaskModel"]
@@ -42,21 +43,7 @@ class Mode(enum.Enum):
     SUPERPOSE = "superpose"  # weighted sum of several masks
 
 
-def _wrap_children(module: nn.Module, **layer_kwargs) -> None:
-    for name, child in module.named_children():
-        if isinstance(child, (nn.Linear, nn.Conv2d)):
-            setattr(module, name, wrap_layer(child, **layer_kwargs))
-        elif isinstance(child, SupermaskLayer):
-            raise TypeError(f"{name} is already a supermask layer")
-        else:
-            if any(True for _ in child.parameters(recurse=False)):
-                raise TypeError(
-                    f"cannot freeze {type(child).__name__} ({name}): only nn.Linear and nn.Conv2d "
-                    "may hold parameters in a SupSup backbone")
-            _wrap_children(child, **layer_kwargs)
-
-
-class SupermaskModel(ModelFile, nn.Module):
+class SupermaskModel(ModelFile, Prediction, nn.Module):
     """A frozen backbone whose Linear/Conv2d layers carry per-task supermasks.
 
     Args:
@@ -70,14 +57,19 @@ class SupermaskModel(ModelFile, nn.Module):
             ``topk``.
         density: fraction kept by ``topk``.
         score_init: a registered score init (:data:`supsup.layers.SCORE_INITS`).
+        norm: how non-affine BatchNorm layers keep statistics (:mod:`supsup.norm`):
+            ``per_task`` (default), ``batch`` or ``shared``.
     """
 
     def __init__(self, backbone: nn.Module, *, num_tasks: int, num_classes: int | None = None, seed: int = 0,
-                 mask_kind: str = "threshold", density: float = 0.5, score_init: str = "kaiming_uniform"):
+                 mask_kind: str = "threshold", density: float = 0.5, score_init: str = "kaiming_uniform",
+                 norm: str = "per_task"):
         super().__init__()
         if num_tasks < 1:
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
-        _wrap_children(backbone, mask_kind=mask_kind, density=density, score_init=score_init)
+        if norm not in NORMS:
+            raise ValueError(f"unknown norm {norm!r}; known: {', '.join(NORMS)}")
+        wrap_backbone(backbone, norm, mask_kind=mask_kind, density=density, score_init=score_init)
         self.backbone = backbone
         if not self.masked_layers:
             raise TypeError("the backbone has no nn.Linear or nn.Conv2d layer to mask")
@@ -90,6 +82,7 @@ class SupermaskModel(ModelFile, nn.Module):
         self.mask_kind = mask_kind
         self.density = density
         self.score_init = score_init
+        self.norm = norm
         #: how :meth:`load` rebuilds the backbone (set by :meth:`from_name`; None for a module
         #: built by the caller, which :meth:`load` then needs to be given)
         self.spec: dict[str, Any] | None = None
@@ -97,18 +90,20 @@ class SupermaskModel(ModelFile, nn.Module):
         self._active_task: int | None = None
         self._current_task: int | None = None
         self._num_learned = 0
+        #: task id -> the classes it answers among (class-incremental streams only)
+        self.task_classes: dict[int, list[int]] = {}
 
     @classmethod
     def from_name(cls, backbone: str, *, num_tasks: int, num_outputs: int, num_classes: int | None = None,
                   seed: int = 0, input_shape: Sequence[int] = (1, 28, 28), weight_init: str = "signed_constant",
                   mask_kind: str = "threshold", density: float = 0.5, score_init: str = "kaiming_uniform",
-                  device: torch.device | str = "cpu") -> SupermaskModel:
+                  norm: str = "per_task", device: torch.device | str = "cpu") -> SupermaskModel:
         """Build a registered backbone (:data:`supsup.backbones.BACKBONES`) with ``num_outputs``
         outputs, its weights initialised from (seed, "backbone")."""
         net = create_backbone(backbone, input_shape=input_shape, num_outputs=num_outputs)
         init_weights(net, weight_init, make_generator(seed, "backbone"))
         model = cls(net, num_tasks=num_tasks, num_classes=num_classes, seed=seed, mask_kind=mask_kind,
-                    density=density, score_init=score_init)
+                    density=density, score_init=score_init, norm=norm)
         model.spec = {"backbone": backbone, "input_shape": [int(d) for d in input_shape],
                       "num_outputs": num_outputs, "weight_init": weight_init}
         return model.to(device)
@@ -117,6 +112,11 @@ class SupermaskModel(ModelFile, nn.Module):
     @property
     def masked_layers(self) -> list[SupermaskLayer]:
         return [m for m in self.backbone.modules() if isinstance(m, SupermaskLayer)]
+
+    @property
+    def norm_layers(self) -> list[TaskBatchNorm]:
+        """The BatchNorm layers (per-task statistics, :mod:`supsup.norm`)."""
+        return [m for m in self.backbone.modules() if isinstance(m, TaskBatchNorm)]
 
     @property
     def mode(self) -> Mode:
@@ -151,7 +151,7 @@ class SupermaskModel(ModelFile, nn.Module):
     def bank_bytes(self) -> int:
         """Bytes the packed bank holds in memory: ``<= num_tasks * (ceil(P/8) + 8 * num_layers)``
         (each layer's rows are padded to whole 64-bit words)."""
-        return sum(layer.bank_nbytes() for layer in self.masked_layers)
+        return sum(layer.bank_nbytes() for layer in [*self.masked_layers, *self.norm_layers])
 
     @property
     def cache_bytes(self) -> int:
@@ -167,39 +167,42 @@ class SupermaskModel(ModelFile, nn.Module):
         """The active task's scores (empty when no task is being trained)."""
         return [layer.scores for layer in self.masked_layers if layer.scores is not None]
 
-    def frozen_weights_digest(self) -> str:
-        """SHA-256 over every frozen weight and bias, in layer order (the backbone's identity)."""
-        h = hashlib.sha256()
-        for name, buf in self.backbone.named_buffers():
-            if name.endswith("base_layer.weight") or name.endswith("base_layer.bias"):
-                h.update(name.encode())
-                h.update(buf.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
-
     # ------------------------------------------------------------------------ task bank
-    def _set_layers(self, mode: str, **kwargs) -> None:
-        for layer in self.masked_layers:
-            layer._set_mode(mode, **{k: v[layer] if isinstance(v, dict) else v for k, v in kwargs.items()})
+    def _set_layers(self, mode: str) -> None:
+        for layer in [*self.masked_layers, *self.norm_layers]:
+            layer.set_mode(mode)
 
-    def add_task(self) -> int:
-        """Start the next task: fresh scores from (seed, task id), mode TRAIN. Returns its id."""
+    def add_task(self, task_id: int | None = None) -> int:
+        """Start the next task: fresh scores from (seed, task id), mode TRAIN. Returns its id.
+        ``task_id`` may name a later task (several processes train tasks in parallel): its mask
+        is then taken out with :meth:`export_task`, and banked in order by :meth:`import_tasks`."""
         if self._active_task is not None:
             raise ModeError(f"task {self._active_task} is still being trained: call finish_task() first")
-        task_id = self._num_learned
+        next_id = self._num_learned
+        task_id = next_id if task_id is None else task_id
+        if task_id < next_id:
+            raise IndexError(f"task {task_id} is already learned: resume_task trains it again")
         if task_id >= self.num_tasks:
             raise CapacityError(f"the bank is full: all {self.num_tasks} tasks are learned")
         for layer, scores in zip(self.masked_layers, self.initial_scores(task_id)):
             layer.set_scores(scores)
+        for bn in self.norm_layers:
+            bn.reset_running()
         self._active_task = task_id
-        self._num_learned += 1
+        if task_id == next_id:
+            self._num_learned += 1
         self.train_mode()
         return task_id
 
     def initial_scores(self, task_id: int) -> list[torch.Tensor]:
         """Task ``task_id``'s initial scores, one tensor per masked layer, drawn from a
-        generator seeded by (seed, "scores", task id): the same whatever ran before."""
+        generator seeded by (seed, "scores", task id) (with ``score_init: transfer``, averaged
+        with the banked tasks' masks)."""
         gen = make_generator(self.seed, "scores", task_id)
-        return [layer.initial_scores(gen) for layer in self.masked_layers]
+        fresh = [layer.initial_scores(gen) for layer in self.masked_layers]
+        if self.score_init == "transfer":  # from the banked tasks' masks (paper Sec. 4.4)
+            return [layer.transfer_scores(f) for layer, f in zip(self.masked_layers, fresh)]
+        return fresh
 
     def resume_task(self, task_id: int, magnitude: float = 1e-2) -> None:
         """Train a finished task again (NN scenario): scores are rebuilt from its mask with
@@ -210,13 +213,25 @@ class SupermaskModel(ModelFile, nn.Module):
             raise IndexError(f"task {task_id} has no mask in the bank")
         for layer in self.masked_layers:
             layer.scores_from_mask(layer.stored_mask(task_id), magnitude)
+        for bn in self.norm_layers:
+            bn.load_stats(task_id)
         self._active_task = task_id
         self.train_mode()
+
+    def sampler(self) -> torch.Generator | None:
+        """The generator a sampled mask kind (``bernoulli``) draws the training masks from:
+        one per task, from (seed, "mask_samples", task id); None for other kinds. An NN
+        checkpoint keeps its state (``get_state``)."""
+        return self.masked_layers[0].sampler
 
     def train_mode(self) -> None:
         """Run the active task's scores with straight-through gradients (mode TRAIN)."""
         if self._active_task is None:
             raise ModeError("no task is being trained: call add_task() first")
+        if self.mask_kind in M.SAMPLED_KINDS and self.masked_layers[0].sampler is None:
+            gen = make_generator(self.seed, "mask_samples", self._active_task)
+            for layer in self.masked_layers:
+                layer.sampler = gen
         self._set_layers("train")
         self._mode = Mode.TRAIN
         self._current_task = self._active_task
@@ -233,6 +248,9 @@ class SupermaskModel(ModelFile, nn.Module):
             else:
                 layer.append_mask(mask, capacity_hint=self.num_tasks)
             layer.release_scores()
+            layer.sampler = None
+        for bn in self.norm_layers:
+            bn.bank_stats(task_id, self.num_tasks)
         self._active_task = None
         self._set_layers("idle")
         self._mode = Mode.IDLE
@@ -248,11 +266,42 @@ class SupermaskModel(ModelFile, nn.Module):
             raise ModeError("no task is being trained")
         for layer in self.masked_layers:
             layer.release_scores()
-        if task_id >= self.num_banked_tasks:
+            layer.sampler = None
+        if task_id == self._num_learned - 1 and task_id >= self.num_banked_tasks:  # a new task: its id is free
             self._num_learned = task_id
         self._active_task = None
         self.restore_mode()
 
+    def export_task(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """Take the task in training out without banking it: its id and its bank state rows
+        (``bank.<i>`` ``(1, nbytes)``, ``norm.<j>`` ``(1, 2, C)``), for :meth:`import_tasks`."""
+        task_id = self._active_task
+        if task_id is None:
+            raise ModeError("no task is being trained")
+        state = {f"bank.{i}": M.pack_bits(layer.current_mask()).unsqueeze(0).cpu()
+                 for i, layer in enumerate(self.masked_layers)}
+        for j, bn in enumerate(self.norm_layers):
+            if bn.keeps_stats:
+                state[f"norm.{j}"] = torch.stack([bn.running_mean, bn.running_var]).unsqueeze(0).cpu()
+        self.abandon_task()
+        return task_id, state
+
+    def import_tasks(self, state: dict[str, torch.Tensor]) -> None:
+        """Bank the next tasks from bank state rows (``bank.<i>`` ``(k, nbytes)``, ...), in order."""
+        if self._active_task is not None:
+            raise ModeError("cannot bank tasks while a task is being trained")
+        k = state["bank.0"].shape[0]
+        if self.num_banked_tasks + k > self.num_tasks:
+            raise CapacityError(f"{k} more tasks do not fit: {self.num_banked_tasks} of {self.num_tasks} are banked")
+        for i, layer in enumerate(self.masked_layers):
+            rows = state[f"bank.{i}"].to(layer.weight.device)
+            for r in rows:
+                layer.append_mask(M.unpack_bits(r, layer.num_weights).view_as(layer.weight), capacity_hint=self.num_tasks)
+        for j, bn in enumerate(self.norm_layers):
+            if bn.keeps_stats:
+                for row in state[f"norm.{j}"]:
+                    bn.append_stats(row, self.num_tasks)
+        self._num_learned = self.num_banked_tasks
     def task_masks(self, task_id: int) -> list[torch.Tensor]:
         """Boolean masks of a task, one per masked layer."""
         if task_id == self._active_task:
@@ -264,50 +313,47 @@ class SupermaskModel(ModelFile, nn.Module):
         if not 0 <= task_id < self._num_learned:
             raise IndexError(f"task {task_id} is not learned; learned tasks: 0..{self._num_learned - 1}")
         for layer, mask in zip(self.masked_layers, self.task_masks(task_id)):
-            layer._set_mode("task", task_mask=mask)
+            layer.set_mode("task", task_mask=mask)
+        for bn in self.norm_layers:
+            bn.set_mode("task", stats=bn.task_stats(None if task_id == self._active_task else task_id))
         self._mode = Mode.TASK
         self._current_task = task_id
 
-    @contextlib.contextmanager
-    def use_task(self, task_id: int) -> Iterator[SupermaskModel]:
-        """``with model.use_task(t): ...`` runs task ``t``'s mask inside the block, then puts
-        the model back in the mode it was in (training the active task, or idle)."""
-        self.set_task(task_id)
-        try:
-            yield self
-        finally:
-            self.restore_mode()
-
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Class predictions ``(B,)`` int64 for inputs ``(B, ...)`` in the current mode, among
-        the ``num_classes`` real classes (superfluous neurons are never a class)."""
-        return self(x)[:, : self.num_classes].argmax(dim=1)
-
     # --------------------------------------------------------------------- superposition
-    def superpose(self, alphas: torch.Tensor, packed: list[torch.Tensor] | None = None) -> None:
+    def superpose(self, alphas: torch.Tensor, packed: list[torch.Tensor] | None = None,
+                  norm_stats: list[torch.Tensor] | None = None) -> None:
         """Mode SUPERPOSE: effective weights ``W * sum_i alpha_i M_i`` (paper eq. 3).
 
         Args:
             alphas: ``(n,)``, may require grad; gradients reach it through the packed bank
                 without a float stack of masks.
             packed: candidates per layer (default: the bank's finished tasks).
+            norm_stats: per BatchNorm layer, the candidates' statistics ``(n, 2, C)``: the
+                layers then use the alpha-weighted statistics (``weighted``); default: the
+                statistics of the batch (``batch``).
         """
         packed = packed if packed is not None else [layer.bank_rows for layer in self.masked_layers]
         n = packed[0].shape[0]
         if alphas.shape != (n,):
             raise ValueError(f"alphas must have shape ({n},), got {tuple(alphas.shape)}")
         for layer, p in zip(self.masked_layers, packed):
-            layer._set_mode("superpose", alphas=alphas, packed=p)
+            layer.set_mode("superpose", alphas=alphas, packed=p)
+        for i, bn in enumerate(self.norm_layers):
+            weighted = norm_stats is not None
+            bn.set_mode("superpose", alphas=alphas.unsqueeze(0) if weighted else None,
+                        candidates=norm_stats[i] if weighted else None)
         self._mode = Mode.SUPERPOSE
         self._current_task = None
 
-    def superpose_fixed(self, coefs: list[torch.Tensor]) -> None:
+    def superpose_fixed(self, coefs: list[torch.Tensor], *, groups: int = 1) -> None:
         """Mode SUPERPOSE with a fixed coefficient per layer (``sum_i alpha_i M_i``, shaped
         like the weight): used by the batched task-inference path, which computes the alpha
-        gradients itself (:mod:`supsup.inference`)."""
+        gradients itself (:mod:`supsup.inference`). BatchNorm layers normalise each of the
+        ``groups`` equal parts of a batch (one inference each) with its own statistics."""
         for layer, c in zip(self.masked_layers, coefs):
-            layer._set_mode("superpose", coef=c)
+            layer.set_mode("superpose", coef=c)
+        for bn in self.norm_layers:
+            bn.set_mode("superpose", groups=groups)
         self._mode = Mode.SUPERPOSE
         self._current_task = None
 
@@ -327,17 +373,22 @@ class SupermaskModel(ModelFile, nn.Module):
         return self.backbone(x)
 
     # ------------------------------------------------------------------- (de)serialise
-    def bank_state(self) -> dict[str, torch.Tensor]:
-        """Packed bank rows per layer (exactly ``num_banked_tasks`` rows each), on the CPU."""
-        return bank_state(self.masked_layers)
-
     def load_bank_state(self, state: dict[str, torch.Tensor], num_learned: int | None = None) -> None:
         """Replace the bank (strict: every layer, right shapes, uint8; see
         :func:`supsup.bank.check_bank_state`)."""
         if self._active_task is not None:
             raise ModeError("cannot load a bank while a task is being trained")
-        rows = check_bank_state(self.masked_layers, state, self.num_tasks)
+        rows, norm_entries = check_bank_state(self.masked_layers, state, self.num_tasks, self.norm_layers)
         for layer, t in zip(self.masked_layers, rows):
             layer.load_bank(t)
+        if "task_classes" in state:
+            self.task_classes = {t: [int(c) for c in row if c >= 0] for t, row in enumerate(state["task_classes"].tolist())
+                                 if any(c >= 0 for c in row)}
+        for j, bn in enumerate(self.norm_layers):
+            if f"norm.{j}" in norm_entries:
+                bn.load_bank(norm_entries[f"norm.{j}"])
+            if f"norm_running.{j}" in norm_entries:
+                bn.running_mean.copy_(norm_entries[f"norm_running.{j}"][0])
+                bn.running_var.copy_(norm_entries[f"norm_running.{j}"][1])
         self._num_learned = rows[0].shape[0] if num_learned is None else num_learned
         self.restore_mode()

@@ -8,12 +8,14 @@ backbone from the recipe and refuses it if the weights' digest differs. Nothing 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any
 
 import torch
 from torch import nn
 
+from .bank import bank_sha256, bank_state
 from .checkpoint import MODEL_MAGIC, CheckpointError, read_checksummed, write_checksummed
 from .errors import ModeError
 from .version import __version__
@@ -22,15 +24,42 @@ __all__ = ["ModelFile"]
 
 
 class ModelFile:
-    """``save`` / ``load`` for :class:`~supsup.model.SupermaskModel` (a mixin: it only uses
-    the model's public methods, so this module does not import the model)."""
+    """The bank as plain data, ``save`` / ``load`` and the backbone's digest, for
+    :class:`~supsup.model.SupermaskModel` (a mixin: it only uses the model's public methods and
+    layers, so this module does not import the model)."""
+
+    def frozen_weights_digest(self) -> str:
+        """SHA-256 over every frozen weight and bias, in layer order (the backbone's identity)."""
+        h = hashlib.sha256()
+        for name, buf in self.backbone.named_buffers():
+            if name.endswith("base_layer.weight") or name.endswith("base_layer.bias"):
+                h.update(name.encode())
+                h.update(buf.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def bank_state(self) -> dict[str, torch.Tensor]:
+        """Packed bank rows per layer (exactly ``num_banked_tasks`` rows each) and BatchNorm
+        statistics, on the CPU (:func:`supsup.bank.bank_state`)."""
+        state = bank_state(self.masked_layers, self.norm_layers)
+        if self.task_classes:  # (k, c) int64, -1 padded: each task's classes (class-incremental)
+            width = max(len(c) for c in self.task_classes.values())
+            rows = torch.full((self.num_banked_tasks, width), -1, dtype=torch.int64)
+            for t, classes in self.task_classes.items():
+                if t < self.num_banked_tasks:
+                    rows[t, : len(classes)] = torch.tensor(classes)
+            state["task_classes"] = rows
+        return state
+
+    def bank_sha256(self) -> str:
+        """SHA-256 of the bank, task by task (:func:`supsup.bank.bank_sha256`)."""
+        return bank_sha256(self.masked_layers, norms=self.norm_layers)
 
     def identity(self) -> dict[str, Any]:
         """What defines this model besides its masks: the backbone spec (if built by name), the
         output and class counts, capacity, seed, mask kind and the frozen weights' digest."""
         return {"spec": self.spec, "num_outputs": self.num_outputs, "num_classes": self.num_classes,
                 "num_tasks": self.num_tasks, "seed": self.seed, "mask_kind": self.mask_kind,
-                "density": self.density, "score_init": self.score_init,
+                "density": self.density, "score_init": self.score_init, "norm": self.norm,
                 "num_masked_weights": self.num_masked_weights,
                 "layer_shapes": [list(layer.weight.shape) for layer in self.masked_layers],
                 "frozen_weights_sha256": self.frozen_weights_digest()}
@@ -64,7 +93,7 @@ class ModelFile:
         try:
             kwargs = {"num_tasks": ident["num_tasks"], "num_classes": ident["num_classes"], "seed": ident["seed"],
                       "mask_kind": ident["mask_kind"], "density": ident["density"],
-                      "score_init": ident["score_init"]}
+                      "score_init": ident["score_init"], "norm": ident.get("norm", "per_task")}
             spec = ident["spec"]
             if backbone is not None:
                 model = cls(backbone, **kwargs)
@@ -80,7 +109,7 @@ class ModelFile:
             raise CheckpointError(f"{path}: the rebuilt backbone's frozen weights differ from the saved model's "
                                   "(another torch version's initialisation, or another backbone module)")
         try:
-            model.load_bank_state({k: v for k, v in tensors.items() if k.startswith("bank.")})
+            model.load_bank_state({k: v for k, v in tensors.items() if k.startswith(("bank.", "norm", "task_classes"))})
         except ValueError as err:
             raise CheckpointError(f"{path} has an unusable mask bank: {err}") from None
         return model.to(device)

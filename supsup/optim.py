@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .masks import bit_kernels_available
+from .masks import bit_kernels_available, kernel_threads
 from .registry import Registry
 
 __all__ = ["OPTIMIZERS", "FusedRMSprop"]
@@ -54,9 +54,10 @@ class FusedRMSprop(torch.optim.RMSprop):
                     state["step"] = torch.tensor(0.0)
                     state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-                rmsprop_step(p.detach().view(-1).numpy(), p.grad.detach().view(-1).numpy(),
-                             state["square_avg"].view(-1).numpy(), lr=group["lr"], alpha=group["alpha"],
-                             eps=group["eps"], weight_decay=group["weight_decay"])
+                with kernel_threads():
+                    rmsprop_step(p.detach().view(-1).numpy(), p.grad.detach().view(-1).numpy(),
+                                 state["square_avg"].view(-1).numpy(), lr=group["lr"], alpha=group["alpha"],
+                                 eps=group["eps"], weight_decay=group["weight_decay"])
         if rest:  # anything the kernel does not cover: torch's own step, on those tensors only
             saved = [group["params"] for group in self.param_groups]
             try:

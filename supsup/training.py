@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,8 @@ from .config import PRECISIONS, TrainConfig
 from .model import SupermaskModel
 from .optim import OPTIMIZERS
 
-__all__ = ["make_optimizer", "training_autocast", "train_loss", "train_steps", "train_task"]
+__all__ = ["TaskReport", "fit_active_task", "learn_task", "make_optimizer", "make_scheduler", "training_autocast", "train_loss",
+           "train_steps", "train_task"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -48,10 +50,20 @@ def train_loss(model: SupermaskModel, x: torch.Tensor, y: torch.Tensor, precisio
     return F.cross_entropy(logits.float(), y)
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps: int | None):
+    """The learning-rate schedule over a task's ``steps`` (None for ``constant``)."""
+    if cfg.schedule == "constant":
+        return None
+    if steps is None:
+        raise ValueError("a cosine schedule needs the number of steps: pass max_steps, or batches with a length")
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+
+
 def train_steps(model: SupermaskModel, optimizer: torch.optim.Optimizer, batches: Iterable[Batch],
                 *, total: int | None = None, desc: str = "", progress: bool = True,
-                precision: str = "fp32") -> float:
-    """Cross-entropy steps on the active task; returns the mean loss of the last 50 steps."""
+                precision: str = "fp32", scheduler=None) -> float:
+    """Cross-entropy steps on the active task (``scheduler`` stepped after each); returns the
+    mean loss of the last 50 steps."""
     model.train_mode()
     recent: list[float] = []
     bar = tqdm(batches, total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
@@ -60,6 +72,8 @@ def train_steps(model: SupermaskModel, optimizer: torch.optim.Optimizer, batches
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         recent.append(loss.item())
         recent = recent[-50:]
         if step % 20 == 0:
@@ -87,9 +101,25 @@ def _steps(batches: Iterable, device: torch.device, epochs: int, max_steps: int 
             return
 
 
+@dataclass(frozen=True)
+class TaskReport:
+    """What learning a task did: its id, the mean loss of its last 50 steps, its steps."""
+
+    task_id: int
+    loss: float
+    steps: int
+
+
 def train_task(model: SupermaskModel, batches: Iterable[Batch], config: TrainConfig | None = None, *,
                epochs: int = 1, max_steps: int | None = None, progress: bool = False) -> int:
-    """Learn a new task from ``batches`` and bank its mask; returns the task id.
+    """Learn a new task from ``batches`` and bank its mask; returns the task id
+    (:func:`learn_task` also returns its loss)."""
+    return learn_task(model, batches, config, epochs=epochs, max_steps=max_steps, progress=progress).task_id
+
+
+def learn_task(model: SupermaskModel, batches: Iterable[Batch], config: TrainConfig | None = None, *,
+               epochs: int = 1, max_steps: int | None = None, progress: bool = False) -> TaskReport:
+    """Learn a new task from ``batches`` and bank its mask.
 
     Starts the next task (:meth:`SupermaskModel.add_task`), runs one optimizer step per batch
     over ``epochs`` passes (or exactly ``max_steps`` steps, passing over the batches as often as
@@ -107,13 +137,33 @@ def train_task(model: SupermaskModel, batches: Iterable[Batch], config: TrainCon
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-    task_id = model.add_task()
+    model.add_task()
     try:
-        optimizer = make_optimizer(model.trainable_parameters(), cfg)
-        train_steps(model, optimizer, _steps(batches, model.device, epochs, max_steps), total=max_steps,
-                    desc=f"task {task_id}", progress=progress, precision=cfg.precision)
+        report = fit_active_task(model, batches, cfg, epochs=epochs, max_steps=max_steps, progress=progress)
     except BaseException:
         model.abandon_task()
         raise
     model.finish_task()
-    return task_id
+    return report
+
+
+def fit_active_task(model: SupermaskModel, batches: Iterable[Batch], cfg: TrainConfig, *, epochs: int = 1,
+                    max_steps: int | None = None, progress: bool = False) -> TaskReport:
+    """Train the task in training (:meth:`SupermaskModel.add_task` started it) on ``batches``,
+    with a fresh optimizer and ``cfg``'s schedule; it is not banked (:func:`learn_task` does)."""
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    task_id = model.active_task
+    counted = [0]
+
+    def counting(stream):
+        for batch in stream:
+            counted[0] += 1
+            yield batch
+
+    optimizer = make_optimizer(model.trainable_parameters(), cfg)
+    steps = max_steps if max_steps is not None else (epochs * len(batches) if hasattr(batches, "__len__") else None)
+    loss = train_steps(model, optimizer, counting(_steps(batches, model.device, epochs, max_steps)), total=steps,
+                       desc=f"task {task_id}", progress=progress, precision=cfg.precision,
+                       scheduler=make_scheduler(optimizer, cfg, steps))
+    return TaskReport(task_id=task_id, loss=loss, steps=counted[0])

@@ -243,3 +243,57 @@ def test_readme_python_api_runs_as_written(tmp_path, mnist_data):
     assert m and int(m.group(1)) == 1 and float(m.group(2)) > 0.9, r.stdout
     assert (tmp_path / "permuted.supsup").is_file()
     assert seconds < 60, f"the README example took {seconds:.0f} s"
+
+
+def test_task_classes_restrict_predictions_and_are_saved(tmp_path):
+    """Class-incremental: a task answers among its own classes, in predict and after a reload."""
+    model = _model(num_outputs=40, num_classes=4)
+    train_task(model, _loader(0), max_steps=2)
+    model.set_task_classes(0, [2, 3])
+    x = torch.randn(64, 64)
+    with model.use_task(0):
+        preds = model.predict(x)
+        logits = model.class_logits(x)
+    assert set(preds.tolist()) <= {2, 3} and torch.isinf(logits[:, :2]).all()
+    model.save(tmp_path / "m")
+    loaded = SupermaskModel.load(tmp_path / "m")
+    assert loaded.task_classes == {0: [2, 3]}
+    with loaded.use_task(0):
+        assert torch.equal(loaded.predict(x), preds)
+    with pytest.raises(ValueError, match="task classes"):
+        model.set_task_classes(0, [4])
+
+
+def test_model_files_keep_every_part_of_the_recipe(tmp_path):
+    """Another weight init, mask kind and density, a seed: the file rebuilds exactly that model
+    (a wrong recipe would fail the frozen weights' digest)."""
+    model = _model(weight_init="kaiming_normal", mask_kind="topk", density=0.3, seed=7)
+    train_task(model, _loader(0), max_steps=2)
+    model.save(tmp_path / "m")
+    loaded = SupermaskModel.load(tmp_path / "m")
+    assert (loaded.mask_kind, loaded.density, loaded.seed, loaded.spec) == ("topk", 0.3, 7, model.spec)
+    x = torch.randn(4, 64)
+    with model.use_task(0), loaded.use_task(0):
+        assert torch.equal(model(x), loaded(x))
+
+
+def test_unusable_model_files_say_why(tmp_path, trained):
+    import json as _json
+
+    from supsup.checkpoint import MODEL_MAGIC, read_checksummed, write_checksummed
+
+    trained.save(tmp_path / "m")
+    tensors, meta = read_checksummed(tmp_path / "m", magic=MODEL_MAGIC)
+    write_checksummed(tmp_path / "a", tensors, {"format": "other"}, magic=MODEL_MAGIC)
+    with pytest.raises(CheckpointError, match="not a supsup model file \\(no model identity\\)"):
+        SupermaskModel.load(tmp_path / "a")
+    broken = _json.loads(_json.dumps(meta))
+    del broken["identity"]["num_tasks"]
+    write_checksummed(tmp_path / "b", tensors, broken, magic=MODEL_MAGIC)
+    with pytest.raises(CheckpointError, match="unusable model identity \\(KeyError: 'num_tasks'\\)"):
+        SupermaskModel.load(tmp_path / "b")
+    write_checksummed(tmp_path / "c", {**tensors, "bank.0": tensors["bank.0"][:, :8]}, meta, magic=MODEL_MAGIC)
+    with pytest.raises(CheckpointError, match="has an unusable mask bank: bank.0: expected uint8"):
+        SupermaskModel.load(tmp_path / "c")
+    assert meta["supsup_version"] == supsup.__version__ and meta["format"] == "supsup-model"
+    assert {"layer_shapes", "num_masked_weights", "frozen_weights_sha256"} <= set(meta["identity"])

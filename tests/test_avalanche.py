@@ -332,6 +332,12 @@ def test_avalanche_backend_reproduces_native_runner(tmp_path, mnist_data, scenar
     if scenario != "GG":
         for key in ("acc_inferred", "task_inference_acc"):
             assert [r[key] for r in aval["tasks"]] == [r[key] for r in native["tasks"]], key
+        assert aval["task_confusion"] == native["task_confusion"]
+    # the accuracy matrix (a row after each task) and its metrics, computed by both backends
+    assert aval["accuracy_matrix"] == native["accuracy_matrix"]
+    assert native["accuracy_matrix"]["num_tasks_learned"] == [1, 2]
+    for key in ("average_accuracy", "bwt", "forgetting"):
+        assert aval[key] == native[key], key
     if scenario == "NN":
         assert aval["nn_allocations"] == native["nn_allocations"] and aval["nn_counts"] == native["nn_counts"]
 
@@ -488,3 +494,28 @@ def test_readme_avalanche_example_runs(mnist_data):
     assert strategy.model.num_learned_tasks == 2 and strategy.steps_in_experience == 30
     metrics = strategy.evaluator.get_last_metrics()
     assert any(k.startswith("Top1_Acc_Exp/eval_phase/test_stream") for k in metrics)
+
+
+def test_resnet18_through_the_strategy_on_avalanche_split_cifar100(tmp_path, monkeypatch, write_cifar100):
+    """Avalanche's own SplitCIFAR100 (dataset_root) drives a ResNet-18 with per-task BatchNorm
+    through the strategy. The CIFAR files are small synthetic ones in the real format, so
+    torchvision's digest check of the real archive is switched off for this test only."""
+    import torchvision
+    from avalanche.benchmarks.classic import SplitCIFAR100
+
+    write_cifar100(tmp_path, n_train=1000, n_test=200)
+    monkeypatch.setattr(torchvision.datasets.CIFAR100, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: True)
+    bench = SplitCIFAR100(n_experiences=20, seed=0, return_task_id=True, class_ids_from_zero_in_each_exp=True,
+                          dataset_root=str(tmp_path))
+    model = supsup_model_for_benchmark(bench, backbone="resnet18", seed=0, num_tasks=2)
+    assert benchmark_input_shape(bench) == (3, 32, 32) and model.num_classes == 5 and model.norm_layers
+    strategy = SupSupStrategy(model=model, scenario="GG", evaluator=EvaluationPlugin(accuracy_metrics(experience=True),
+                                                                                     loggers=[]),
+                              train_config=TrainConfig(iterations=3, batch_size=16, optimizer="adam", lr=1e-3),
+                              eval_config=EvalConfig(batch_size=25, max_batches=1))
+    for exp in list(bench.train_stream)[:2]:
+        strategy.train(exp)
+    acc = per_experience(strategy.eval(list(bench.test_stream)[:2]), "Top1_Acc_Exp")
+    assert sorted(acc) == [0, 1] and model.num_banked_tasks == 2
+    assert model.norm_layers[0].num_stats == 2

@@ -162,3 +162,53 @@ def test_group_size_changes_speed_not_results(mnist_data, method):
                    for g in (1, 5, 128)]
         assert results[0] == results[1] == results[2]
         assert results[0].task_inference_acc > 0.5  # real inference, not a degenerate constant
+
+
+def test_exact_objectives_equal_each_mask_alone(permuted):
+    """refine exact evaluates the objective under each shortlisted mask alone: the same as
+    running that task's mask (objective of the task-mode forward)."""
+    from supsup.objectives import OBJECTIVES
+
+    model, stream = permuted
+    x = _groups(stream, 2, 3, 4)
+    shortlist = torch.tensor([[0, 2, 3], [1, 2, 0], [3, 1, 2]])
+    for objective in ("entropy", "g"):
+        exact = inference.exact_objectives(model, x, shortlist, objective=objective, num_classes=10)
+        for g in range(3):
+            for slot, t in enumerate(shortlist[g].tolist()):
+                with model.use_task(t):
+                    ref = OBJECTIVES.get(objective)(model(x[g]).unsqueeze(0), 10)[0]
+                assert torch.allclose(exact[g, slot], ref, rtol=1e-5), (objective, g, t)
+    assert model.mode is Mode.IDLE
+
+
+@pytest.mark.parametrize("method", ["one_shot", "binary"])
+def test_refine_exact_picks_the_shortlisted_mask_with_the_lowest_objective(permuted, method):
+    model, stream = permuted
+    x = torch.cat([_groups(stream, t, 3, 2) for t in range(NUM_TASKS)])  # 12 groups of 2 images
+    tasks, steps = inference.infer_tasks(model, x, method=method, objective="entropy", refine="exact",
+                                         refine_candidates=NUM_TASKS)
+    exact = inference.exact_objectives(model, x, torch.arange(NUM_TASKS).expand(12, NUM_TASKS), objective="entropy",
+                                       num_classes=10)
+    assert torch.equal(tasks, exact.argmin(dim=1))
+    assert tasks.tolist() == [t for t in range(NUM_TASKS) for _ in range(3)]
+    assert steps == (1 if method == "one_shot" else 0)  # binary: 4 candidates, shortlist of 4: no halving
+    tasks2, steps2 = inference.infer_tasks(model, x, method="binary", objective="entropy", refine="exact",
+                                           refine_candidates=2)
+    assert tasks2.tolist() == tasks.tolist() and steps2 == 1
+
+
+def test_class_incremental_split_mnist_end_to_end(mnist_data, tmp_path):
+    """labels global: digits keep their labels, each task answers among its own two; the task
+    is inferred per batch (exact entropy) and per image, both reported."""
+    from supsup.config import load_config
+    from supsup.experiment import run_experiment
+
+    cfg = load_config("configs/split_mnist_gnu.yaml", [
+        "benchmark.num_tasks=3", "model.backbone=lenet_300_100", "train.iterations=100", "train.lr=1e-3",
+        "eval.max_batches=2", "progress=false"])
+    assert cfg.benchmark.num_classes == 10
+    res = run_experiment(cfg, tmp_path / "run").to_dict()
+    assert res["task_inference_acc"] == 1.0 and res["mean_acc_inferred"] > 0.9
+    assert 0.5 < res["mean_acc_inferred_per_image"] <= res["mean_acc_inferred"] + 0.05
+    assert all(r["acc_inferred_per_image"] is not None for r in res["tasks"])

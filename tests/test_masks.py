@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -37,8 +38,8 @@ def test_bank_matmul_and_weighted_sum_match_dense():
     alphas = torch.randn(3, k, generator=g)
     ref = masks.float() @ dense
     # compiled kernel (up to 8 columns), and the torch path: tiny budget, many chunks with a
-    # ragged last one
-    assert M.bit_kernels_available()
+    # ragged last one. With SUPSUP_KERNELS=torch (what a GPU runs) there is no kernel at all.
+    assert M.bit_kernels_available() == (os.environ.get("SUPSUP_KERNELS", "auto") != "torch")
     assert torch.allclose(M.bank_matmul(packed, dense, p), ref, atol=1e-5)
     assert torch.allclose(M.bank_matmul(packed, dense, p, use_kernel=True), ref, atol=1e-5)
     for budget in (1 << 22, 64):
@@ -167,3 +168,62 @@ def test_fused_rmsprop_matches_torch_rmsprop():
         sf, sr = fused.state_dict()["state"], ref.state_dict()["state"]
         assert sf.keys() == sr.keys() and all(sf[i].keys() == sr[i].keys() for i in sf)
         assert all(torch.allclose(sf[i]["square_avg"], sr[i]["square_avg"]) for i in sf)
+
+
+def test_kernel_choice_is_read_from_the_environment():
+    """``SUPSUP_KERNELS=torch`` disables the compiled kernels; a bad value is a clear error."""
+    import subprocess
+    import sys
+
+    code = "from supsup import masks as M; print(M.bit_kernels_available())"
+    for value, expected in (("torch", "False"), ("auto", "True")):
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "SUPSUP_KERNELS": value},
+                             capture_output=True, text=True, check=True).stdout.strip()
+        assert out == expected
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "SUPSUP_KERNELS": "cuda"},
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "SUPSUP_KERNELS='cuda'" in r.stderr
+
+
+def test_the_thread_count_the_user_set_is_kept():
+    """numba's OpenMP layer resets the shared OpenMP thread count to every core at its first
+    launch; a job given one thread (OMP_NUM_THREADS=1) must stay on one thread through a
+    training step (fused RMSprop) and a task inference (bank kernel)."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from supsup import SupermaskModel, TrainConfig, train_task, infer_task
+before = torch.get_num_threads()
+m = SupermaskModel.from_name("lenet_300_100", num_tasks=2, num_outputs=20, num_classes=10)
+batches = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))] * 2
+train_task(m, batches); train_task(m, batches)
+infer_task(m, batches[0][0][:2])
+print(before, torch.get_num_threads())
+"""
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["1", "1"]
+
+
+def test_bernoulli_masks_are_sampled_in_training_and_banked_at_p_half():
+    """mask.kind bernoulli: each training forward samples M ~ Bernoulli(sigmoid(s)) from the
+    layer's generator (reproducible), the gradient is grad * W * sigmoid'(s), and the banked
+    mask is the most likely one, s >= 0."""
+    w = torch.randn(50, 40)
+    s = torch.randn(50, 40, requires_grad=True)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a = M.masked_weight(w, s, "bernoulli", generator=g1)
+    b = M.masked_weight(w, s, "bernoulli", generator=g2)
+    c = M.masked_weight(w, s, "bernoulli", generator=g1)
+    assert torch.equal(a, b) and not torch.equal(a, c)  # same stream, same sample; the next one differs
+    kept = (a != 0) | (w == 0)
+    p = torch.sigmoid(s.detach())
+    assert abs(kept.float().mean() - p.mean()) < 0.05
+    grad = torch.randn(50, 40)
+    a.backward(grad)
+    assert torch.allclose(s.grad, grad * w * p * (1 - p))
+    assert torch.equal(M.binarize(s.detach(), "bernoulli"), s.detach() >= 0)
+    # without a generator (evaluation), the deterministic mask
+    assert torch.equal(M.masked_weight(w, s, "bernoulli"), w * (s.detach() >= 0))

@@ -20,16 +20,19 @@ __all__ = [
     "ConfigError",
     "EvalConfig",
     "InferenceConfig",
+    "LogConfig",
     "MaskConfig",
     "ModelConfig",
     "NNConfig",
     "PRECISIONS",
+    "SCHEDULES",
     "RunConfig",
     "Scenario",
     "TrainConfig",
 ]
 
 PRECISIONS = ("fp32", "bf16")
+SCHEDULES = ("constant", "cosine")
 
 
 class Scenario(str, enum.Enum):
@@ -87,7 +90,8 @@ class BenchmarkConfig:
     num_tasks: int = field(default=5, metadata={"help": "tasks in the stream; also the mask bank's capacity"})
     angles: list[float] | None = field(default=None, metadata={"help": "rotated_mnist: explicit angles in degrees (default: evenly spaced over 360)"})
     permutation_source: str = field(default="torch", metadata={"help": "permuted_mnist: 'torch' (generator seeded by seed and task id) or 'avalanche' (np.random.RandomState(seed).permutation, as Avalanche's PermutedMNIST)"})
-    data_root: str | None = field(default=None, metadata={"help": "MNIST root (default $SUPSUP_DATA or ~/.cache/supsup)"})
+    data_root: str | None = field(default=None, metadata={"help": "data root (default $SUPSUP_DATA or ~/.cache/supsup)"})
+    labels: str = field(default="task", metadata={"help": "split streams: task (each task's classes numbered 0..c-1) | global (class-incremental: classes keep their dataset label, every test image classified among all of them)"})
 
     def __post_init__(self) -> None:
         from ..data.streams import STREAMS
@@ -95,6 +99,10 @@ class BenchmarkConfig:
         check_choice("benchmark.name", self.name, STREAMS)
         check_range("benchmark.num_tasks", self.num_tasks, 1)
         check_choice("benchmark.permutation_source", self.permutation_source, ("torch", "avalanche"))
+        check_choice("benchmark.labels", self.labels, ("task", "global"))
+        if self.labels == "global" and not STREAMS.get(self.name).supports_global_labels:
+            raise ConfigError("benchmark.labels", f"{self.name} has no task-local labels to make global; "
+                                                  "labels global is for the split streams")
         max_tasks = STREAMS.get(self.name).max_tasks
         if max_tasks is not None and self.num_tasks > max_tasks:
             raise ConfigError("benchmark.num_tasks", f"{self.name} has at most {max_tasks} tasks, got {self.num_tasks}")
@@ -106,10 +114,11 @@ class BenchmarkConfig:
 
     @property
     def num_classes(self) -> int:
-        """Classes per task of the stream."""
+        """Classes the model tells apart: per task, or all of them with labels global."""
         from ..data.streams import STREAMS
 
-        return STREAMS.get(self.name).num_classes
+        cls = STREAMS.get(self.name)
+        return cls.total_classes if self.labels == "global" else cls.num_classes
 
 
 @dataclass
@@ -121,10 +130,12 @@ class ModelConfig:
     weight_init: str = field(default="signed_constant", metadata={"help": "signed_constant | kaiming_normal"})
     score_init: str = field(default="kaiming_uniform", metadata={"help": "initial scores of a new task (supsup.layers.SCORE_INITS)"})
     capacity: int | None = field(default=None, metadata={"help": "masks the bank may hold (default: benchmark.num_tasks); NN may use fewer"})
+    norm: str = field(default="per_task", metadata={"help": "BatchNorm statistics (backbones with BN): per_task (banked with each mask) | batch (the batch's own, always) | shared (one set for all tasks: the official code's first-release bug)"})
 
     def __post_init__(self) -> None:
         from ..backbones import BACKBONES, WEIGHT_INITS
         from ..layers import SCORE_INITS
+        from ..norm import NORMS
 
         check_choice("model.backbone", self.backbone, BACKBONES)
         check_range("model.num_outputs", self.num_outputs, 1)
@@ -132,6 +143,7 @@ class ModelConfig:
         check_choice("model.score_init", self.score_init, SCORE_INITS)
         if self.capacity is not None:
             check_range("model.capacity", self.capacity, 1)
+        check_choice("model.norm", self.norm, NORMS)
 
 
 @dataclass
@@ -159,6 +171,7 @@ class TrainConfig:
     momentum: float = field(default=0.0, metadata={"help": "sgd/rmsprop momentum"})
     weight_decay: float = field(default=0.0, metadata={"help": "weight decay on the scores"})
     precision: str = field(default="fp32", metadata={"help": "fp32, or bf16: training matmuls in bfloat16 with fp32 accumulation (torch.autocast); scores, optimizer and all evaluation stay fp32"})
+    schedule: str = field(default="constant", metadata={"help": "learning rate over a task's steps: constant | cosine (annealed to 0 at the last step, as the paper's SplitCIFAR/SplitImageNet runs)"})
 
     def __post_init__(self) -> None:
         from ..optim import OPTIMIZERS
@@ -170,6 +183,7 @@ class TrainConfig:
         check_range("train.momentum", self.momentum, 0.0, 1.0, hi_open=True)
         check_range("train.weight_decay", self.weight_decay, 0.0)
         check_choice("train.precision", self.precision, PRECISIONS)
+        check_choice("train.schedule", self.schedule, SCHEDULES)
 
 
 @dataclass
@@ -182,9 +196,11 @@ class InferenceConfig:
     log_base: float = field(default=2.0, metadata={"help": "binary: keep the best 1/log_base of the candidates each step"})
     group_size: int = field(default=128, metadata={"help": "inferences that share one pass over the packed bank "
                                                            "(speed only: each inference is computed on its own)"})
+    refine: str = field(default="none", metadata={"help": "none (the paper: the gradient decides) | exact (beyond the paper: the objective evaluated exactly under each of the gradient's refine_candidates best masks picks the task)"})
+    refine_candidates: int = field(default=5, metadata={"help": "refine exact: masks the gradient shortlists"})
 
     def __post_init__(self) -> None:
-        from ..inference import INFERENCE_METHODS
+        from ..inference import INFERENCE_METHODS, REFINEMENTS
         from ..objectives import OBJECTIVES
 
         check_choice("inference.method", self.method, INFERENCE_METHODS)
@@ -192,6 +208,8 @@ class InferenceConfig:
         check_range("inference.num_images", self.num_images, 1)
         check_range("inference.log_base", self.log_base, 1.0, lo_open=True)
         check_range("inference.group_size", self.group_size, 1)
+        check_choice("inference.refine", self.refine, REFINEMENTS)
+        check_range("inference.refine_candidates", self.refine_candidates, 2)
 
 
 @dataclass
@@ -226,12 +244,38 @@ class NNConfig:
     min_candidates: int = field(default=5, metadata={"help": "superpose at least this many masks, padding with untrained ones"})
     threshold: float = field(default=1.125, metadata={"help": "new task if max softmax(-grad) < threshold / n"})
     min_batches_per_task: int = field(default=100, metadata={"help": "guard: a mask trains at least this many batches before another new mask may be allocated"})
+    rule: str = field(default="paper", metadata={"help": "paper (n * max softmax(-grad) below threshold / n) | calibrated (a batch's entropy under a mask against that mask's own, z-scored: works on rotations too)"})
+    z_threshold: float = field(default=4.0, metadata={"help": "calibrated: a mask keeps a batch whose entropy is at most this many standard deviations above its own mean"})
+    calibration_momentum: float = field(default=0.05, metadata={"help": "calibrated: weight of each training batch in a mask's moving entropy mean and variance"})
+    calibration_min_std: float = field(default=0.02, metadata={"help": "calibrated: floor of a mask's entropy standard deviation (nats)"})
+    shortlist: int = field(default=10, metadata={"help": "calibrated: banked masks evaluated at a check, shortlisted by the entropy gradient"})
 
     def __post_init__(self) -> None:
         check_range("nn.check_every", self.check_every, 1)
+        check_choice("nn.rule", self.rule, ("paper", "calibrated"))
+        check_range("nn.z_threshold", self.z_threshold, 0.0, lo_open=True)
+        check_range("nn.calibration_momentum", self.calibration_momentum, 0.0, 1.0, lo_open=True)
+        check_range("nn.calibration_min_std", self.calibration_min_std, 0.0, lo_open=True)
+        check_range("nn.shortlist", self.shortlist, 1)
         check_range("nn.min_candidates", self.min_candidates, 1)
         check_range("nn.threshold", self.threshold, 0.0, lo_open=True)
         check_range("nn.min_batches_per_task", self.min_batches_per_task, 0)
+
+
+LOG_BACKENDS = ("csv", "tensorboard")
+
+
+@dataclass
+class LogConfig:
+    """Where a run logs its progress, task by task."""
+
+    backends: list[str] = field(default_factory=lambda: ["csv"], metadata={"help": "csv (DIR/metrics.csv) and/or tensorboard (DIR/tensorboard/; needs the tensorboard package)"})
+
+    def __post_init__(self) -> None:
+        for name in self.backends:
+            check_choice("log.backends", name, LOG_BACKENDS)
+        if len(set(self.backends)) != len(self.backends):
+            raise ConfigError("log.backends", f"lists a backend twice: {self.backends}")
 
 
 @dataclass
@@ -251,6 +295,7 @@ class RunConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     nn: NNConfig = field(default_factory=NNConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
         try:
@@ -281,5 +326,11 @@ class RunConfig:
             raise ConfigError("inference.objective", f"'g' needs superfluous neurons: model.num_outputs ({outputs}) must exceed the {classes} classes")
         if self.scenario is Scenario.GN and self.inference.num_images > self.eval.batch_size:
             raise ConfigError("inference.num_images", f"({self.inference.num_images}) is larger than the evaluation batch eval.batch_size ({self.eval.batch_size})")
+        if self.scenario is Scenario.NN and self.benchmark.labels == "global":
+            raise ConfigError("benchmark.labels", "global labels need each task's classes, which NN never sees "
+                                                  "as a task: use GN")
+        if self.scenario is Scenario.NN and self.train.schedule != "constant":
+            raise ConfigError("train.schedule", "NN never knows where a task ends, so its learning rate cannot follow "
+                                                "a per-task schedule: use constant")
         if self.scenario.task_given_at_train and self.capacity < self.benchmark.num_tasks:
             raise ConfigError("model.capacity", f"({self.capacity}) is smaller than the {self.benchmark.num_tasks} tasks to learn in {self.scenario}")

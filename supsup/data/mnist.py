@@ -44,6 +44,7 @@ from types import MappingProxyType
 import numpy as np
 import torch
 
+from .errors import DataUnavailableError
 from .idx import read_idx
 from .mnist_constants import (
     MNIST_FILES,
@@ -122,7 +123,7 @@ _KNOWN_SOURCES = frozenset(DEFAULT_SOURCES)
 _STALE_PARTIAL_S = 3600.0  # leftover temporary files older than this are removed
 
 
-class MNISTUnavailableError(RuntimeError):
+class MNISTUnavailableError(DataUnavailableError):
     """Raised when MNIST cannot be provisioned from any of the requested sources."""
 
 

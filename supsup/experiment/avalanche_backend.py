@@ -15,16 +15,16 @@ from pathlib import Path
 
 import yaml
 
-from ..bank import bank_sha256
 from ..checkpoint import CHECKPOINT_NAME, CheckpointError
 from ..config import ConfigError, RunConfig, Scenario, config_to_dict
 from ..evaluation import score_task
 from ..fileio import atomic_write_text
 from .backends import BACKENDS
 from .build import build_model, resolve_device
+from .evaluate import matrix_points
 from .native import nn_report
 from .report import write_report
-from .results import InferredScores, RunResults, TaskRow
+from .results import AccuracyMatrix, CurvePoint, InferredScores, RunResults, Summary, TaskRow
 from .runstate import peak_rss_bytes
 
 __all__ = ["AvalancheBackend"]
@@ -34,16 +34,26 @@ log = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def run_evaluator(cfg: RunConfig, out: Path, *metrics):
-    """An ``EvaluationPlugin`` with per-experience accuracy (plus ``metrics``), logging to
-    ``out/avalanche_log.txt`` (and the terminal when ``cfg.progress``)."""
+    """An ``EvaluationPlugin`` with per-experience accuracy and loss (plus ``metrics``), logging
+    to ``out/avalanche_log.txt``, the terminal when ``cfg.progress``, and Avalanche's own CSV
+    (``out/csv/``) and TensorBoard (``out/tensorboard/``) loggers as ``log.backends`` asks."""
     from avalanche.evaluation.metrics import accuracy_metrics, loss_metrics
-    from avalanche.logging import InteractiveLogger, TextLogger
+    from avalanche.logging import CSVLogger, InteractiveLogger, TensorboardLogger, TextLogger
     from avalanche.training.plugins import EvaluationPlugin
 
     with open(out / "avalanche_log.txt", "w") as text:
         loggers = [TextLogger(text)] + ([InteractiveLogger()] if cfg.progress else [])
-        yield EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loss_metrics(experience=True),
-                               *metrics, loggers=loggers)
+        if "csv" in cfg.log.backends:
+            loggers.append(CSVLogger(str(out / "csv")))
+        if "tensorboard" in cfg.log.backends:
+            loggers.append(TensorboardLogger(tb_log_dir=str(out / "tensorboard")))
+        try:
+            yield EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loss_metrics(experience=True),
+                                   *metrics, loggers=loggers)
+        finally:
+            for logger in loggers[1:]:
+                if hasattr(logger, "close"):
+                    logger.close()
 
 
 def start_run(cfg: RunConfig, out_dir, *, resume: bool) -> Path:
@@ -76,41 +86,76 @@ def run_supsup(cfg: RunConfig, out_dir, *, resume: bool = False) -> RunResults:
     bench = classic_benchmark(cfg)
     model = build_model(cfg, device, input_shape=bench.input_shape, num_classes=bench.num_classes)
     results = RunResults.new(cfg)
+    inferred = cfg.scenario is not Scenario.GG
     with run_evaluator(cfg, out, TaskInferenceAccuracy()) as evaluator:
         strategy = SupSupStrategy(model=model, scenario=cfg.scenario, train_config=cfg.train, eval_config=cfg.eval,
                                   inference_config=cfg.inference, nn_config=cfg.nn, task_id_source="task_label",
                                   seed=cfg.seed, device=device, evaluator=evaluator)
-        for exp in bench.train:
+
+        def evaluate(num_learned: int) -> list[TaskRow]:
+            """Every test experience, after ``num_learned`` training experiences: a row of the
+            accuracy matrix (tasks without a mask: None)."""
+            strategy.eval_task = "given"
+            given = per_experience(strategy.eval(bench.test), "Top1_Acc_Exp")
+            if inferred:
+                strategy.eval_task = "inferred"
+                strategy.eval(bench.test)
+            mapped = set(strategy.task_to_mask())
+            rows = []
+            for exp in bench.test:
+                task_id = strategy.task_id_of(exp)
+                row = TaskRow(task_id)
+                seen = task_id < num_learned  # evaluated: the tasks of the experiences trained so far
+                if seen and (cfg.scenario is not Scenario.NN or task_id in mapped):
+                    row.acc_given_task = given.get(exp.current_experience)
+                if inferred and seen:
+                    scores = score_task(task_id, strategy.outcomes[exp.current_experience])
+                    row.inferred = InferredScores(scores.acc_inferred, scores.task_inference_acc)
+                    row.inferred_counts = scores.inferred_counts
+                rows.append(row)
+            return rows
+
+        points = []
+        for i, exp in enumerate(bench.train):
             t0 = time.perf_counter()
             strategy.train(exp)
             results.train_seconds += time.perf_counter() - t0
             log.info("experience %d trained (%d steps)", exp.current_experience, strategy.steps_in_experience)
+            if i + 1 < len(bench.train) and i + 1 in matrix_points(cfg):
+                t0 = time.perf_counter()
+                rows = evaluate(i + 1)[: i + 1]
+                seconds = time.perf_counter() - t0
+                points.append(CurvePoint(i + 1, list(range(i + 1)), Summary.of(rows, inferred=inferred), seconds, rows,
+                                         inferred=inferred))
+                results.eval_seconds += seconds
         if model.active_task is not None:  # NN: the last mask is still being trained
             model.finish_task()
         t0 = time.perf_counter()
-        strategy.eval_task = "given"
-        given = per_experience(strategy.eval(bench.test), "Top1_Acc_Exp")
-        if cfg.scenario is not Scenario.GG:
-            strategy.eval_task = "inferred"
-            strategy.eval(bench.test)
-        results.eval_seconds += time.perf_counter() - t0
+        results.tasks = evaluate(len(bench.train))
+        if cfg.benchmark.labels == "global":  # class-incremental: also the task of each image alone
+            from ..evaluation import evaluate_per_image
+            from ..integrations.avalanche import CachedBatches
 
-    mapped = set(strategy.task_to_mask())
-    for exp in bench.test:
-        task_id = strategy.task_id_of(exp)
-        row = TaskRow(task_id)
-        if cfg.scenario is not Scenario.NN or task_id in mapped:
-            row.acc_given_task = given.get(exp.current_experience)
-        if cfg.scenario is not Scenario.GG:
-            scores = score_task(task_id, strategy.outcomes[exp.current_experience])
-            row.inferred = InferredScores(scores.acc_inferred, scores.task_inference_acc)
-        results.tasks.append(row)
+            for row, exp in zip(results.tasks, bench.test):
+                batches = list(CachedBatches.evaluation(strategy.data_cache.get(exp.dataset, "eval"),
+                                                        batch_size=cfg.eval.batch_size, max_batches=cfg.eval.max_batches))
+                row.acc_inferred_per_image = evaluate_per_image(model, [(b[0], b[1]) for b in batches], cfg.inference)
+        results.eval_seconds += time.perf_counter() - t0
     results.summarise()
+    if len(bench.train) in matrix_points(cfg):
+        points.append(CurvePoint(len(bench.train), list(range(len(bench.train))), results.summary, 0.0,
+                                 results.tasks, inferred=inferred))
+    results.curve = points  # the accuracy-vs-tasks points, as the native backend's
+    last = [] if points and points[-1].num_tasks_learned == len(bench.train) else [
+        CurvePoint(len(bench.train), list(range(len(bench.train))), results.summary, 0.0, results.tasks)]
+    results.accuracy_matrix = AccuracyMatrix.from_points(points + last, len(bench.test), given=True, inferred=inferred)
+    if inferred:
+        results.task_confusion = {r.task_id: dict(r.inferred_counts) for r in results.tasks if r.inferred_counts}
     if cfg.scenario is Scenario.NN:
         results.nn = nn_report(model, strategy.nn_state, cfg.nn.check_every)
     results.bank_bytes = model.bank_bytes
     results.num_masked_weights = model.num_masked_weights
-    results.bank_sha256 = bank_sha256(model.masked_layers)
+    results.bank_sha256 = model.bank_sha256()
     results.peak_rss_bytes = peak_rss_bytes()
     if cfg.scenario is not Scenario.GG:
         results.tasks_inferred = len(bench.test)
@@ -149,28 +194,42 @@ def run_baseline(cfg: RunConfig, out_dir, *, resume: bool = False) -> RunResults
     num_tasks = cfg.benchmark.num_tasks
     hparams = {"optimizer": dict(DEFAULT_HPARAMS["optimizer"]), method: dict(DEFAULT_HPARAMS[method])}
     results = RunResults.new(cfg)
+    uses_task_id = head != "single"
     with run_evaluator(cfg, out) as evaluator:
         strategy = make_baseline_strategy(method, model=model, num_tasks=num_tasks, iterations=cfg.train.iterations,
                                           train_mb_size=cfg.train.batch_size, eval_mb_size=cfg.eval.batch_size,
                                           eval_max_batches=cfg.eval.max_batches, hparams=hparams, device=device,
                                           evaluator=evaluator, seed=cfg.seed)
-        for exp in bench.train:
+
+        def accuracies() -> list[float | None]:
+            t0 = time.perf_counter()
+            acc = per_experience(strategy.eval(bench.test), "Top1_Acc_Exp")
+            results.eval_seconds += time.perf_counter() - t0
+            return [acc.get(exp.current_experience) for exp in bench.test]
+
+        # a multi-head model has no head for a task it has not met: no accuracy before training
+        before = None if uses_task_id else accuracies()
+        rows, learned = [], []
+        for i, exp in enumerate(bench.train):
             t0 = time.perf_counter()
             strategy.train(exp)
             results.train_seconds += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        acc = per_experience(strategy.eval(bench.test), "Top1_Acc_Exp")
-        results.eval_seconds += time.perf_counter() - t0
-
-    uses_task_id = head != "single"
+            if i + 1 == len(bench.train) or i + 1 in matrix_points(cfg):
+                row = accuracies()
+                rows.append([v if (not uses_task_id or j <= i) else None for j, v in enumerate(row)])
+                learned.append(i + 1)
+    final = rows[-1]
     for exp in bench.test:
         row = TaskRow(exp.current_experience)
         if uses_task_id:
-            row.acc_given_task = acc.get(exp.current_experience)
+            row.acc_given_task = final[exp.current_experience]
         else:
-            row.inferred = InferredScores(acc_inferred=acc.get(exp.current_experience))
+            row.inferred = InferredScores(acc_inferred=final[exp.current_experience])
         results.tasks.append(row)
     results.summarise()
+    kind = "given" if uses_task_id else "inferred"
+    results.accuracy_matrix = AccuracyMatrix(num_tasks_learned=learned, **{kind: rows},
+                                             before=None if before is None else {kind: before})
     cache = next(p for p in strategy.plugins if isinstance(p, TensorCachePlugin))
     results.extra.update({"baseline_hparams": hparams, "accuracy_uses_task_id": uses_task_id, "head": head,
                           "num_parameters": sum(p.numel() for p in model.parameters()),
@@ -185,6 +244,12 @@ class AvalancheBackend:
 
     @staticmethod
     def check(cfg: RunConfig) -> None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("backend", "backend avalanche runs in one process (Avalanche's loop is sequential): "
+                                         "run it without torchrun, or use backend native for several processes")
+        if cfg.benchmark.name not in ("permuted_mnist", "rotated_mnist", "split_mnist"):
+            raise ConfigError("benchmark.name", f"backend avalanche runs the MNIST benchmarks; for {cfg.benchmark.name} "
+                                                "use backend native, or SupSupStrategy on your own Avalanche stream")
         if cfg.benchmark.name == "permuted_mnist" and cfg.benchmark.permutation_source != "avalanche":
             raise ConfigError("benchmark.permutation_source",
                               "backend avalanche uses Avalanche's PermutedMNIST permutations: set "

@@ -24,25 +24,33 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_stream(cfg: RunConfig, device: torch.device, *, progress: bool = True):
-    """The native task stream of ``cfg.benchmark`` (real MNIST, provisioned if needed)."""
-    from ..data.mnist import load_mnist
-    from ..data.streams import create_stream
+    """The native task stream of ``cfg.benchmark`` (its dataset loaded from the data root; MNIST
+    is provisioned if needed)."""
+    from ..data import STREAMS, create_stream
 
-    data = load_mnist(cfg.benchmark.data_root, progress=progress)
+    data = STREAMS.get(cfg.benchmark.name).load_data(cfg.benchmark.data_root, progress=progress)
     kwargs: dict[str, Any] = {}
     if cfg.benchmark.name == "permuted_mnist":
         kwargs["permutation_source"] = cfg.benchmark.permutation_source
     elif cfg.benchmark.name == "rotated_mnist":
         kwargs["angles"] = cfg.benchmark.angles
+    if cfg.benchmark.labels != "task":
+        kwargs["labels"] = cfg.benchmark.labels
     return create_stream(cfg.benchmark.name, data, num_tasks=cfg.benchmark.num_tasks, seed=cfg.seed,
                          device=device, **kwargs)
 
 
-def build_model(cfg: RunConfig, device: torch.device, input_shape: Sequence[int] = (1, 28, 28),
+def build_model(cfg: RunConfig, device: torch.device, input_shape: Sequence[int] | None = None,
                 num_classes: int | None = None) -> SupermaskModel:
-    """The model of ``cfg``: its backbone, ``cfg.capacity`` masks, the stream's classes."""
+    """The model of ``cfg``: its backbone for the stream's inputs, ``cfg.capacity`` masks, the
+    stream's classes."""
+    from ..data import STREAMS
+
+    if input_shape is None:
+        input_shape = STREAMS.get(cfg.benchmark.name).input_shape
     return SupermaskModel.from_name(
         cfg.model.backbone, num_tasks=cfg.capacity, num_outputs=cfg.model.num_outputs,
         num_classes=cfg.benchmark.num_classes if num_classes is None else num_classes,
         seed=cfg.seed, input_shape=input_shape, weight_init=cfg.model.weight_init,
-        mask_kind=cfg.mask.kind, density=cfg.mask.density, score_init=cfg.model.score_init, device=device)
+        mask_kind=cfg.mask.kind, density=cfg.mask.density, score_init=cfg.model.score_init, norm=cfg.model.norm,
+        device=device)

@@ -13,12 +13,17 @@ import time
 import torch
 
 from ..config import RunConfig, Scenario
-from ..evaluation import evaluate_given_task, evaluate_inferred
+from ..evaluation import evaluate_given_task, evaluate_inferred, evaluate_per_image
 from ..inference import candidate_extras
 from ..model import SupermaskModel
-from .results import CurvePoint, InferredScores, RunResults, Summary, TaskRow
+from .results import AccuracyMatrix, CurvePoint, InferredScores, RunResults, Summary, TaskRow
 
-__all__ = ["curve_point", "evaluate_task", "final_evaluation", "objectives", "sampled_tasks"]
+__all__ = ["MATRIX_EVERY_TASK_MAX", "accuracy_matrix", "curve_point", "evaluate_task", "final_evaluation",
+           "matrix_points", "objectives", "sampled_tasks"]
+
+#: streams up to this many tasks get an accuracy-matrix row after every task (longer ones at
+#: ``eval.at_tasks`` only)
+MATRIX_EVERY_TASK_MAX = 20
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +31,28 @@ log = logging.getLogger(__name__)
 def objectives(cfg: RunConfig) -> list[str]:
     """``inference.objective`` then ``eval.extra_objectives`` (each once)."""
     return [cfg.inference.objective] + [o for o in cfg.eval.extra_objectives if o != cfg.inference.objective]
+
+
+def matrix_points(cfg: RunConfig) -> set[int]:
+    """After how many tasks a run evaluates every learned task (an accuracy-vs-tasks point, a
+    row of the accuracy matrix): ``eval.at_tasks``, or after every task of a short stream."""
+    if cfg.eval.at_tasks:
+        return set(cfg.eval.at_tasks)
+    if cfg.benchmark.num_tasks <= MATRIX_EVERY_TASK_MAX:
+        return set(range(1, cfg.benchmark.num_tasks + 1))
+    return set()
+
+
+def accuracy_matrix(cfg: RunConfig, results: RunResults) -> AccuracyMatrix:
+    """The accuracy matrix of a finished native run: its accuracy-vs-tasks points and the final
+    evaluation as the last row (masks of GG/GN runs never change, so a point after ``n`` tasks
+    is the bank's first ``n`` masks; NN points were taken while training)."""
+    points = list(results.curve)
+    T = cfg.benchmark.num_tasks
+    if not points or points[-1].num_tasks_learned != T:
+        points.append(CurvePoint(num_tasks_learned=T, tasks_evaluated=[r.task_id for r in results.tasks],
+                                 summary=results.summary, seconds=0.0, rows=results.tasks))
+    return AccuracyMatrix.from_points(points, T, given=True, inferred=not cfg.scenario.task_given_at_test)
 
 
 def sampled_tasks(num_learned: int, sample: int | None) -> list[int]:
@@ -69,6 +96,9 @@ def evaluate_task(cfg: RunConfig, model: SupermaskModel, stream, task_id: int,
         scores = InferredScores(res.acc_inferred, res.task_inference_acc)
         if i == 0:
             row.inferred = scores
+            row.inferred_counts = res.inferred_counts
+            if cfg.benchmark.labels == "global":  # class-incremental: also the task of each image alone
+                row.acc_inferred_per_image = evaluate_per_image(model, batches, inf, packed=packed, extra=extra)
         else:
             row.by_objective[objective] = scores
     return row
@@ -113,7 +143,10 @@ def final_evaluation(cfg: RunConfig, model: SupermaskModel, stream, results: Run
         row = evaluate_task(cfg, model, stream, task_id, mask_to_task,
                             inferred=task_id in inferred_tasks and task_id not in reuse)
         if task_id in reuse:
-            row.inferred, row.by_objective = reuse[task_id].inferred, dict(reuse[task_id].by_objective)
+            old_row = reuse[task_id]
+            row.inferred, row.by_objective = old_row.inferred, dict(old_row.by_objective)
+            row.inferred_counts = dict(old_row.inferred_counts)
+            row.acc_inferred_per_image = old_row.acc_inferred_per_image
         if task_id in old and old[task_id].acc_given_task is not None and cfg.scenario is not Scenario.NN:
             # Accuracy right after learning the task, to show that later tasks changed nothing.
             row.acc_given_task_when_learned = old[task_id].acc_given_task
@@ -121,4 +154,5 @@ def final_evaluation(cfg: RunConfig, model: SupermaskModel, stream, results: Run
     results.tasks = rows
     if cfg.scenario is not Scenario.GG:
         results.tasks_inferred = len(inferred_tasks)
+        results.task_confusion = {r.task_id: dict(r.inferred_counts) for r in rows if r.inferred_counts}
     results.summarise()

@@ -15,23 +15,30 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
-from ..bank import bank_sha256
-from ..checkpoint import CHECKPOINT_NAME, CheckpointError
+from ..checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from ..config import ConfigError, RunConfig, Scenario, config_to_dict
 from ..detection import NNDetector, NNState, mask_to_task, shared_masks, train_unlabeled
 from ..evaluation import evaluate_given_task
 from ..fileio import atomic_write_text
 from ..model import SupermaskModel
-from ..training import make_optimizer, train_task
+from ..training import learn_task, make_optimizer
 from .backends import BACKENDS
 from .build import build_model, build_stream, resolve_device
-from .evaluate import curve_point, final_evaluation
+from .distributed import Distributed
+from .evaluate import accuracy_matrix, curve_point, final_evaluation, matrix_points
+from .loggers import RunLogger
+from .parallel import evaluate_parallel, run_labeled_parallel
 from .report import write_report
 from .results import NNReport, RunResults, TaskRow
-from .runstate import finished_results, peak_rss_bytes, restore_checkpoint, write_checkpoint
+from .runstate import (
+    finished_results,
+    peak_rss_bytes,
+    restore_active_task,
+    restore_checkpoint,
+    write_checkpoint,
+)
 
 __all__ = ["NativeBackend", "nn_report"]
 
@@ -53,62 +60,78 @@ def nn_report(model: SupermaskModel, state: NNState, check_every: int) -> NNRepo
                     counts={m: dict(d) for m, d in state.counts.items()}, shared_masks=shared)
 
 
-def _run_labeled(cfg: RunConfig, out: Path, model: SupermaskModel, stream, results: RunResults, loop: dict) -> None:
+def _log_row(task: int, loss: float, acc: float | None, point, train_s: float, eval_s: float) -> dict:
+    row = {"task": task, "tasks_learned": task + 1, "loss": loss, "acc_given_task": acc,
+           "train_seconds": train_s, "eval_seconds": eval_s}
+    if point is not None:
+        row.update({"mean_acc_given_task": point.summary.mean_acc_given_task,
+                    "mean_acc_inferred": point.summary.inferred.acc_inferred,
+                    "task_inference_acc": point.summary.inferred.task_inference_acc})
+    return row
+
+
+def _run_labeled(cfg: RunConfig, out: Path, model: SupermaskModel, stream, results: RunResults, loop: dict,
+                 logger: RunLogger) -> None:
     """GG/GN: learn each task with its id, checkpoint after each."""
     for task_id in range(loop["next_task"], cfg.benchmark.num_tasks):
         t0 = time.perf_counter()
-        learned = train_task(model, stream.train_batches(task_id, cfg.train.iterations, cfg.train.batch_size), cfg.train,
-                             max_steps=cfg.train.iterations, progress=cfg.progress)
-        if learned != task_id:
-            raise CheckpointError(f"expected to learn task {task_id}, the model learned {learned}")
-        results.train_seconds += time.perf_counter() - t0
+        report = learn_task(model, stream.train_batches(task_id, cfg.train.iterations, cfg.train.batch_size),
+                            cfg.train, max_steps=cfg.train.iterations, progress=cfg.progress)
+        if report.task_id != task_id:
+            raise CheckpointError(f"expected to learn task {task_id}, the model learned {report.task_id}")
+        if cfg.benchmark.labels == "global":  # class-incremental: the task answers among its own classes
+            model.set_task_classes(task_id, stream.task_classes(task_id))
+        train_s = time.perf_counter() - t0
+        results.train_seconds += train_s
         t0 = time.perf_counter()
         acc, _ = evaluate_given_task(model, stream.test_batches(task_id, cfg.eval.batch_size, cfg.eval.max_batches),
                                      task_id)
-        results.eval_seconds += time.perf_counter() - t0
         results.tasks.append(TaskRow(task_id, acc_given_task=acc))
-        if cfg.eval.at_tasks and task_id + 1 in cfg.eval.at_tasks:
+        point = None
+        if task_id + 1 in matrix_points(cfg):
             point = curve_point(cfg, model, stream, task_id + 1)
             results.curve.append(point)
-            results.eval_seconds += point.seconds
+        eval_s = time.perf_counter() - t0
+        results.eval_seconds += eval_s
+        logger.log_task(_log_row(task_id, report.loss, acc, point, train_s, eval_s))
         write_checkpoint(out, cfg, model, results, {"next_task": task_id + 1, "num_learned": model.num_learned_tasks})
         log.info("task %d: acc_given_task %.4f", task_id, acc)
 
 
 def _run_unlabeled(cfg: RunConfig, out: Path, model: SupermaskModel, stream, results: RunResults, loop: dict,
-                   tensors: dict[str, Any]) -> None:
+                   tensors: dict[str, Any], logger: RunLogger) -> None:
     """NN: train the stream without task ids; the detector picks the mask of every batch."""
     detector = NNDetector(model, cfg.nn, NNState.from_dict(loop["nn"]) if "nn" in loop else None)
     optimizer = None
-    if loop.get("active_task") is not None:
-        # Mid-stream checkpoint: the active mask's scores and optimizer state.
-        if loop["active_task"] < model.num_banked_tasks:
-            model.resume_task(loop["active_task"])
-        elif model.add_task() != loop["active_task"]:
-            raise CheckpointError(f"checkpoint in {out}: the mask in training, {loop['active_task']}, does not "
-                                  f"follow the {model.num_banked_tasks} banked masks")
-        for layer, key in zip(model.masked_layers, sorted(k for k in tensors if k.startswith("scores."))):
-            with torch.no_grad():
-                layer.scores.copy_(tensors[key].to(layer.weight.device))
+    if restore_active_task(out, model, loop, tensors):  # a mid-stream checkpoint: scores and optimizer state
         optimizer = make_optimizer(model.trainable_parameters(), cfg.train)
         optimizer.load_state_dict(tensors["optimizer"])
+        if "sampler" in tensors:  # a sampled mask kind: where its mask samples had got to
+            model.sampler().set_state(tensors["sampler"])
     for true_task in range(loop["next_task"], cfg.benchmark.num_tasks):
         t0 = time.perf_counter()
-        optimizer = train_unlabeled(detector, stream.train_batches(true_task, cfg.train.iterations, cfg.train.batch_size),
-                                    optimizer, cfg.train, true_task=true_task, total=cfg.train.iterations,
-                                    progress=cfg.progress)
-        results.train_seconds += time.perf_counter() - t0
-        if cfg.eval.at_tasks and true_task + 1 in cfg.eval.at_tasks:
+        optimizer, loss = train_unlabeled(detector, stream.train_batches(true_task, cfg.train.iterations,
+                                                                         cfg.train.batch_size),
+                                          optimizer, cfg.train, true_task=true_task, total=cfg.train.iterations,
+                                          progress=cfg.progress)
+        train_s = time.perf_counter() - t0
+        results.train_seconds += train_s
+        point = None
+        if true_task + 1 in matrix_points(cfg):
             # Evaluate the masks detected so far (the one in training included), each mapped
             # to the true task it mostly saw.
             point = curve_point(cfg, model, stream, true_task + 1, detector.mask_to_task())
             point.num_detected_tasks = model.num_learned_tasks
             results.curve.append(point)
             results.eval_seconds += point.seconds
+        acc = None if point is None else next((r.acc_given_task for r in point.rows if r.task_id == true_task), None)
+        logger.log_task(_log_row(true_task, loss, acc, point, train_s, 0.0 if point is None else point.seconds))
         loop = {"next_task": true_task + 1, "num_learned": model.num_learned_tasks,
                 "active_task": model.active_task, "nn": detector.state.to_dict()}
         extra = {f"scores.{i:03d}": layer.scores.detach().cpu().clone() for i, layer in enumerate(model.masked_layers)}
         extra["optimizer"] = optimizer.state_dict()
+        if model.sampler() is not None:
+            extra["sampler"] = model.sampler().get_state()
         write_checkpoint(out, cfg, model, results, loop, extra)
     if model.active_task is not None:
         model.finish_task()
@@ -122,40 +145,88 @@ class NativeBackend:
     def check(cfg: RunConfig) -> None:
         if cfg.method != "supsup":
             raise ConfigError("method", f"baseline {cfg.method!r} runs on Avalanche: set backend: avalanche")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:  # several processes (torchrun) train tasks in parallel: tasks must be independent
+            if cfg.scenario is Scenario.NN:
+                raise ConfigError("scenario", f"NN decides task by task which mask trains, so it cannot be split over "
+                                              f"{world} processes: run it as one process (without torchrun)")
+            if cfg.model.score_init == "transfer":
+                raise ConfigError("model.score_init", "transfer starts a task from the earlier tasks' masks, so "
+                                                      "tasks cannot be trained in parallel: run one process")
+            if cfg.model.norm == "shared":
+                raise ConfigError("model.norm", "shared BatchNorm statistics run through every task in turn, so "
+                                                "tasks cannot be trained in parallel: run one process")
 
     @staticmethod
     def run(cfg: RunConfig, out_dir: str | os.PathLike, resume: bool) -> RunResults:
-        out = Path(out_dir)
+        device = resolve_device(cfg.device)
+        dist = Distributed.from_env(device)
+        try:
+            return _run(cfg, Path(out_dir), resume, device, dist)
+        finally:
+            dist.close()
+
+
+def _run(cfg: RunConfig, out: Path, resume: bool, device, dist: Distributed) -> RunResults:
+    problem = None
+    if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if not resume and (out / CHECKPOINT_NAME).exists():
-            raise CheckpointError(f"{out} already holds a run; pass --resume {out} to continue it or choose another --out")
-        device = resolve_device(cfg.device)
-        model = build_model(cfg, device)
-        results = RunResults.new(cfg)
-        loop: dict[str, Any] = {"next_task": 0, "num_learned": 0}
-        tensors: dict[str, Any] = {}
-        if resume:
-            tensors, results, loop = restore_checkpoint(out, cfg, model)
+            problem = f"{out} already holds a run; pass --resume {out} to continue it or choose another --out"
+    problem = dist.broadcast(problem)  # every rank stops, or none
+    if problem:
+        raise CheckpointError(problem)
+    model = build_model(cfg, device)
+    results = RunResults.new(cfg)
+    loop: dict[str, Any] = {"next_task": 0, "num_learned": 0}
+    tensors: dict[str, Any] = {}
+    if resume:
+        # rank 0 reads the checkpoint and the finished run's results; every rank gets them (the
+        # other machines need no copy of the run directory)
+        checkpoint = finished = None
+        if dist.is_main:
+            checkpoint = load_checkpoint(out)
+        checkpoint = dist.broadcast(checkpoint)
+        tensors, results, loop = restore_checkpoint(out, cfg, model, checkpoint=checkpoint)
+        if dist.is_main:
             finished = finished_results(out, cfg, loop)
-            if finished is not None:
-                log.info("%s already finished: its results.json is returned as it is", out)
-                return finished
-            log.info("resuming %s after task %d", out, loop["next_task"] - 1)
-        stream = build_stream(cfg, device, progress=cfg.progress)  # after the check: a finished run needs no data
+        finished = dist.broadcast(None if finished is None else finished.to_dict())
+        if finished is not None:
+            log.info("%s already finished: its results.json is returned as it is", out)
+            return RunResults.from_dict(finished)
+        log.info("resuming %s after task %d", out, loop["next_task"] - 1)
+    stream = build_stream(cfg, device, progress=cfg.progress and dist.is_main)  # a finished run needs no data
+    if dist.is_main:
         atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    logger = RunLogger(cfg, out, resume_from_task=loop["next_task"], enabled=dist.is_main)
+    try:
         if cfg.scenario is Scenario.NN:
-            _run_unlabeled(cfg, out, model, stream, results, loop, tensors)
+            _run_unlabeled(cfg, out, model, stream, results, loop, tensors, logger)
+        elif dist.enabled:
+            run_labeled_parallel(cfg, out, model, stream, results, loop, logger, dist)
         else:
-            _run_labeled(cfg, out, model, stream, results, loop)
+            _run_labeled(cfg, out, model, stream, results, loop, logger)
+    finally:
+        logger.close()
+    if dist.enabled:
+        evaluate_parallel(cfg, model, stream, results, dist)
+    else:
         t0 = time.perf_counter()
+        if cfg.scenario is not Scenario.NN:  # points a run resumed from several processes lacks
+            done = {p.num_tasks_learned for p in results.curve}
+            results.curve += [curve_point(cfg, model, stream, n, bank_prefix=True)
+                              for n in sorted(matrix_points(cfg) - done) if n < cfg.benchmark.num_tasks]
+            results.curve.sort(key=lambda p: p.num_tasks_learned)
         final_evaluation(cfg, model, stream, results)
         results.eval_seconds += time.perf_counter() - t0
-        results.bank_bytes = model.bank_bytes
-        results.num_masked_weights = model.num_masked_weights
-        results.bank_sha256 = bank_sha256(model.masked_layers)
-        results.peak_rss_bytes = peak_rss_bytes()
+    results.accuracy_matrix = accuracy_matrix(cfg, results)
+    results.bank_bytes = model.bank_bytes
+    results.num_masked_weights = model.num_masked_weights
+    results.bank_sha256 = model.bank_sha256()
+    results.peak_rss_bytes = peak_rss_bytes()
+    if dist.is_main:
         write_report(out, results)
-        return results
+    return results
 
 
 BACKENDS.register("native")(NativeBackend())

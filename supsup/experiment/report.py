@@ -72,6 +72,12 @@ def plot_accuracy(results: RunResults, path: str | os.PathLike) -> None:
 
 
 def write_report(out: Path, results: RunResults) -> None:
-    """``results.json`` and ``accuracy.png`` in ``out``."""
+    """``results.json`` and ``accuracy.png`` in ``out``; with the task inferred (GN/NN) also the
+    task-inference confusion matrix, ``confusion.png``."""
     atomic_write_text(out / "results.json", json.dumps(results.to_dict(), indent=2) + "\n")
     plot_accuracy(results, out / "accuracy.png")
+    if results.task_confusion:
+        from .figures import plot_confusion
+
+        plot_confusion(results.task_confusion, results.num_tasks, out / "confusion.png",
+                       title=f"task inference: {results.benchmark}, {results.num_tasks} tasks, {results.scenario}")

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import RunConfig, Scenario
+from ..metrics import summarise_matrix
 from ..version import __version__
 
-__all__ = ["CurvePoint", "InferredScores", "NNReport", "RunResults", "Summary", "TaskRow", "safe_mean"]
+__all__ = ["AccuracyMatrix", "CurvePoint", "InferredScores", "NNReport", "RunResults", "Summary", "TaskRow",
+           "safe_mean"]
 
 
 def safe_mean(values) -> float | None:
@@ -44,6 +46,10 @@ class TaskRow:
     inferred: InferredScores = field(default_factory=InferredScores)
     by_objective: dict[str, InferredScores] = field(default_factory=dict)
     acc_given_task_when_learned: float | None = None  # right after learning it (GG/GN)
+    #: class-incremental streams: the task inferred from each test image alone
+    acc_inferred_per_image: float | None = None
+    #: batches of this task inferred as each task (GN/NN; the rows of ``task_confusion``)
+    inferred_counts: dict[int, int] = field(default_factory=dict)
 
     @property
     def acc_inferred(self) -> float | None:
@@ -62,15 +68,21 @@ class TaskRow:
             d[f"task_inference_acc_{obj}"] = s.task_inference_acc
         if self.acc_given_task_when_learned is not None:
             d["acc_given_task_when_learned"] = self.acc_given_task_when_learned
+        if self.acc_inferred_per_image is not None:
+            d["acc_inferred_per_image"] = self.acc_inferred_per_image
+        if self.inferred_counts:
+            d["inferred_counts"] = {str(t): c for t, c in sorted(self.inferred_counts.items())}
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TaskRow:
         by_obj = {k[len("acc_inferred_"):]: InferredScores(v, d.get("task_inference_acc_" + k[len("acc_inferred_"):]))
-                  for k, v in d.items() if k.startswith("acc_inferred_")}
+                  for k, v in d.items() if k.startswith("acc_inferred_") and k != "acc_inferred_per_image"}
         return cls(task_id=int(d["task_id"]), acc_given_task=d.get("acc_given_task"),
                    inferred=InferredScores(d.get("acc_inferred"), d.get("task_inference_acc")),
-                   by_objective=by_obj, acc_given_task_when_learned=d.get("acc_given_task_when_learned"))
+                   by_objective=by_obj, acc_given_task_when_learned=d.get("acc_given_task_when_learned"),
+                   inferred_counts={int(t): int(c) for t, c in d.get("inferred_counts", {}).items()},
+                   acc_inferred_per_image=d.get("acc_inferred_per_image"))
 
 
 @dataclass
@@ -82,11 +94,13 @@ class Summary:
     mean_acc_given_task: float | None = None
     inferred: InferredScores = field(default_factory=InferredScores)
     by_objective: dict[str, InferredScores] = field(default_factory=dict)
+    mean_acc_inferred_per_image: float | None = None
 
     @classmethod
     def of(cls, rows: list[TaskRow], *, inferred: bool) -> Summary:
         """Means of ``rows`` (the inferred keys only when ``inferred``)."""
-        out = cls(mean_acc_given_task=safe_mean(r.acc_given_task for r in rows))
+        out = cls(mean_acc_given_task=safe_mean(r.acc_given_task for r in rows),
+                  mean_acc_inferred_per_image=safe_mean(r.acc_inferred_per_image for r in rows))
         if inferred:
             out.inferred = InferredScores(safe_mean(r.acc_inferred for r in rows),
                                           safe_mean(r.task_inference_acc for r in rows))
@@ -105,15 +119,17 @@ class Summary:
         for obj, s in self.by_objective.items():
             d[f"mean_acc_inferred_{obj}"] = s.acc_inferred
             d[f"task_inference_acc_{obj}"] = s.task_inference_acc
+        if self.mean_acc_inferred_per_image is not None:
+            d["mean_acc_inferred_per_image"] = self.mean_acc_inferred_per_image
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Summary:
         by_obj = {k[len("mean_acc_inferred_"):]: InferredScores(v, d.get("task_inference_acc_" + k[len("mean_acc_inferred_"):]))
-                  for k, v in d.items() if k.startswith("mean_acc_inferred_")}
+                  for k, v in d.items() if k.startswith("mean_acc_inferred_") and k != "mean_acc_inferred_per_image"}
         return cls(mean_acc_given_task=d.get("mean_acc_given_task"),
                    inferred=InferredScores(d.get("mean_acc_inferred"), d.get("task_inference_acc")),
-                   by_objective=by_obj)
+                   by_objective=by_obj, mean_acc_inferred_per_image=d.get("mean_acc_inferred_per_image"))
 
 
 @dataclass
@@ -145,6 +161,63 @@ class CurvePoint:
                    summary=Summary.from_dict(d), seconds=float(d.get("seconds", 0.0)),
                    rows=[TaskRow.from_dict(r) for r in d.get("rows", [])],
                    num_detected_tasks=d.get("num_detected_tasks"), inferred="mean_acc_inferred" in d)
+
+
+@dataclass
+class AccuracyMatrix:
+    """``R[r][j]``: accuracy on task ``j`` after learning ``num_tasks_learned[r]`` tasks, with
+    the task given (``given``) and inferred (``inferred``), as the scenario allows; None where
+    not evaluated. ``before``: accuracy before any training (methods that answer unlearned
+    tasks), for forward transfer. See :mod:`supsup.metrics`."""
+
+    num_tasks_learned: list[int]
+    given: list[list[float | None]] | None = None
+    inferred: list[list[float | None]] | None = None
+    before: dict[str, list[float | None]] | None = None
+
+    @classmethod
+    def from_points(cls, points: list[CurvePoint], num_tasks: int, *, given: bool, inferred: bool) -> AccuracyMatrix:
+        """Rows from accuracy-vs-tasks points (each point's evaluated tasks)."""
+        def rows(get):
+            out = []
+            for p in points:
+                row: list[float | None] = [None] * num_tasks
+                for r in p.rows:
+                    if r.task_id < num_tasks:
+                        row[r.task_id] = get(r)
+                out.append(row)
+            return out
+
+        return cls(num_tasks_learned=[p.num_tasks_learned for p in points],
+                   given=rows(lambda r: r.acc_given_task) if given else None,
+                   inferred=rows(lambda r: r.acc_inferred) if inferred else None)
+
+    def metrics(self) -> dict[str, dict[str, float | None]]:
+        """``{metric: {"given": x, "inferred": y}}`` for ACC, BWT, forgetting and FWT."""
+        out: dict[str, dict[str, float | None]] = {}
+        for kind, rows in (("given", self.given), ("inferred", self.inferred)):
+            if rows is None:
+                continue
+            before = (self.before or {}).get(kind)
+            for name, value in summarise_matrix(rows, self.num_tasks_learned, before).items():
+                out.setdefault(name, {})[kind] = value
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"num_tasks_learned": self.num_tasks_learned}
+        for kind in ("given", "inferred"):
+            if getattr(self, kind) is not None:
+                d[kind] = getattr(self, kind)
+        if self.before is not None:
+            d["before"] = self.before
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> AccuracyMatrix | None:
+        if not d:
+            return None
+        return cls(num_tasks_learned=[int(n) for n in d["num_tasks_learned"]], given=d.get("given"),
+                   inferred=d.get("inferred"), before=d.get("before"))
 
 
 @dataclass
@@ -200,6 +273,9 @@ class RunResults:
     tasks_inferred: int | None = None
     peak_rss_bytes: int | None = None
     nn: NNReport | None = None
+    accuracy_matrix: AccuracyMatrix | None = None
+    #: task_confusion[true task][inferred task] = test batches (GN/NN, the first objective)
+    task_confusion: dict[int, dict[int, int]] | None = None
     supsup_version: str = __version__
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -237,6 +313,12 @@ class RunResults:
             d["peak_rss_bytes"] = self.peak_rss_bytes
         if self.nn is not None:
             d.update({k: v for k, v in self.nn.to_dict().items() if k != "num_detected_tasks"})
+        if self.accuracy_matrix is not None:
+            d["accuracy_matrix"] = self.accuracy_matrix.to_dict()
+            d.update(self.accuracy_matrix.metrics())
+        if self.task_confusion is not None:
+            d["task_confusion"] = {str(t): {str(i): c for i, c in sorted(row.items())}
+                                   for t, row in sorted(self.task_confusion.items())}
         d.update(self.extra)
         return d
 
@@ -246,7 +328,8 @@ class RunResults:
                                    "num_detected_tasks", "train_seconds", "eval_seconds", "bank_bytes",
                                    "num_masked_weights", "supsup_version", "bank_sha256", "curve",
                                    "tasks_inferred", "peak_rss_bytes", "nn_allocations", "mask_to_task",
-                                   "nn_counts", "nn_shared_masks"}
+                                   "nn_counts", "nn_shared_masks", "accuracy_matrix", "task_confusion",
+                                   "average_accuracy", "bwt", "forgetting", "fwt"}
         known |= {k for k in d if k.startswith(("mean_acc_inferred_", "task_inference_acc_"))}
         return cls(scenario=Scenario(d["scenario"]), benchmark=d["benchmark"], num_tasks=int(d["num_tasks"]),
                    backend=d.get("backend", "native"), method=d.get("method", "supsup"), backbone=d.get("backbone", ""),
@@ -255,5 +338,8 @@ class RunResults:
                    bank_bytes=d.get("bank_bytes"), num_masked_weights=d.get("num_masked_weights"),
                    bank_sha256=d.get("bank_sha256"), curve=[CurvePoint.from_dict(p) for p in d.get("curve", [])],
                    tasks_inferred=d.get("tasks_inferred"), peak_rss_bytes=d.get("peak_rss_bytes"),
-                   nn=NNReport.from_dict(d), supsup_version=d.get("supsup_version", "unknown"),
+                   nn=NNReport.from_dict(d), accuracy_matrix=AccuracyMatrix.from_dict(d.get("accuracy_matrix")),
+                   task_confusion={int(t): {int(i): int(c) for i, c in row.items()}
+                                   for t, row in d["task_confusion"].items()} if d.get("task_confusion") else None,
+                   supsup_version=d.get("supsup_version", "unknown"),
                    extra={k: v for k, v in d.items() if k not in known})

@@ -28,7 +28,7 @@ from ..version import __version__
 from .results import RunResults
 
 __all__ = ["RESUME_FREE", "config_mismatch", "finished_results", "model_identity", "peak_rss_bytes",
-           "restore_checkpoint", "write_checkpoint"]
+           "restore_active_task", "restore_checkpoint", "write_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,12 @@ log = logging.getLogger(__name__)
 RESUME_FREE = {"progress", "device", "inference.group_size"}
 
 
-def config_mismatch(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ (resume-free keys excepted), with both values."""
+def config_mismatch(saved: dict, current: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
+    """Dotted keys whose values differ (resume-free keys excepted), with both values. A key
+    the saved config lacks (written before the key existed) matches its default value."""
+    if defaults is None and not prefix:
+        defaults = config_to_dict(RunConfig())
+    defaults = defaults or {}
     out = []
     for key in sorted(set(saved) | set(current)):
         dotted = f"{prefix}{key}"
@@ -46,7 +50,9 @@ def config_mismatch(saved: dict, current: dict, prefix: str = "") -> list[str]:
             continue
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += config_mismatch(a, b, f"{dotted}.")
+            out += config_mismatch(a, b, f"{dotted}.", defaults.get(key) if isinstance(defaults.get(key), dict) else {})
+        elif key not in saved and key in defaults and b == defaults[key]:
+            continue
         elif a != b:
             out.append(f"{dotted} (checkpoint: {a!r}, now: {b!r})")
     return out
@@ -90,11 +96,13 @@ def write_checkpoint(out: Path, cfg: RunConfig, model: SupermaskModel, results: 
     atomic_write_text(out / "progress.json", json.dumps(progress, indent=2) + "\n")
 
 
-def restore_checkpoint(out: Path, cfg: RunConfig, model: SupermaskModel
+def restore_checkpoint(out: Path, cfg: RunConfig, model: SupermaskModel, *,
+                       checkpoint: tuple[dict, dict] | None = None
                        ) -> tuple[dict[str, torch.Tensor], RunResults, dict[str, Any]]:
-    """Load ``DIR/checkpoint.pt`` into ``model`` (its bank) after checking that it was made
-    with ``cfg`` and this backbone; returns ``(tensors, results so far, loop state)``."""
-    tensors, meta = load_checkpoint(out)
+    """Load ``DIR/checkpoint.pt`` (or ``checkpoint``, its ``(tensors, meta)`` already read, e.g.
+    by another process) into ``model`` (its bank) after checking that it was made with ``cfg``
+    and this backbone; returns ``(tensors, results so far, loop state)``."""
+    tensors, meta = load_checkpoint(out) if checkpoint is None else checkpoint
     problems = config_mismatch(meta.get("config", {}), config_to_dict(cfg))
     if problems:
         raise CheckpointError(f"checkpoint in {out} was made with a different config: " + "; ".join(problems))
@@ -103,7 +111,7 @@ def restore_checkpoint(out: Path, cfg: RunConfig, model: SupermaskModel
         if saved_id.get(key) != now_id[key]:
             raise CheckpointError(f"checkpoint in {out} does not match this model: {key} is {saved_id.get(key)!r} "
                                   f"in the checkpoint, {now_id[key]!r} here")
-    bank = {k: v for k, v in tensors.items() if k.startswith("bank.")}
+    bank = {k: v for k, v in tensors.items() if k.startswith(("bank.", "norm", "task_classes"))}
     try:
         # The learned-task count is the bank's row count: a mask still in training (NN) has
         # no row and is re-created by the NN loop. Checkpoints up to 0.1.0 saved a count that
@@ -116,6 +124,23 @@ def restore_checkpoint(out: Path, cfg: RunConfig, model: SupermaskModel
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint in {out} has unreadable results: {err}") from None
     return tensors, results, meta["loop"]
+
+
+def restore_active_task(out: Path, model: SupermaskModel, loop: dict, tensors: dict[str, Any]) -> bool:
+    """An NN checkpoint taken mid-stream holds the mask in training (its scores; the BatchNorm
+    statistics are in the bank state): make it the active task again. False when there is none."""
+    active = loop.get("active_task")
+    if active is None:
+        return False
+    if active < model.num_banked_tasks:
+        model.resume_task(active)
+    elif model.add_task() != active:
+        raise CheckpointError(f"checkpoint in {out}: the mask in training, {active}, does not follow the "
+                              f"{model.num_banked_tasks} banked masks")
+    for layer, key in zip(model.masked_layers, sorted(k for k in tensors if k.startswith("scores."))):
+        with torch.no_grad():
+            layer.scores.copy_(tensors[key].to(layer.weight.device))
+    return True
 
 
 def finished_results(out: Path, cfg: RunConfig, loop: dict) -> RunResults | None:

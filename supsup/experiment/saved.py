@@ -8,13 +8,12 @@ import os
 import time
 from pathlib import Path
 
-from ..bank import bank_sha256
 from ..checkpoint import CheckpointError, load_checkpoint
 from ..config import ConfigError, Scenario, apply_overrides, config_from_dict
 from .build import build_model, build_stream, resolve_device
 from .evaluate import curve_point, final_evaluation
 from .results import RunResults
-from .runstate import restore_checkpoint
+from .runstate import restore_active_task, restore_checkpoint
 
 __all__ = ["evaluate_saved"]
 
@@ -49,7 +48,9 @@ def evaluate_saved(out_dir: str | os.PathLike, *, overrides: list[str] = (), sce
     stream = build_stream(cfg, device, progress=cfg.progress)
     model = build_model(cfg, device)
     restored = dataclasses.replace(cfg, scenario=base.scenario, eval=base.eval, inference=base.inference)
-    _, results, _ = restore_checkpoint(out, restored, model)
+    tensors, results, loop = restore_checkpoint(out, restored, model)
+    if restore_active_task(out, model, loop, tensors):  # NN ends by banking the mask it trains
+        model.finish_task()
     if model.active_task is None and model.num_banked_tasks < cfg.benchmark.num_tasks and cfg.scenario is not Scenario.NN:
         log.warning("the bank holds %d of %d tasks; evaluating those", model.num_banked_tasks, cfg.benchmark.num_tasks)
     results.scenario = cfg.scenario
@@ -73,5 +74,5 @@ def evaluate_saved(out_dir: str | os.PathLike, *, overrides: list[str] = (), sce
     results.eval_seconds = time.perf_counter() - t0
     results.bank_bytes = model.bank_bytes
     results.num_masked_weights = model.num_masked_weights
-    results.bank_sha256 = bank_sha256(model.masked_layers)
+    results.bank_sha256 = model.bank_sha256()
     return results

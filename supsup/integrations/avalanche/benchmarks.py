@@ -101,9 +101,10 @@ def classic_benchmark(cfg: RunConfig) -> ClassicBenchmark:
         angles = [float(a) for a in b.angles[:n]] if b.angles is not None else [360.0 * t / n for t in range(n)]
         bench = RotatedMNIST(n, return_task_id=True, seed=cfg.seed, rotations_list=angles, dataset_root=root)
     elif b.name == "split_mnist":
-        # Native task t = digits 2t, 2t+1 relabelled 0/1: five fixed pairs, the first n kept.
+        # Native task t = digits 2t, 2t+1, relabelled 0/1 (labels task) or kept (labels global,
+        # class-incremental): five fixed pairs, the first n kept.
         bench = SplitMNIST(5, return_task_id=True, seed=cfg.seed, fixed_class_order=list(range(10)),
-                           class_ids_from_zero_in_each_exp=True, dataset_root=root)
+                           class_ids_from_zero_in_each_exp=b.labels == "task", dataset_root=root)
     else:  # pragma: no cover - the config validates the name
         raise ConfigError("benchmark.name", f"no Avalanche benchmark for {b.name!r}")
     bench = in_dataset_order(bench)

@@ -220,12 +220,16 @@ class SupSupStrategy(SupervisedTemplate):
     def _after_training_iteration(self, **kwargs):
         self.steps_in_experience += 1
         if self.scenario is Scenario.NN:
-            self.detector.after_step(true_task=self.task_id_of(self.experience))  # reporting only
+            # the true task for reporting only; the logits for the calibrated rule's statistics
+            self.detector.after_step(true_task=self.task_id_of(self.experience), logits=self.mb_output)
         super()._after_training_iteration(**kwargs)
 
     def _after_training_exp(self, **kwargs):
         if self.scenario is not Scenario.NN:
-            self.model.finish_task()  # NN keeps its active mask across experience boundaries
+            task_id = self.model.finish_task()  # NN keeps its active mask across experience boundaries
+            classes = sorted(int(c) for c in getattr(self.experience, "classes_in_this_experience", None) or [])
+            if classes and len(classes) < self.model.num_classes:  # class-incremental: the task's own classes
+                self.model.set_task_classes(task_id, classes)
         self.data_cache.release(self.experience.dataset, "train")
         super()._after_training_exp(**kwargs)
 
@@ -249,7 +253,9 @@ class SupSupStrategy(SupervisedTemplate):
             logits = x.new_zeros(x.shape[0], self.num_classes)  # no mask: uniform, chance level
         else:
             with self.model.use_task(mask):
-                logits = self.model(x)[:, : self.num_classes]
+                # a task with its own classes (class-incremental) answers among them; finite, so
+                # that Avalanche's loss metric stays finite
+                logits = self.model.class_logits(x).clamp_min(-1e4)
         if self.eval_task == "inferred":
             stands_for = -1 if mask is None else self.mask_to_task().get(mask, -1)
             correct = int((logits.argmax(dim=1) == self.mb_y).sum())

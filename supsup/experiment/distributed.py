@@ -1,0 +1,130 @@
+"""Several processes and machines (``torchrun``): ranks train disjoint tasks, share every
+finished mask, evaluate shards of the tasks.
+
+A task's mask depends only on (seed, task id) and that task's data (GG, GN), so tasks can be
+trained anywhere. Tasks are dealt round-robin: in the round that starts at task ``s``, rank
+``r`` trains task ``s + r``; at the end of the round every rank contributes its task's bank
+rows (the packed mask, 1 bit per weight, and its BatchNorm statistics) to one all-gather, and
+every rank banks all of them in task order, so all ranks hold the same bank. Rank 0 alone
+writes files. Evaluation is sharded over tasks and gathered on every rank.
+
+Launched by ``torchrun`` (which sets ``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR``, ...), the
+process group uses gloo on the CPU and NCCL when the run's device is CUDA. One process
+(``WORLD_SIZE`` unset or 1) runs without any of this.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["Distributed", "DistributedError"]
+
+
+class DistributedError(RuntimeError):
+    """Another process of the run failed or cannot be reached."""
+
+
+@dataclass
+class Distributed:
+    """The process group of a run (``world == 1``: one process, nothing to share)."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, device: torch.device, timeout_s: float = 1800.0) -> Distributed:
+        """The group ``torchrun`` set up in the environment, initialised (one process: none)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls(device=device)
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if device.type == "cuda":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        return cls(rank=dist.get_rank(), world=dist.get_world_size(), device=device)
+
+    def close(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    def _call(self, fn, *args):
+        try:
+            return fn(*args)
+        except RuntimeError as err:  # gloo / NCCL: a peer died or the connection broke
+            raise DistributedError(f"rank {self.rank} of {self.world} lost the other processes ({err})") from None
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (one process: ``obj``)."""
+        if not self.enabled:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj if self.is_main else None]
+        self._call(dist.broadcast_object_list, box, 0)
+        return box[0]
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if not self.enabled:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        self._call(dist.all_gather_object, out, obj)
+        return out
+
+    def gather_task_rows(self, rows: dict[str, torch.Tensor] | None, like: dict[str, torch.Tensor]
+                         ) -> list[dict[str, torch.Tensor] | None]:
+        """Every rank's bank rows of one task (or None), in rank order. The rows travel as one
+        flat byte tensor per rank (``like``: the shapes of one task's rows), so a task costs its
+        packed mask and statistics plus one flag byte on the wire."""
+        if not self.enabled:
+            return [rows]
+        import torch.distributed as dist
+
+        keys = sorted(like)
+        sizes = [like[k].numel() * like[k].element_size() for k in keys]
+        flat = torch.zeros(1 + sum(sizes), dtype=torch.uint8)
+        if rows is not None:
+            flat[0] = 1
+            flat[1:] = torch.cat([rows[k].contiguous().view(-1).view(torch.uint8) for k in keys])
+        flat = flat.to(self.device)
+        out = [torch.empty_like(flat) for _ in range(self.world)]
+        self._call(dist.all_gather, out, flat)
+        gathered: list[dict[str, torch.Tensor] | None] = []
+        for buf in out:
+            buf = buf.cpu()
+            if buf[0] == 0:
+                gathered.append(None)
+                continue
+            entry, pos = {}, 1
+            for k, size in zip(keys, sizes):
+                entry[k] = buf[pos: pos + size].view(like[k].dtype).view(like[k].shape).clone()
+                pos += size
+            gathered.append(entry)
+        return gathered
+
+    def shard(self, items: Sequence[Any]) -> list[Any]:
+        """This rank's share of ``items`` (every ``world``-th, from its rank)."""
+        return list(items[self.rank:: self.world])

@@ -1,0 +1,129 @@
+"""The native GG/GN loop over several processes (:mod:`.distributed`): task-parallel training,
+sharded evaluation. The results equal one process's: the same masks (a task's mask depends on
+its id and data only), banked in the same order, evaluated by the same functions."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from .._faults import maybe_crash
+from ..config import RunConfig
+from ..evaluation import evaluate_given_task
+from ..model import SupermaskModel
+from ..training import fit_active_task
+from .distributed import Distributed
+from .evaluate import evaluate_task, matrix_points, sampled_tasks
+from .loggers import RunLogger
+from .results import CurvePoint, RunResults, Summary, TaskRow
+from .runstate import write_checkpoint
+
+__all__ = ["evaluate_parallel", "run_labeled_parallel"]
+
+log = logging.getLogger(__name__)
+
+
+def _row_shapes(model: SupermaskModel) -> dict[str, torch.Tensor]:
+    """Empty tensors shaped like one task's bank rows (what a rank sends per task)."""
+    like = {f"bank.{i}": torch.zeros(1, layer.bank.shape[1], dtype=torch.uint8)
+            for i, layer in enumerate(model.masked_layers)}
+    for j, bn in enumerate(model.norm_layers):
+        if bn.keeps_stats:
+            like[f"norm.{j}"] = torch.zeros(1, 2, bn.num_features)
+    return like
+
+
+def run_labeled_parallel(cfg: RunConfig, out: Path, model: SupermaskModel, stream, results: RunResults, loop: dict,
+                         logger: RunLogger, dist: Distributed) -> None:
+    """GG/GN: in each round of ``world`` tasks, rank ``r`` learns the round's task ``r``; the
+    masks are gathered and banked in order on every rank; rank 0 checkpoints after each round."""
+    T = cfg.benchmark.num_tasks
+    like = _row_shapes(model)
+    for start in range(loop["next_task"], T, dist.world):
+        maybe_crash("parallel_round")  # fault injection for the tests (inactive unless asked)
+        task = start + dist.rank
+        rows, loss, train_s = None, None, 0.0
+        if task < T:
+            t0 = time.perf_counter()
+            model.add_task(task)
+            try:
+                report = fit_active_task(model, stream.train_batches(task, cfg.train.iterations, cfg.train.batch_size),
+                                         cfg.train, max_steps=cfg.train.iterations, progress=cfg.progress and dist.is_main)
+            except BaseException:
+                model.abandon_task()
+                raise
+            _, rows = model.export_task()
+            loss, train_s = report.loss, time.perf_counter() - t0
+        t0 = time.perf_counter()
+        gathered = [g for g in dist.gather_task_rows(rows, like) if g is not None]
+        results.extra["communication_seconds"] = results.extra.get("communication_seconds", 0.0) + (
+            time.perf_counter() - t0)
+        results.extra["communication_bytes_per_task"] = 1 + sum(v.numel() * v.element_size() for v in like.values())
+        model.import_tasks({k: torch.cat([g[k] for g in gathered]) for k in like})
+        if cfg.benchmark.labels == "global":  # class-incremental: every task answers among its own classes
+            for t in range(start, min(start + dist.world, T)):
+                model.set_task_classes(t, stream.task_classes(t))
+        t0 = time.perf_counter()
+        acc = None
+        if task < T:
+            acc, _ = evaluate_given_task(model, stream.test_batches(task, cfg.eval.batch_size, cfg.eval.max_batches),
+                                         task)
+        info = dist.gather(None if task >= T else (task, acc, loss, train_s, time.perf_counter() - t0))
+        done = sorted(i for i in info if i is not None)
+        results.train_seconds += max(i[3] for i in done)  # wall time of the round's training
+        results.eval_seconds += max(i[4] for i in done)
+        for t, acc_t, loss_t, train_t, eval_t in done:
+            results.tasks.append(TaskRow(t, acc_given_task=acc_t))
+            logger.log_task({"task": t, "tasks_learned": t + 1, "loss": loss_t, "acc_given_task": acc_t,
+                             "train_seconds": train_t, "eval_seconds": eval_t})
+        next_task = min(start + dist.world, T)
+        if dist.is_main:
+            write_checkpoint(out, cfg, model, results, {"next_task": next_task, "num_learned": model.num_learned_tasks})
+        log.info("tasks %d-%d learned on %d processes", start, next_task - 1, dist.world)
+
+
+def _sharded_rows(cfg: RunConfig, model: SupermaskModel, stream, pairs: list[tuple[int, int, bool]],
+                  dist: Distributed) -> dict[tuple[int, int], TaskRow]:
+    """Rows of ``(tasks learned n, task, with the task inferred)`` triples (n = the whole bank:
+    the final evaluation; smaller n: the bank's first n masks), each evaluated by one rank,
+    gathered on all."""
+    mine = {}
+    for n, task, inferred in dist.shard(pairs):
+        packed = None if n == model.num_banked_tasks else [layer.bank_rows[:n] for layer in model.masked_layers]
+        mine[(n, task)] = evaluate_task(cfg, model, stream, task, None, inferred=inferred, packed=packed).to_dict()
+    out = {}
+    for part in dist.gather(mine):
+        out.update({key: TaskRow.from_dict(row) for key, row in part.items()})
+    return out
+
+
+def evaluate_parallel(cfg: RunConfig, model: SupermaskModel, stream, results: RunResults, dist: Distributed) -> None:
+    """The accuracy-vs-tasks points (from bank prefixes) and the final evaluation, sharded over
+    the ranks by (point, task); the same rows as one process computes."""
+    T = cfg.benchmark.num_tasks
+    t0 = time.perf_counter()
+    points = sorted(n for n in matrix_points(cfg) if n <= T and n not in {p.num_tasks_learned for p in results.curve})
+    inferred_tasks = set(sampled_tasks(T, cfg.eval.sample_tasks)) if not cfg.scenario.task_given_at_test else set()
+    pairs = [(n, t, True) for n in points if n < T for t in sampled_tasks(n, cfg.eval.sample_tasks)]
+    pairs += [(T, t, t in inferred_tasks) for t in range(T)]
+    rows = _sharded_rows(cfg, model, stream, pairs, dist)
+    inferred = not cfg.scenario.task_given_at_test
+    for n in points:
+        tasks = sampled_tasks(n, cfg.eval.sample_tasks)
+        point_rows = [TaskRow.from_dict(rows[(n, t)].to_dict()) for t in tasks]
+        results.curve.append(CurvePoint(n, tasks, Summary.of(point_rows, inferred=inferred), 0.0, point_rows,
+                                        inferred=inferred))
+    results.curve.sort(key=lambda p: p.num_tasks_learned)
+    when_learned = {r.task_id: r.acc_given_task for r in results.tasks}
+    final = [rows[(T, t)] for t in range(T)]
+    for row in final:
+        row.acc_given_task_when_learned = when_learned.get(row.task_id)
+    results.tasks = final
+    if inferred:
+        results.tasks_inferred = len(inferred_tasks)
+        results.task_confusion = {r.task_id: dict(r.inferred_counts) for r in final if r.inferred_counts}
+    results.summarise()
+    results.eval_seconds += time.perf_counter() - t0

@@ -1,0 +1,186 @@
+"""The checksummed file format and the atomic write, on small synthetic payloads (the
+end-to-end kill-and-resume tests are in test_runner.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pickle
+
+import pytest
+import torch
+
+from supsup import fileio
+from supsup.checkpoint import (
+    CHECKPOINT_MAGIC,
+    CHECKPOINT_NAME,
+    MODEL_MAGIC,
+    CheckpointError,
+    load_checkpoint,
+    read_checksummed,
+    save_checkpoint,
+    write_checksummed,
+)
+from supsup.experiment.runstate import config_mismatch
+
+
+def _payload():
+    return {"bank.0": torch.arange(24, dtype=torch.uint8).view(3, 8), "nested": {"a": [1, 2.5, "x"]}}
+
+
+def test_round_trip_is_exact(tmp_path):
+    path = save_checkpoint(tmp_path, _payload(), {"loop": {"next_task": 2}, "f": 0.1})
+    assert path == tmp_path / CHECKPOINT_NAME
+    tensors, meta = load_checkpoint(tmp_path)
+    assert torch.equal(tensors["bank.0"], _payload()["bank.0"]) and tensors["nested"] == {"a": [1, 2.5, "x"]}
+    assert meta == {"loop": {"next_task": 2}, "f": 0.1}
+    raw = path.read_bytes()
+    assert raw.startswith(CHECKPOINT_MAGIC)
+    head = len(CHECKPOINT_MAGIC)
+    assert raw[head: head + 32] == hashlib.sha256(raw[head + 32:]).digest()
+
+
+@pytest.mark.parametrize("position", [0.2, 0.5, 0.99])
+def test_any_flipped_byte_is_refused(tmp_path, position):
+    path = save_checkpoint(tmp_path, _payload(), {})
+    raw = bytearray(path.read_bytes())
+    raw[int(len(raw) * position)] ^= 0x10
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="checksum does not match"):
+        load_checkpoint(tmp_path)
+
+
+def test_a_short_or_foreign_file_is_refused(tmp_path):
+    path = tmp_path / CHECKPOINT_NAME
+    path.write_bytes(CHECKPOINT_MAGIC + b"\0" * 10)  # the header cut short
+    with pytest.raises(CheckpointError, match="bad header"):
+        load_checkpoint(tmp_path)
+    path.write_bytes(b"x" * 100)
+    with pytest.raises(CheckpointError, match="bad header"):
+        load_checkpoint(tmp_path)
+    write_checksummed(path, {}, {}, magic=MODEL_MAGIC)
+    with pytest.raises(CheckpointError, match="is a supsup model file, not a supsup checkpoint"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "absent")
+
+
+def _forged(path, payload: bytes, magic=CHECKPOINT_MAGIC):
+    path.write_bytes(magic + hashlib.sha256(payload).digest() + payload)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_pickled_objects_are_never_loaded(tmp_path, capsys):
+    """A file with a valid checksum but a pickled object inside: weights_only refuses it."""
+    buf = io.BytesIO()
+    torch.save({"tensors": {"x": _Evil()}, "meta": "{}"}, buf)
+    _forged(tmp_path / CHECKPOINT_NAME, buf.getvalue())
+    with pytest.raises(CheckpointError, match="valid checksum but unreadable content"):
+        load_checkpoint(tmp_path)
+    assert "unpickled!" not in capsys.readouterr().out
+    _forged(tmp_path / CHECKPOINT_NAME, pickle.dumps({"tensors": {}, "meta": "{}"}))
+    with pytest.raises(CheckpointError, match="valid checksum but unreadable content"):
+        load_checkpoint(tmp_path)
+
+
+def test_a_payload_of_the_wrong_shape_is_refused(tmp_path):
+    buf = io.BytesIO()
+    torch.save({"tensors": [1, 2], "meta": json.dumps({})}, buf)
+    _forged(tmp_path / CHECKPOINT_NAME, buf.getvalue())
+    with pytest.raises(CheckpointError, match="unexpected file structure"):
+        load_checkpoint(tmp_path)
+    buf = io.BytesIO()
+    torch.save({"tensors": {}, "meta": "not json"}, buf)
+    _forged(tmp_path / CHECKPOINT_NAME, buf.getvalue())
+    with pytest.raises(CheckpointError, match="unreadable content"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="unreadable content"):
+        read_checksummed(tmp_path / CHECKPOINT_NAME, magic=CHECKPOINT_MAGIC)
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_an_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, _payload(), {"version": 1})
+    before = (tmp_path / CHECKPOINT_NAME).read_bytes()
+
+    def crash(point):
+        assert point == "checkpoint_write"
+        raise _Crash
+
+    monkeypatch.setattr(fileio, "maybe_crash", crash)
+    with pytest.raises(_Crash):
+        save_checkpoint(tmp_path, _payload(), {"version": 2})
+    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]  # the temporary file is gone
+
+
+def test_a_digest_mismatch_puts_nothing_in_place(tmp_path):
+    with pytest.raises(fileio.ChecksumMismatch, match="SHA-256 mismatch"):
+        fileio.atomic_write_bytes(tmp_path / "f", [b"abc", b"def"], sha256=hashlib.sha256(b"abcdeX").hexdigest())
+    assert list(tmp_path.iterdir()) == []
+    fileio.atomic_write_bytes(tmp_path / "f", [b"abc", b"def"], sha256=hashlib.sha256(b"abcdef").hexdigest())
+    assert (tmp_path / "f").read_bytes() == b"abcdef"
+
+
+def test_config_mismatch_names_every_differing_key_but_the_resume_free_ones():
+    saved = {"seed": 0, "progress": True, "train": {"lr": 1e-4, "iterations": 10},
+             "inference": {"group_size": 128, "method": "one_shot"}}
+    now = {"seed": 1, "progress": False, "train": {"lr": 1e-4, "iterations": 11},
+           "inference": {"group_size": 7, "method": "one_shot"}, "new": 3}
+    assert config_mismatch(saved, now) == ["new (checkpoint: None, now: 3)", "seed (checkpoint: 0, now: 1)",
+                                           "train.iterations (checkpoint: 10, now: 11)"]
+    assert config_mismatch(saved, saved) == []
+
+
+def test_new_files_follow_a_permissive_umask_too(tmp_path):
+    import os
+
+    old = os.umask(0)
+    try:
+        fileio.atomic_write_text(tmp_path / "a", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o666
+
+
+def test_temporary_files_sit_beside_the_target_and_carry_its_name(tmp_path, monkeypatch):
+    """A temporary file in the target's directory (a rename never crosses file systems), named
+    after it with the given suffix, so that a leftover is recognisable."""
+    seen = []
+
+    def crash(point):
+        seen.extend(p.name for p in (tmp_path / "sub" / "deeper").iterdir())
+        raise _Crash
+
+    monkeypatch.setattr(fileio, "maybe_crash", crash)
+    with pytest.raises(_Crash):
+        fileio.atomic_write_bytes(tmp_path / "sub" / "deeper" / "f.bin", b"0123456789", crash_point="x", suffix=".part")
+    assert len(seen) == 1 and seen[0].startswith(".f.bin.") and seen[0].endswith(".part")
+    assert list((tmp_path / "sub" / "deeper").iterdir()) == []
+
+
+def test_an_unreadable_path_is_a_checkpoint_error(tmp_path):
+    (tmp_path / CHECKPOINT_NAME).mkdir()  # a directory where the file should be
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_checkpoint(tmp_path)
+
+
+def test_config_written_before_a_key_existed_matches_its_default():
+    """A checkpoint from an older version lacks newer keys (model.norm); with their default
+    values now, the run may resume."""
+    from supsup.config import RunConfig, config_to_dict
+
+    now = config_to_dict(RunConfig())
+    old = config_to_dict(RunConfig())
+    del old["model"]["norm"]
+    assert config_mismatch(old, now) == []
+    now["model"]["norm"] = "shared"
+    assert config_mismatch(old, now) == ["model.norm (checkpoint: None, now: 'shared')"]

@@ -1,0 +1,96 @@
+"""Several processes on loopback (torchrun, gloo): the same bank and accuracies as one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from supsup.checkpoint import load_checkpoint
+
+SETS = ["benchmark.num_tasks=4", "model.backbone=lenet_300_100", "model.num_outputs=100", "train.iterations=40",
+        "train.lr=1e-3", "eval.max_batches=2", "progress=false"]
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+
+
+def _run(out: Path, procs: int = 1, *extra: str, env: dict | None = None, resume: bool = False):
+    """``supsup run`` (one thread per process, so that 1 and 2 processes round floats alike)."""
+    args = ["run", "permuted_mnist_gn", "--threads", "1", *sum([["--set", s] for s in [*SETS, *extra]], [])]
+    args += ["--resume", str(out)] if resume else ["--out", str(out)]
+    if procs == 1:
+        cmd = [sys.executable, "-m", "supsup", *args]
+    else:
+        cmd = [TORCHRUN, f"--nproc-per-node={procs}", "--master-port=0", "--rdzv-backend=c10d",
+               "--rdzv-endpoint=localhost:0", "-m", "supsup", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def _results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, mnist_data):
+    out = tmp_path_factory.mktemp("one") / "run"
+    r = _run(out)
+    assert r.returncode == 0, r.stderr
+    return _results(out)
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a["bank_sha256"] == b["bank_sha256"]
+    assert a["tasks"] == b["tasks"] and a["accuracy_matrix"] == b["accuracy_matrix"]
+    assert a["task_confusion"] == b["task_confusion"]
+
+
+def test_two_processes_give_the_bank_and_accuracies_of_one(one_process, tmp_path):
+    r = _run(tmp_path / "two", 2)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("mean ") == 1  # rank 0 alone reports
+    _same(one_process, _results(tmp_path / "two"))
+    names = sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert not [n for n in names if n.endswith(".tmp")]
+
+
+def test_resume_with_another_number_of_processes(one_process, tmp_path):
+    """Killed after the first checkpoint, resumed 2 -> 1 and 1 -> 2 processes: the same bank."""
+    a = tmp_path / "two_then_one"
+    r = _run(a, 2, env={"SUPSUP_CRASH_AT": "checkpoint_write:2"})
+    assert r.returncode != 0
+    assert load_checkpoint(a)[1]["loop"]["next_task"] == 2  # the first round's checkpoint is intact
+    assert _run(a, 1, resume=True).returncode == 0
+    _same(one_process, _results(a))
+    b = tmp_path / "one_then_two"
+    r = _run(b, 1, env={"SUPSUP_CRASH_AT": "checkpoint_write:2"})
+    assert r.returncode == -signal.SIGKILL and load_checkpoint(b)[1]["loop"]["next_task"] == 1
+    r = _run(b, 2, resume=True)
+    assert r.returncode == 0, r.stderr
+    _same(one_process, _results(b))
+
+
+def test_a_rank_that_dies_stops_the_run_and_keeps_the_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    r = _run(out, 2, env={"SUPSUP_CRASH_AT": "parallel_round:2", "SUPSUP_CRASH_RANK": "1"})
+    assert r.returncode != 0
+    _, meta = load_checkpoint(out)  # written after round 1, intact
+    assert meta["loop"]["next_task"] == 2
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    shutil.rmtree(out)
+
+
+@pytest.mark.parametrize("extra, key", [(["scenario=NN"], "scenario"),
+                                        (["backend=avalanche", "benchmark.permutation_source=avalanche"], "backend")])
+def test_what_cannot_run_in_parallel_is_refused_in_one_line(tmp_path, extra, key):
+    """Every rank exits with code 2; rank 0 says why in one line (torchrun then reports the
+    failed workers in its own words)."""
+    r = _run(tmp_path / "x", 2, *extra)
+    assert r.returncode != 0 and "exitcode  : 2" in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("supsup: error:")]
+    assert len(errors) == 1 and f"error: {key}:" in errors[0]

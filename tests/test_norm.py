@@ -1,0 +1,182 @@
+"""Conv and ResNet backbones with BatchNorm statistics kept per task (small, synthetic)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from supsup import SupermaskModel, TrainConfig, train_task
+from supsup.backbones import BACKBONES, has_batchnorm
+from supsup.inference import alpha_gradients, alpha_gradients_reference
+from supsup.masks import packed_nbytes
+from supsup.model import Mode
+from supsup.norm import TaskBatchNorm
+
+SHAPES = {"resnet50": (3, 64, 64)}
+
+
+def _model(backbone="conv4_bn", norm="per_task", num_tasks=3, shape=(1, 16, 16), **kw):
+    return SupermaskModel.from_name(backbone, num_tasks=num_tasks, num_outputs=kw.pop("num_outputs", 8),
+                                    num_classes=kw.pop("num_classes", 4), input_shape=shape, norm=norm, **kw)
+
+
+def _batches(task, n=4, size=16, shape=(1, 16, 16), seed=0):
+    """Task ``t``: inputs shifted by t and scaled, so each task has its own activation statistics."""
+    g = torch.Generator().manual_seed(seed + 100 * task)
+    out = []
+    for _ in range(n):
+        y = torch.randint(0, 4, (size,), generator=g)
+        x = torch.randn(size, *shape, generator=g) * (1 + task) + 2.0 * task
+        x[:, 0, : 4 + 4 * int(y.max()), :4] += y.view(-1, 1, 1).float()  # some class signal
+        out.append((x, y))
+    return out
+
+
+@pytest.mark.parametrize("name", BACKBONES.names())
+def test_every_backbone_builds_wraps_and_trains_only_its_scores(name):
+    """timm-style: every registered backbone runs on its inputs, and every score tensor (and
+    nothing else) gets a gradient."""
+    shape = SHAPES.get(name, (3, 32, 32) if ("resnet" in name or "conv" in name) else (1, 28, 28))
+    model = _model(name, shape=shape, num_tasks=1, num_outputs=6, num_classes=6)
+    model.add_task()
+    x = torch.randn(2, *shape)
+    F.cross_entropy(model(x), torch.tensor([0, 1])).backward()
+    params = dict(model.named_parameters())
+    assert params and all(n.endswith("scores") for n in params)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
+    assert all(b.grad is None for b in model.buffers())
+    assert len(model.norm_layers) == (sum(isinstance(m, TaskBatchNorm) for m in model.modules()))
+    assert bool(model.norm_layers) == (name.endswith("_bn") or name.startswith("resnet"))
+
+
+def test_affine_batchnorm_is_refused_with_the_reason():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(576, 3, bias=False))
+    with pytest.raises(TypeError, match="affine=False"):
+        SupermaskModel(net, num_tasks=1)
+    assert has_batchnorm(net)
+
+
+def _train(model, task, steps=3):
+    train_task(model, _batches(task, n=steps), TrainConfig(lr=1e-2))
+
+
+@pytest.mark.parametrize("backbone", ["conv4_bn", "resnet18"])
+def test_earlier_tasks_keep_their_statistics_and_outputs(backbone):
+    """per_task: task 0's outputs after learning tasks 1 and 2 equal those right after task 0
+    (its mask and its BatchNorm statistics are banked); shared: they change (the official bug)."""
+    x = _batches(0, n=1, seed=9)[0][0]
+    outs = {}
+    for norm in ("per_task", "shared"):
+        model = _model(backbone, norm=norm)
+        _train(model, 0)
+        with model.use_task(0):
+            before = model(x)
+        _train(model, 1)
+        _train(model, 2)
+        with model.use_task(0):
+            outs[norm] = (before, model(x))
+    assert torch.equal(*outs["per_task"])
+    assert not torch.allclose(*outs["shared"])
+
+
+def test_statistics_are_banked_and_counted_in_bank_bytes():
+    model = _model("conv4_bn", num_tasks=2)
+    _train(model, 0)
+    _train(model, 1)
+    bn = model.norm_layers[0]
+    assert bn.num_stats == 2 and not torch.equal(bn.stats_rows()[0], bn.stats_rows()[1])
+    # the task with inputs shifted by 2 has the larger mean before normalisation
+    per_task = (sum(packed_nbytes(layer.num_weights) for layer in model.masked_layers)
+                + sum(8 * b.num_features for b in model.norm_layers))
+    assert model.bank_bytes == 2 * per_task
+
+
+def test_batch_norm_mode_keeps_no_statistics():
+    model = _model("conv4_bn", norm="batch")
+    _train(model, 0)
+    bn = model.norm_layers[0]
+    assert bn.num_stats == 0 and torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+    x = _batches(0, n=1)[0][0]
+    with model.use_task(0):
+        full, half = model(x), model(x[:8])
+    assert not torch.allclose(full[:8], half)  # each batch normalised with its own statistics
+    assert set(model.bank_state()) == {f"bank.{i}" for i in range(len(model.masked_layers))}
+
+
+def test_save_load_and_bank_state_keep_the_statistics(tmp_path):
+    model = _model("resnet18")
+    _train(model, 0)
+    _train(model, 1)
+    model.save(tmp_path / "m")
+    loaded = SupermaskModel.load(tmp_path / "m")
+    x = _batches(1, n=1, seed=5)[0][0]
+    for t in range(2):
+        with model.use_task(t), loaded.use_task(t):
+            assert torch.equal(model(x), loaded(x))
+    assert loaded.bank_sha256() == model.bank_sha256()
+    state = model.bank_state()
+    state["norm.0"] = state["norm.0"][:1]
+    with pytest.raises(ValueError, match="norm.0"):
+        _model("resnet18").load_bank_state(state)
+
+
+def test_resuming_a_task_starts_from_its_statistics():
+    model = _model("conv4_bn")
+    _train(model, 0)
+    banked = model.norm_layers[0].stats_rows()[0].clone()
+    model.resume_task(0)
+    bn = model.norm_layers[0]
+    assert torch.equal(bn.running_mean, banked[0]) and torch.equal(bn.running_var, banked[1])
+    model.finish_task()
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_fast_alpha_gradients_match_the_oracle_with_batchnorm(groups):
+    """Superposed BatchNorm normalises each inference with its own images: batching G
+    inferences must not mix their statistics (the oracle runs them one by one)."""
+    model = _model("conv4_bn")
+    for t in range(3):
+        _train(model, t, steps=3)
+    x = torch.randn(groups, 4, 1, 16, 16, generator=torch.Generator().manual_seed(1)) * 2
+    alphas = torch.full((groups, 3), 1 / 3)
+    fast = alpha_gradients(model, x, alphas, objective="entropy", num_classes=4)
+    ref = alpha_gradients_reference(model, x, alphas, objective="entropy", num_classes=4)
+    assert torch.allclose(fast, ref, rtol=1e-4, atol=1e-6 * ref.abs().max().item())
+    assert model.mode is Mode.IDLE
+
+
+def test_transfer_scores_average_the_earlier_masks():
+    model = _model("conv4", score_init="transfer", num_tasks=3)
+    fresh0 = model.initial_scores(0)
+    _train(model, 0)
+    _train(model, 1)
+    layer = model.masked_layers[1]
+    fresh = _model("conv4", num_tasks=3).initial_scores(2)[1]  # the plain draw for task 2
+    bound = 1 / math.sqrt(layer.weight[0].numel())
+    signs = sum(layer.stored_mask(t).float() * 2 - 1 for t in range(2))
+    assert torch.allclose(model.initial_scores(2)[1], (fresh + bound * signs) / 3, atol=1e-7)
+    assert torch.equal(fresh0[1], _model("conv4").initial_scores(0)[1])  # nothing banked: the plain draw
+
+
+def test_cosine_schedule_anneals_to_zero_over_the_task():
+    lrs = []
+
+    class Probe(torch.optim.SGD):
+        def step(self, closure=None):
+            lrs.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    from supsup import optim
+
+    optim.OPTIMIZERS.register("probe_sgd")(lambda params, lr, momentum, weight_decay: Probe(params, lr=lr))
+    try:
+        model = _model("conv4")
+        train_task(model, _batches(0, n=5), TrainConfig(optimizer="probe_sgd", lr=0.1, schedule="cosine"))
+    finally:
+        optim.OPTIMIZERS._items.pop("probe_sgd")
+    expected = [0.05 * (1 + math.cos(math.pi * i / 5)) for i in range(5)]
+    assert lrs == pytest.approx(expected)
