@@ -34,7 +34,7 @@ test: install
 mutate: install
 	$(BIN)/python -m pip install --quiet 'mutmut==3.8.1'
 	rm -rf mutants
-	$(BIN)/mutmut run --max-children 2
+	SUPSUP_HYPOTHESIS_EXAMPLES=40 $(BIN)/mutmut run --max-children 2
 	$(BIN)/python benchmarks/mutation_report.py
 
 lint: install

@@ -149,6 +149,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, help="torch and numba threads (1 when something else runs)")
     p.add_argument("--only", nargs="*", help="run only these parts: split rotated superposed transfer bytes")
     p.add_argument("--quick", action="store_true", help="a smoke run: 2 tasks, few steps, few test batches")
+    p.add_argument("--norms", nargs="*", default=["per_task", "shared"], choices=["per_task", "shared", "batch"],
+                   help="model.norm settings for the split and rotated runs")
     a = p.parse_args()
     _threads(a.threads)
     runs = Path(a.runs)
@@ -158,7 +160,7 @@ def main() -> int:
     report = json.loads(path.read_text()) if path.exists() and not a.quick else {}
     if "bytes" in parts:
         report["bytes"] = [bytes_per_task(), bytes_per_task("resnet18", (1, 28, 28), 10)]
-    for norm in ("per_task", "shared"):
+    for norm in a.norms:
         if "split" in parts:
             report[f"split_{norm}"] = _run(f"split_{norm}", "resnet18_split_mnist_gg.yaml",
                                            [f"model.norm={norm}", *quick], runs)

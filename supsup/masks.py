@@ -118,6 +118,28 @@ class _SampledWeight(torch.autograd.Function):
         return grad_out * weight * p * (1 - p), None, None
 
 
+class _ThresholdWeight(torch.autograd.Function):
+    """``W * [scores >= 0]`` computed by the compiled kernel in one pass (CPU, float32); the
+    same straight-through gradient as :class:`_MaskedWeight`."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        with kernel_threads():
+            out = _kernels().threshold_weight(weight.detach().numpy().reshape(-1), scores.detach().numpy().reshape(-1))
+        return torch.from_numpy(out).view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        return grad_out * weight, None
+
+
+def _fused_threshold_ok(weight: torch.Tensor, scores: torch.Tensor) -> bool:
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and scores.dtype == torch.float32
+            and weight.is_contiguous() and scores.is_contiguous() and bit_kernels_available())
+
+
 def sample_mask(scores: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A Bernoulli mask ``M ~ Bernoulli(sigmoid(scores))`` (bool, shape of ``scores``), drawn
     from ``generator`` on its device (the CPU for a CPU generator) and moved to the scores'."""
@@ -131,6 +153,8 @@ def masked_weight(weight: torch.Tensor, scores: torch.Tensor, kind: str = "thres
     sampled kind (``bernoulli``) with a ``generator``, ``W * M`` with a freshly sampled mask."""
     if kind in SAMPLED_KINDS and generator is not None:
         return _SampledWeight.apply(scores, weight, sample_mask(scores, generator))
+    if kind == "threshold" and _fused_threshold_ok(weight, scores):
+        return _ThresholdWeight.apply(scores, weight)
     mask = binarize(scores.detach(), kind, density)
     if kind == "topk":
         # edge-popup ranks |scores|: the straight-through gradient reaches |scores|, and

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import yaml
@@ -144,7 +145,9 @@ _keys = st.sampled_from(sorted(
     + ["bogus", "train.bogus"]))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# 300 examples; fewer under mutation testing (make mutate runs this test once per mutant)
+@settings(max_examples=int(os.environ.get("SUPSUP_HYPOTHESIS_EXAMPLES", "300")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(_keys, _scalars, max_size=4))
 def test_random_values_give_clean_errors_or_valid_configs(values):
     data: dict = {}

@@ -227,3 +227,21 @@ def test_bernoulli_masks_are_sampled_in_training_and_banked_at_p_half():
     assert torch.equal(M.binarize(s.detach(), "bernoulli"), s.detach() >= 0)
     # without a generator (evaluation), the deterministic mask
     assert torch.equal(M.masked_weight(w, s, "bernoulli"), w * (s.detach() >= 0))
+
+
+def test_the_fused_threshold_kernel_equals_the_torch_product_bitwise():
+    """The one-pass kernel gives exactly W * [s >= 0] (signed zeros included) and the same
+    straight-through gradient."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 70, generator=g)
+    s = torch.randn(300, 70, generator=g)
+    s[0, :5] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 2.0])
+    a = s.clone().requires_grad_(True)
+    fused = M.masked_weight(w, a, "threshold")
+    ref = w * (s >= 0).view(torch.uint8)
+    assert torch.equal(fused, ref) and torch.equal(torch.signbit(fused), torch.signbit(ref))
+    grad = torch.randn(300, 70, generator=g)
+    fused.backward(grad)
+    assert torch.equal(a.grad, grad * w)
+    if os.environ.get("SUPSUP_KERNELS", "auto") != "torch":
+        assert type(fused.grad_fn).__name__.startswith("_ThresholdWeight")

@@ -124,3 +124,13 @@ def test_resumed_run_rewrites_metrics_after_its_checkpoint(tmp_path, mnist_data)
     run_experiment(cfg, tmp_path / "run", resume=True)
     with open(path) as f:
         assert [r["task"] for r in csv.DictReader(f)] == ["0", "1"]
+
+
+def test_cli_report_command(gn_run, capsys):
+    from supsup.cli import main
+
+    out, _ = gn_run
+    assert main(["report", str(out)]) == 0
+    assert "report.md" in capsys.readouterr().out
+    assert main(["report", str(out / "nowhere")]) == 2
+    assert "no results.json" in capsys.readouterr().err
