@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .config import NNConfig, TrainConfig
 from .inference import alpha_gradients, candidate_extras
+from .masks import SAMPLED_KINDS
 from .model import SupermaskModel
 from .objectives import entropy
 from .training import make_optimizer, training_autocast
@@ -141,17 +142,30 @@ class NNDetector:
             return Verdict(Decision.KEEP, self.model.active_task)
         return self._check(x)
 
-    def after_step(self, true_task: int | None = None, logits: torch.Tensor | None = None) -> None:
+    def after_step(self, true_task: int | None = None, logits: torch.Tensor | None = None,
+                   x: torch.Tensor | None = None) -> None:
         """Count the batch just trained (``true_task``: the benchmark's label, reporting only;
-        ``logits``: its training forward, which the calibrated rule follows)."""
+        ``logits``: its training forward, which the calibrated rule follows; ``x``: the batch,
+        forwarded again as the check sees it when training forwards differ from that)."""
         state = self.state
-        if logits is not None and self.cfg.rule == "calibrated":
-            self._calibrate(float(entropy(logits.detach().float().unsqueeze(0), 1)))
+        if self.cfg.rule == "calibrated":
+            if x is not None and self._training_forward_differs():
+                # The check measures a mask in TASK mode (running statistics, the banked
+                # deterministic mask); a training forward uses batch statistics or a sampled
+                # mask, so its entropy would not be the same quantity.
+                with torch.no_grad(), self.model.use_task(self.model.active_task):
+                    logits = self.model(x)
+            if logits is not None:
+                self._calibrate(float(entropy(logits.detach().float().unsqueeze(0), 1)))
         if true_task is not None:
             counts = state.counts.setdefault(self.model.active_task, {})
             counts[true_task] = counts.get(true_task, 0) + 1
         state.batches_seen += 1
         state.batches_on_mask += 1
+
+    def _training_forward_differs(self) -> bool:
+        return (self.model.mask_kind in SAMPLED_KINDS
+                or any(bn.norm != "batch" for bn in self.model.norm_layers))
 
     def _allocate(self) -> None:
         self.model.add_task()
@@ -259,7 +273,7 @@ def train_unlabeled(detector: NNDetector, batches: Iterable[tuple[torch.Tensor, 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        detector.after_step(true_task, logits=logits)
+        detector.after_step(true_task, logits=logits, x=x)
         recent = [*recent[-49:], loss.item()]
         if detector.state.batches_seen % 20 == 0:
             bar.set_postfix(loss=f"{recent[-1]:.3f}", masks=model.num_learned_tasks)

@@ -30,7 +30,8 @@ from .objectives import OBJECTIVES
 from .registry import Registry
 
 __all__ = ["INFERENCE_METHODS", "REFINEMENTS", "InferenceError", "alpha_gradients", "alpha_gradients_reference",
-           "candidate_extras", "default_objective", "exact_objectives", "float_stacks", "infer_task", "infer_tasks"]
+           "binary_keep", "candidate_extras", "default_objective", "exact_objectives", "float_stacks", "infer_task",
+           "infer_tasks", "num_inference_steps"]
 
 #: task-inference methods by name: ``fn(model, x, k, *, objective, num_classes, log_base,
 #: packed, extra) -> (tasks (G,), gradient evaluations)``
@@ -39,6 +40,25 @@ INFERENCE_METHODS: Registry = Registry("inference method")
 
 class InferenceError(ValueError):
     """Bad input to task inference (e.g. non-finite images, no candidate masks)."""
+
+
+def binary_keep(count: int, log_base: float) -> int:
+    """Candidates binary search keeps out of ``count`` > 1: the best ``ceil(count / log_base)``,
+    but at least one fewer than before (with ``log_base`` < 2, ``ceil(2 / log_base)`` is 2
+    and the search would never end) and at least one."""
+    return max(1, min(count - 1, math.ceil(count / log_base)))
+
+
+def num_inference_steps(k: int, log_base: float) -> int:
+    """Steps binary search takes to reduce ``k`` candidates to one: ``ceil(log2 k)`` for the
+    default ``log_base`` 2, never more than ``k - 1``."""
+    if not log_base > 1:
+        raise ValueError(f"log_base must be > 1, got {log_base}")
+    steps = 0
+    while k > 1:
+        k = binary_keep(k, log_base)
+        steps += 1
+    return steps
 
 
 def candidate_extras(model: SupermaskModel, *, include_active: bool = False, pad_to: int = 0) -> list[torch.Tensor]:
@@ -260,7 +280,7 @@ def _binary(model: SupermaskModel, x: torch.Tensor, k: int, *, objective: str, n
                                 packed=packed, extra=extra)
         steps += 1
         grads = grads.masked_fill(~alive, math.inf)
-        count = max(keep, M.binary_keep(count, log_base))
+        count = max(keep, binary_keep(count, log_base))
         order = grads.argsort(dim=1, stable=True)
         ranks = torch.empty_like(order)
         ranks.scatter_(1, order, torch.arange(k, device=x.device).expand(G, k))
@@ -330,7 +350,7 @@ def infer_tasks(model: SupermaskModel, x: torch.Tensor, *, method: str = "one_sh
     Returns:
         ``(tasks, steps)``: ``(G,)`` int64 indices into the candidates, and the number of
         gradient evaluations used (1 for one_shot; for binary
-        :func:`supsup.masks.num_inference_steps`, ``ceil(log2 k)`` at the default ``log_base``).
+        :func:`num_inference_steps`, ``ceil(log2 k)`` at the default ``log_base``).
     """
     k = sum(r.shape[0] for r in _candidate_blocks(model, packed, extra)[0])
     G = x.shape[0]

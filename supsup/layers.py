@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import masks as M
-from .norm import TaskBatchNorm
+from .norm import LAYER_MODES, TaskBatchNorm
 from .registry import Registry
 
 __all__ = ["SCORE_INITS", "SupermaskLayer", "MaskedLinear", "MaskedConv2d", "wrap_backbone", "wrap_layer",
@@ -234,6 +234,8 @@ class SupermaskLayer(nn.Module):
     def set_mode(self, mode: str, *, task_mask: torch.Tensor | None = None,
                   alphas: torch.Tensor | None = None, packed: torch.Tensor | None = None,
                   coef: torch.Tensor | None = None) -> None:
+        if mode not in LAYER_MODES:
+            raise ValueError(f"unknown mode {mode!r}; known: {', '.join(LAYER_MODES)}")
         self._mode = mode
         self._task_mask = task_mask
         self._cached_weight = None

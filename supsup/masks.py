@@ -136,7 +136,9 @@ class _ThresholdWeight(torch.autograd.Function):
 
 
 def _fused_threshold_ok(weight: torch.Tensor, scores: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and scores.dtype == torch.float32
+    # The kernel walks both arrays in step: same shape (no broadcasting), both on the CPU.
+    return (weight.device.type == "cpu" and scores.device.type == "cpu" and weight.shape == scores.shape
+            and weight.dtype == torch.float32 and scores.dtype == torch.float32
             and weight.is_contiguous() and scores.is_contiguous() and bit_kernels_available())
 
 
@@ -395,21 +397,3 @@ def bank_weighted_sum(packed: torch.Tensor, alphas: torch.Tensor, num_bits: int,
             out[:, lo:hi] = a @ bits[:, : hi - lo]
     return out[0] if squeeze else out
 
-
-def binary_keep(count: int, log_base: float) -> int:
-    """Candidates binary search keeps out of ``count`` > 1: the best ``ceil(count / log_base)``,
-    but at least one fewer than before (with ``log_base`` < 2, ``ceil(2 / log_base)`` is 2
-    and the search would never end) and at least one."""
-    return max(1, min(count - 1, math.ceil(count / log_base)))
-
-
-def num_inference_steps(k: int, log_base: float) -> int:
-    """Steps binary search takes to reduce ``k`` candidates to one: ``ceil(log2 k)`` for the
-    default ``log_base`` 2, never more than ``k - 1``."""
-    if not log_base > 1:
-        raise ValueError(f"log_base must be > 1, got {log_base}")
-    steps = 0
-    while k > 1:
-        k = binary_keep(k, log_base)
-        steps += 1
-    return steps

@@ -33,6 +33,8 @@ __all__ = ["NORMS", "SUPERPOSED_NORMS", "TaskBatchNorm", "group_batch_norm"]
 
 NORMS = ("per_task", "batch", "shared")
 SUPERPOSED_NORMS = ("batch", "weighted")
+#: what a wrapped layer can be set to run (the model's Mode values, set on every layer)
+LAYER_MODES = ("train", "task", "superpose", "idle")
 
 
 def group_batch_norm(x: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
@@ -61,11 +63,17 @@ class TaskBatchNorm(nn.Module):
         if base_layer.affine:
             raise TypeError(f"{type(base_layer).__name__}(affine=True) learns a scale and shift, which SupSup never "
                             "trains: use affine=False")
+        if base_layer.momentum is None or not base_layer.track_running_stats:
+            # Both would need another kind of statistics (a cumulative average, or none at all)
+            # than the exponential running ones kept and banked per task here.
+            raise TypeError(f"{type(base_layer).__name__}(momentum=None or track_running_stats=False) is not "
+                            "supported: SupSup keeps exponential running statistics per task (model.norm: batch "
+                            "normalises with batch statistics only)")
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; known: {', '.join(NORMS)}")
         self.num_features = base_layer.num_features
         self.eps = base_layer.eps
-        self.momentum = 0.1 if base_layer.momentum is None else base_layer.momentum
+        self.momentum = base_layer.momentum
         self.norm = norm
         c = self.num_features
         self.register_buffer("running_mean", torch.zeros(c))
@@ -143,6 +151,8 @@ class TaskBatchNorm(nn.Module):
         """``train``; ``task`` with ``stats``; ``superpose`` with per-group batch statistics
         (``groups``) or, given ``alphas`` ``(G, k)`` and ``candidates`` ``(k, 2, C)``, the
         alpha-weighted ones; ``idle``."""
+        if mode not in LAYER_MODES:
+            raise ValueError(f"unknown mode {mode!r}; known: {', '.join(LAYER_MODES)}")
         self._mode = mode
         self._stats = stats
         self._alphas = alphas

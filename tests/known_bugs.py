@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BUGS = [
     ("threshold > instead of >=", "supsup/masks.py", "return scores >= 0", "return scores > 0",
      "tests/test_masks.py"),
+    ("fused threshold kernel > instead of >=", "supsup/_kernels.py", "out[i] = w if scores[i] >= 0",
+     "out[i] = w if scores[i] > 0", "tests/test_masks.py"),
     ("load_bank keeps the old mask count", "supsup/layers.py",
      "        self.num_masks = rows.shape[0]\n        self._count = None", "        self.num_masks = rows.shape[0]",
      "tests/test_model.py"),

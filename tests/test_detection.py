@@ -301,3 +301,31 @@ def test_the_real_statistic_counts_every_candidate(monkeypatch):
                                     num_classes=1, packed=packed)[0]
     assert grads.shape == (4,) and torch.allclose(grads, ref, rtol=1e-4, atol=1e-7)
     assert conf == pytest.approx(float(torch.softmax(-ref, 0).max()), rel=1e-5)
+
+
+@pytest.mark.parametrize("backbone,kind", [("conv4_bn", "threshold"), ("lenet_300_100", "bernoulli"),
+                                           ("lenet_300_100", "threshold")])
+def test_calibration_measures_the_mask_as_the_check_does(backbone, kind):
+    """The check runs a mask in TASK mode (running statistics, the deterministic mask); when a
+    training forward differs (BatchNorm batch statistics, a sampled mask) the calibration must
+    come from a TASK-mode forward too, else z compares two different quantities."""
+    from supsup.objectives import entropy
+
+    shape = (1, 28, 28)
+    model = SupermaskModel.from_name(backbone, num_tasks=2, num_outputs=20, num_classes=10, seed=0,
+                                     input_shape=shape, mask_kind=kind)
+    det = NNDetector(model, NNConfig(rule="calibrated", check_every=100, calibration_momentum=0.5))
+    x = torch.randn(16, *shape, generator=torch.Generator().manual_seed(0))
+    det.observe(x)
+    model.train_mode()
+    train_logits = model(x).detach()
+    det.after_step(0, logits=train_logits, x=x)
+    with torch.no_grad(), model.use_task(0):
+        task_h = float(entropy(model(x).unsqueeze(0), 1))
+    train_h = float(entropy(train_logits.unsqueeze(0), 1))
+    assert det.state.calibration[0][0] == pytest.approx(task_h, rel=1e-5)
+    if kind == "threshold" and backbone == "lenet_300_100":
+        assert train_h == pytest.approx(task_h, rel=1e-5)  # nothing differs: no second forward needed
+    else:
+        assert abs(train_h - task_h) > 1e-3  # the case the test is about
+    assert model.mode is Mode.TRAIN

@@ -94,3 +94,49 @@ def test_what_cannot_run_in_parallel_is_refused_in_one_line(tmp_path, extra, key
     assert r.returncode != 0 and "exitcode  : 2" in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("supsup: error:")]
     assert len(errors) == 1 and f"error: {key}:" in errors[0]
+
+
+def test_task_rows_with_batchnorm_statistics_survive_the_wire():
+    """A task's rows travel as bytes after a flag byte: float32 statistics that follow the packed
+    masks land at odd offsets and must come back bit for bit (and a model that imports them
+    answers as the one that trained the task)."""
+    import torch
+
+    from supsup.experiment.distributed import pack_task_rows, unpack_task_rows
+    from supsup.model import SupermaskModel
+
+    def model():
+        return SupermaskModel.from_name("conv4_bn", num_tasks=2, num_outputs=10, seed=0, input_shape=(1, 28, 28))
+
+    x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    src = model()
+    src.add_task()
+    src.train_mode()
+    src(x)  # the task's running statistics move away from 0 and 1
+    _, rows = src.export_task()
+    assert any(k.startswith("norm.") for k in rows)
+    like = {k: torch.zeros_like(v) for k, v in rows.items()}
+    back = unpack_task_rows(pack_task_rows(rows, like), like)
+    assert back.keys() == rows.keys()
+    for k in rows:
+        assert back[k].dtype == rows[k].dtype and torch.equal(back[k], rows[k]), k
+    assert unpack_task_rows(pack_task_rows(None, like), like) is None
+
+    dst, ref = model(), model()
+    dst.import_tasks(back)
+    ref.import_tasks(rows)
+    with dst.use_task(0), ref.use_task(0):
+        assert torch.equal(dst(x), ref(x))
+
+
+def test_an_explicit_gpu_index_under_torchrun_is_refused(monkeypatch):
+    """Every rank would build on the one GPU named while NCCL wants one GPU per rank."""
+    import torch
+
+    from supsup.config import ConfigError
+    from supsup.experiment.distributed import Distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ConfigError, match="LOCAL_RANK"):
+        Distributed.from_env(torch.device("cuda", 0))

@@ -146,6 +146,35 @@ def test_gn_infers_every_batch_from_its_own_first_images(mnist_data, monkeypatch
     assert sizes[-1] == 16 and sorted(seen) == sorted(sizes)
 
 
+def test_groups_shrink_to_fit_the_activation_memory(mnist_data, monkeypatch):
+    """A group of 128 test batches of 128 images through a conv net holds tens of GB of
+    activations: ``inference.memory_mb`` bounds the images of one pass (a ResNet-18 GN
+    evaluation was killed for memory before it did)."""
+    stream = create_stream("permuted_mnist", mnist_data, num_tasks=2, seed=0)
+    model = SupermaskModel.from_name("conv2", num_tasks=2, num_outputs=10, seed=0, input_shape=(1, 28, 28))
+    for _ in range(2):
+        model.add_task()
+        model.finish_task()
+    per_image = evaluation.activation_bytes_per_image(model, torch.zeros(1, 1, 28, 28))
+    assert per_image > 64 * 26 * 26 * 4  # at least the first conv's output
+    passes: list[int] = []
+    real = evaluation.infer_tasks
+
+    def spy(model, x, **kw):
+        passes.append(x.shape[0] * x.shape[1])
+        return real(model, x, **kw)
+
+    monkeypatch.setattr(evaluation, "infer_tasks", spy)
+    batches = list(stream.test_batches(1, 128, 6))
+    budget = 3 * per_image * 300 / 2**20  # room for 300 images: two batches of 128 per pass
+    small = evaluate_inferred(model, batches, 1, InferenceConfig(num_images=128, objective="entropy",
+                                                                   memory_mb=max(1, round(budget))))
+    assert max(passes) <= 300 and len(passes) == 3
+    passes.clear()
+    big = evaluate_inferred(model, batches, 1, InferenceConfig(num_images=128, objective="entropy"))
+    assert passes == [6 * 128] and big == small
+
+
 @pytest.mark.parametrize("method", ["one_shot", "binary"])
 def test_group_size_changes_speed_not_results(mnist_data, method):
     """``inference.group_size`` only sets how many inferences share a pass over the bank (and

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from supsup import masks as M
+from supsup.inference import num_inference_steps
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 1000, 4099])
@@ -94,7 +95,7 @@ def test_threshold_keeps_a_score_of_exactly_zero():
 
 def test_binary_steps_bound():
     for k in range(1, 300):
-        assert M.num_inference_steps(k, 2.0) == (math.ceil(math.log2(k)) if k > 1 else 0)
+        assert num_inference_steps(k, 2.0) == (math.ceil(math.log2(k)) if k > 1 else 0)
 
 
 def test_binary_steps_terminate_below_base_two():
@@ -102,7 +103,7 @@ def test_binary_steps_terminate_below_base_two():
     never shrank the set, so the search looped forever; every step must drop one."""
     for base in (1.01, 1.25, 1.5, 1.99):
         for k in range(1, 60):
-            steps = M.num_inference_steps(k, base)
+            steps = num_inference_steps(k, base)
             assert steps <= k - 1
             assert steps >= (math.ceil(math.log2(k)) if k > 1 else 0)  # no step more than halves
 
@@ -245,3 +246,15 @@ def test_the_fused_threshold_kernel_equals_the_torch_product_bitwise():
     assert torch.equal(a.grad, grad * w)
     if os.environ.get("SUPSUP_KERNELS", "auto") != "torch":
         assert type(fused.grad_fn).__name__.startswith("_ThresholdWeight")
+
+
+def test_scores_that_broadcast_take_the_torch_path_not_the_kernel():
+    """The kernel walks weight and scores in step; scores of another shape (broadcast by torch)
+    must not reach it (it would read past their end and return a wrongly shaped gradient)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 64, generator=g)
+    s = torch.randn(64, 1, generator=g).requires_grad_(True)
+    out = M.masked_weight(w, s, "threshold")
+    assert torch.equal(out, w * (s.detach() >= 0).view(torch.uint8))
+    out.sum().backward()
+    assert s.grad.shape == s.shape and torch.allclose(s.grad, w.sum(1, keepdim=True))

@@ -134,3 +134,25 @@ def test_cli_report_command(gn_run, capsys):
     assert "report.md" in capsys.readouterr().out
     assert main(["report", str(out / "nowhere")]) == 2
     assert "no results.json" in capsys.readouterr().err
+
+
+def test_mask_overlap_and_density_are_counted_from_the_packed_bank():
+    """Jaccard |A & B| / |A | B| and density on known masks (a 70-weight layer: its packed row
+    ends in padding bits that must not count)."""
+    import numpy as np
+    import torch
+
+    from supsup.experiment.runreport import mask_densities, mask_statistics
+    from supsup.masks import pack_bits
+
+    a = torch.zeros(70, dtype=torch.bool)
+    a[:35] = True
+    b = torch.zeros(70, dtype=torch.bool)
+    b[20:55] = True
+    c = torch.ones(70, dtype=torch.bool)
+    bank = {"bank.0": torch.stack([pack_bits(m) for m in (a, b, c)])}
+    jac, dens = mask_statistics(bank, [[7, 10]], [0, 1, 2])
+    name = "layer 0 (7x10)"
+    np.testing.assert_allclose(dens[name], [0.5, 0.5, 1.0])
+    np.testing.assert_allclose(jac[name], [[1, 15 / 55, 0.5], [15 / 55, 1, 0.5], [0.5, 0.5, 1]])
+    np.testing.assert_allclose(mask_densities(bank, [[7, 10]], [2, 0])[name], [1.0, 0.5])

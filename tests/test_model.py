@@ -283,7 +283,7 @@ def test_binary_search_step_bound(k):
 @pytest.mark.parametrize("log_base", [1.25, 1.5])
 def test_binary_search_below_base_two_terminates(log_base):
     """Regression: 1 < log_base < 2 kept both of the last two candidates forever."""
-    from supsup.masks import num_inference_steps
+    from supsup.inference import num_inference_steps
 
     model = _trained(num_tasks=5)
     x = torch.randn(2, 4, 1, 28, 28, generator=torch.Generator().manual_seed(1))

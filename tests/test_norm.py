@@ -60,6 +60,16 @@ def test_affine_batchnorm_is_refused_with_the_reason():
     assert has_batchnorm(net)
 
 
+@pytest.mark.parametrize("kw", [{"momentum": None}, {"track_running_stats": False}])
+def test_batchnorm_without_exponential_running_statistics_is_refused(kw):
+    """A cumulative average (momentum=None) or no running statistics cannot be kept per task
+    the way they are banked here; silently doing something else would be wrong."""
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4, affine=False, **kw), nn.Flatten(),
+                        nn.Linear(576, 3, bias=False))
+    with pytest.raises(TypeError, match="momentum=None or track_running_stats=False"):
+        SupermaskModel(net, num_tasks=1)
+
+
 def _train(model, task, steps=3):
     train_task(model, _batches(task, n=steps), TrainConfig(lr=1e-2))
 

@@ -40,6 +40,19 @@ def test_missing_or_malicious_files_are_clear_errors(tmp_path):
         load_cifar("cifar100", tmp_path)
 
 
+@pytest.mark.parametrize("labels", [None, [1.9] * 4, "abcd"], ids=["missing", "float", "text"])
+def test_cifar_labels_that_are_not_integers_are_clear_errors(tmp_path, labels):
+    d = tmp_path / "cifar-100-python"
+    d.mkdir()
+    for name in ("train", "test"):
+        entry = {"data": np.zeros((4, 3072), dtype=np.uint8)}
+        if labels is not None:
+            entry["fine_labels"] = labels
+        (d / name).write_bytes(pickle.dumps(entry, protocol=2))
+    with pytest.raises(DataUnavailableError, match="'fine_labels' must hold 4 integer labels"):
+        load_cifar("cifar100", tmp_path)
+
+
 def test_cli_without_cifar_exits_2_naming_the_directory(tmp_path):
     r = subprocess.run([sys.executable, "-m", "supsup", "run", "configs/split_cifar100_gg.yaml", "--set",
                         f"benchmark.data_root={tmp_path}", "--out", str(tmp_path / "run")],

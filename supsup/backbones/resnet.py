@@ -80,6 +80,8 @@ class ResNet(nn.Module):
     def __init__(self, block: type[nn.Module], blocks: Sequence[int], widths: Sequence[int], *,
                  in_channels: int, num_outputs: int, stem: str):
         super().__init__()
+        if stem not in ("cifar", "imagenet"):
+            raise ValueError(f"unknown stem {stem!r}; known: cifar, imagenet")
         if stem == "cifar":  # 3x3, stride 1
             self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False), _bn(widths[0]),
                                       nn.ReLU())

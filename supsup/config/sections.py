@@ -196,6 +196,8 @@ class InferenceConfig:
     log_base: float = field(default=2.0, metadata={"help": "binary: keep the best 1/log_base of the candidates each step"})
     group_size: int = field(default=128, metadata={"help": "inferences that share one pass over the packed bank "
                                                            "(speed only: each inference is computed on its own)"})
+    memory_mb: int = field(default=2048, metadata={"help": "activation memory one inference pass may hold: groups "
+                                                           "shrink so that their images fit (speed only)"})
     refine: str = field(default="none", metadata={"help": "none (the paper: the gradient decides) | exact (beyond the paper: the objective evaluated exactly under each of the gradient's refine_candidates best masks picks the task)"})
     refine_candidates: int = field(default=5, metadata={"help": "refine exact: masks the gradient shortlists"})
 
@@ -208,6 +210,7 @@ class InferenceConfig:
         check_range("inference.num_images", self.num_images, 1)
         check_range("inference.log_base", self.log_base, 1.0, lo_open=True)
         check_range("inference.group_size", self.group_size, 1)
+        check_range("inference.memory_mb", self.memory_mb, 1)
         check_choice("inference.refine", self.refine, REFINEMENTS)
         check_range("inference.refine_candidates", self.refine_candidates, 2)
 

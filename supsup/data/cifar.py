@@ -54,7 +54,7 @@ def _read_split(directory: pathlib.Path, files: list[str], label_key: str, num_c
         try:
             with open(path, "rb") as f:
                 entry = safe_load_pickle(f)
-        except (OSError, pickle.UnpicklingError, EOFError, ValueError) as err:
+        except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
             raise DataUnavailableError(f"{path}: unreadable CIFAR file ({err})") from None
         if not isinstance(entry, dict):
             raise DataUnavailableError(f"{path}: not a CIFAR batch (a {type(entry).__name__}, expected a dict)")
@@ -62,7 +62,14 @@ def _read_split(directory: pathlib.Path, files: list[str], label_key: str, num_c
         data, y = entry.get("data"), entry.get(label_key)
         if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
             raise DataUnavailableError(f"{path}: 'data' must be uint8 (N, 3072)")
-        y = np.asarray(y, dtype=np.int64)
+        bad = f"{path}: '{label_key}' must hold {data.shape[0] if isinstance(data, np.ndarray) else 'N'} integer labels"
+        try:
+            raw = np.asarray(y)
+        except (TypeError, ValueError):
+            raise DataUnavailableError(bad) from None
+        if y is None or raw.dtype.kind not in "iu":  # a missing key, or floats that would be truncated
+            raise DataUnavailableError(bad)
+        y = raw.astype(np.int64)
         if y.shape != (data.shape[0],) or (y.size and (y.min() < 0 or y.max() >= num_classes)):
             raise DataUnavailableError(f"{path}: '{label_key}' must hold {data.shape[0]} labels in 0..{num_classes - 1}")
         images.append(data.reshape(-1, 3, 32, 32))

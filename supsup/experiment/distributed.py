@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from ..config import ConfigError
+
 __all__ = ["Distributed", "DistributedError"]
 
 
@@ -54,10 +56,15 @@ class Distributed:
             return cls(device=device)
         import torch.distributed as dist
 
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device.type == "cuda" and device.index is not None and device.index != local:
+            # Every rank would build its model on that one GPU while NCCL expects one GPU per rank.
+            raise ConfigError("device", f"under torchrun each process uses the GPU of its LOCAL_RANK; "
+                                        f"set device=cuda (no index), not {device}")
         if not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
             if device.type == "cuda":
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(local)
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
         return cls(rank=dist.get_rank(), world=dist.get_world_size(), device=device)
 
@@ -103,28 +110,37 @@ class Distributed:
             return [rows]
         import torch.distributed as dist
 
-        keys = sorted(like)
-        sizes = [like[k].numel() * like[k].element_size() for k in keys]
-        flat = torch.zeros(1 + sum(sizes), dtype=torch.uint8)
-        if rows is not None:
-            flat[0] = 1
-            flat[1:] = torch.cat([rows[k].contiguous().view(-1).view(torch.uint8) for k in keys])
-        flat = flat.to(self.device)
+        flat = pack_task_rows(rows, like).to(self.device)
         out = [torch.empty_like(flat) for _ in range(self.world)]
         self._call(dist.all_gather, out, flat)
-        gathered: list[dict[str, torch.Tensor] | None] = []
-        for buf in out:
-            buf = buf.cpu()
-            if buf[0] == 0:
-                gathered.append(None)
-                continue
-            entry, pos = {}, 1
-            for k, size in zip(keys, sizes):
-                entry[k] = buf[pos: pos + size].view(like[k].dtype).view(like[k].shape).clone()
-                pos += size
-            gathered.append(entry)
-        return gathered
+        return [unpack_task_rows(buf.cpu(), like) for buf in out]
 
     def shard(self, items: Sequence[Any]) -> list[Any]:
         """This rank's share of ``items`` (every ``world``-th, from its rank)."""
         return list(items[self.rank:: self.world])
+
+
+def pack_task_rows(rows: dict[str, torch.Tensor] | None, like: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One task's bank rows as one flat uint8 tensor: a flag byte (1: a task follows, 0: this
+    rank had none), then every field's bytes in sorted key order (``like`` gives the fields'
+    shapes and dtypes; a rank without a task sends zeros of the same length)."""
+    keys = sorted(like)
+    flat = torch.zeros(1 + sum(like[k].numel() * like[k].element_size() for k in keys), dtype=torch.uint8)
+    if rows is not None:
+        flat[0] = 1
+        flat[1:] = torch.cat([rows[k].contiguous().view(-1).view(torch.uint8) for k in keys])
+    return flat
+
+
+def unpack_task_rows(buf: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """Inverse of :func:`pack_task_rows` (None for a rank without a task)."""
+    if buf[0] == 0:
+        return None
+    entry, pos = {}, 1
+    for k in sorted(like):
+        size = like[k].numel() * like[k].element_size()
+        # Copy the bytes out first: a field can start at any byte offset (the flag byte shifts
+        # them all), and viewing bytes as float32 needs an offset divisible by 4.
+        entry[k] = buf[pos: pos + size].clone().view(like[k].dtype).view(like[k].shape)
+        pos += size
+    return entry

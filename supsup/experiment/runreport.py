@@ -22,11 +22,27 @@ from .evaluate import sampled_tasks
 from .figures import plot_confusion, plot_curve, plot_density, plot_matrix, plot_overlap
 from .results import AccuracyMatrix, CurvePoint, RunResults
 
-__all__ = ["mask_statistics", "write_run_report"]
+__all__ = ["mask_densities", "mask_statistics", "write_run_report"]
 
 log = logging.getLogger(__name__)
 
-_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.uint8)
+
+
+def _ones(rows: torch.Tensor) -> torch.Tensor:
+    """Set bits per packed row ``(k, nbytes)`` uint8 -> ``(k,)`` int64, a few rows at a time
+    (an int64 table lookup over a 2500-task bank would take 16 bytes per packed byte)."""
+    return torch.cat([_POPCOUNT[chunk.int()].sum(dim=1, dtype=torch.int64) for chunk in rows.split(64)])
+
+
+def mask_densities(bank: dict[str, torch.Tensor], shapes: list[list[int]], tasks: list[int]) -> dict[str, np.ndarray]:
+    """Per masked layer, each of ``tasks``' mask density (kept fraction), from the packed rows."""
+    return {_layer_name(i, shape): (_ones(bank[f"bank.{i}"][tasks]).double() / int(np.prod(shape))).numpy()
+            for i, shape in enumerate(shapes)}
+
+
+def _layer_name(i: int, shape: list[int]) -> str:
+    return f"layer {i} ({'x'.join(map(str, shape))})"
 
 
 def mask_statistics(bank: dict[str, torch.Tensor], shapes: list[list[int]], tasks: list[int]
@@ -36,14 +52,13 @@ def mask_statistics(bank: dict[str, torch.Tensor], shapes: list[list[int]], task
     jaccard, density = {}, {}
     for i, shape in enumerate(shapes):
         rows = bank[f"bank.{i}"][tasks]
-        name = f"layer {i} ({'x'.join(map(str, shape))})"
-        p = int(np.prod(shape))
-        ones = _POPCOUNT[rows.long()].sum(dim=1)
-        density[name] = (ones.double() / p).numpy()
+        name = _layer_name(i, shape)
+        ones = _ones(rows)
+        density[name] = (ones.double() / int(np.prod(shape))).numpy()
         k = len(tasks)
         j = np.ones((k, k))
         for a in range(k):
-            inter = _POPCOUNT[(rows[a: a + 1] & rows[a:]).long()].sum(dim=1)
+            inter = _ones(rows[a: a + 1] & rows[a:])
             union = ones[a] + ones[a:] - inter
             j[a, a:] = j[a:, a] = (inter.double() / union.clamp(min=1).double()).numpy()
         jaccard[name] = j
@@ -131,7 +146,7 @@ def _mask_sections(out: Path, title: str, max_tasks: int) -> list[str]:
     jaccard, density = mask_statistics(tensors, shapes, tasks)
     plot_overlap(jaccard, tasks, out / "report_overlap.png", title=f"mask overlap, {len(tasks)} of {k} tasks")
     all_tasks = sampled_tasks(k, 500)
-    _, dens = mask_statistics(tensors, shapes, all_tasks) if len(all_tasks) != len(tasks) else (None, density)
+    dens = mask_densities(tensors, shapes, all_tasks) if len(all_tasks) != len(tasks) else density
     plot_density(dens, all_tasks, out / "report_density.png", title=f"mask density per layer, {title}")
     off = {name: j[~np.eye(len(tasks), dtype=bool)] for name, j in jaccard.items()}
     lines = ["## Masks", "", f"Over {len(tasks)} of the {k} banked tasks (evenly spaced).", "",

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 #: Config keys that may differ between a checkpoint and a resumed run: they change how results
 #: are computed (where, how many inferences share a pass over the bank), not what is computed.
-RESUME_FREE = {"progress", "device", "inference.group_size"}
+RESUME_FREE = {"progress", "device", "inference.group_size", "inference.memory_mb"}
 
 
 def config_mismatch(saved: dict, current: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:

@@ -221,7 +221,8 @@ class SupSupStrategy(SupervisedTemplate):
         self.steps_in_experience += 1
         if self.scenario is Scenario.NN:
             # the true task for reporting only; the logits for the calibrated rule's statistics
-            self.detector.after_step(true_task=self.task_id_of(self.experience), logits=self.mb_output)
+            self.detector.after_step(true_task=self.task_id_of(self.experience), logits=self.mb_output,
+                                    x=self.mb_x)
         super()._after_training_iteration(**kwargs)
 
     def _after_training_exp(self, **kwargs):
