@@ -36,8 +36,8 @@ def main() -> int:
 
     import numba
     import torch
-
     import train_speed
+
     from supsup.config import load_config
     from supsup.experiment import evaluate_saved, run_experiment
 
