@@ -71,9 +71,12 @@ def measure(backbone: str = "fc1024", num_outputs: int = 500, batch: int = 128, 
         for name, fn in steps_fns.items():
             times[name].append(_time_steps(fn, steps))
     ms = {k: 1e3 * min(v) for k, v in times.items()}  # min: the least-disturbed repeat
+    mean_ms = {k: 1e3 * sum(v) / len(v) for k, v in times.items()}
     return {"backbone": backbone, "input_shape": list(input_shape), "mask_kind": mask_kind, "batch_size": batch,
             "threads": torch.get_num_threads(),
             "dense_step_ms": ms["dense"], "masked_step_ms": ms["masked_fp32"], "masked_bf16_step_ms": ms["masked_bf16"],
+            "dense_step_mean_ms": mean_ms["dense"], "masked_step_mean_ms": mean_ms["masked_fp32"],
+            "masked_bf16_step_mean_ms": mean_ms["masked_bf16"],
             "train_step_ratio_vs_dense": ms["masked_fp32"] / ms["dense"],
             "train_step_ratio_vs_dense_bf16": ms["masked_bf16"] / ms["dense"],
             "projected_seconds_per_task_1000_steps": ms["masked_fp32"],

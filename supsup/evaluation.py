@@ -92,7 +92,9 @@ def evaluate_given_task(model: SupermaskModel, batches: Iterable[Batch], mask_id
 
     Returns ``(accuracy, [(correct, size) per batch])``.
     """
-    per_batch = [(classify(model, x, y, mask_id), y.numel()) for x, y in batches]
+    # One set_task for all batches: the mask is unpacked and W * M formed once, not per batch.
+    with torch.no_grad(), model.use_task(mask_id):
+        per_batch = [(int((model.predict(x) == y).sum()), y.numel()) for x, y in batches]
     correct = sum(c for c, _ in per_batch)
     total = sum(n for _, n in per_batch)
     return correct / max(1, total), per_batch

@@ -120,10 +120,12 @@ def test_topk_gradient_goes_through_abs():
     assert torch.allclose(s.grad, g * w * s.detach().sign())
 
 
-@pytest.mark.parametrize("n, in_f", [(1, 16), (3, 13)])
-def test_bank_bilinear_matches_dense(n, in_f):
+@pytest.mark.parametrize("n, in_f, G", [(1, 16, 4), (3, 13, 4), (1, 16, 30), (2, 13, 30)])
+def test_bank_bilinear_matches_dense(n, in_f, G):
+    """Every path: the kernel, the row-chunked torch path (k * n > G) and the mask-by-mask one
+    (k * n <= G: many inferences, few masks)."""
     g = torch.Generator().manual_seed(n)
-    k, out_f, G = 5, 11, 4
+    k, out_f = 5, 11
     masks = torch.rand(k, out_f, in_f, generator=g) < 0.5
     packed = torch.stack([M.pack_bits(m) for m in masks])
     w = torch.randn(out_f, in_f, generator=g)
