@@ -46,6 +46,8 @@ class Experiment:
 
 EXPERIMENTS = {e.name: e for e in [
     Experiment("fc1024_250", "configs/reproduce_permuted_fc1024_250.yaml", "PermutedMNIST, 250 tasks, FC 1024, GN"),
+    Experiment("fc1024_250_plus", "configs/reproduce_permuted_fc1024_250_plus.yaml",
+               "PermutedMNIST, 250 tasks, FC 1024, GN, 2000 steps at lr 1e-3 cosine (beyond the paper)"),
     Experiment("lenet_250", "configs/reproduce_permuted_lenet_250.yaml",
                "PermutedMNIST, 250 tasks, LeNet 300-100 (100 outputs), GN"),
     Experiment("lenet_2500_gn", "configs/reproduce_permuted_lenet_2500_gn.yaml",
@@ -172,11 +174,16 @@ def figures(found: dict[str, dict], results: Path) -> list[str]:
     for name, png, title, paper in g_and_h:
         d = found.get(name)
         if d:
-            _figure(results / png, title, [
+            curves = [
                 ("SupSup GN, G", _points(d, "mean_acc_inferred"), "o-"),
                 ("SupSup GN, H", _points(d, "mean_acc_inferred_entropy"), "s-"),
                 ("task given (GG)", _points(d, "mean_acc_given_task"), "k--"),
-            ], paper, d["num_tasks"])
+            ]
+            plus = found.get(f"{name}_plus")
+            if plus:  # the longer recipe beside the paper's settings
+                curves += [("2000 steps, lr 1e-3 cosine: GN, G", _points(plus, "mean_acc_inferred"), "^-"),
+                           ("2000 steps, lr 1e-3 cosine: GG", _points(plus, "mean_acc_given_task"), "g--")]
+            _figure(results / png, title, curves, paper, d["num_tasks"])
             made.append(png)
     gn, nn = found.get("lenet_2500_gn"), found.get("lenet_2500_nn")
     if gn or nn:
