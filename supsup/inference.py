@@ -26,15 +26,14 @@ import torch
 
 from . import masks as M
 from .model import SupermaskModel
-from .objectives import OBJECTIVES
+from .objectives import OBJECTIVES, exact_score
 from .registry import Registry
 
 __all__ = ["INFERENCE_METHODS", "REFINEMENTS", "InferenceError", "alpha_gradients", "alpha_gradients_reference",
            "binary_keep", "candidate_extras", "default_objective", "exact_objectives", "float_stacks", "infer_task",
            "infer_tasks", "num_inference_steps"]
 
-#: task-inference methods by name: ``fn(model, x, k, *, objective, num_classes, log_base,
-#: packed, extra) -> (tasks (G,), gradient evaluations)``
+#: by name: ``fn(model, x, k, *, objective, num_classes, log_base, packed, extra) -> (tasks (G,), steps)``
 INFERENCE_METHODS: Registry = Registry("inference method")
 
 
@@ -291,8 +290,7 @@ def _binary(model: SupermaskModel, x: torch.Tensor, k: int, *, objective: str, n
 INFERENCE_METHODS.register("one_shot")(_one_shot)
 INFERENCE_METHODS.register("binary")(_binary)
 
-#: what follows the gradient's ranking: ``none`` (the paper) or ``exact`` (see :func:`infer_tasks`)
-REFINEMENTS = ("none", "exact")
+REFINEMENTS = ("none", "exact")  #: after the gradient's ranking: none (the paper) or exact (infer_tasks)
 
 
 def _candidate_masks(model: SupermaskModel, blocks: list[list[torch.Tensor]], index: int) -> list[torch.Tensor]:
@@ -311,19 +309,22 @@ def _candidate_masks(model: SupermaskModel, blocks: list[list[torch.Tensor]], in
 @torch.no_grad()
 def exact_objectives(model: SupermaskModel, x: torch.Tensor, shortlist: torch.Tensor, *, objective: str,
                      num_classes: int, packed=None, extra=None) -> torch.Tensor:
-    """The objective of each group ``x[g]`` ``(n, ...)`` under each of its candidates alone
-    (``shortlist`` ``(G, r)`` candidate indices): ``(G, r)``. One forward per distinct candidate,
-    over every group that has it; the bank is read in place (one mask unpacked at a time)."""
+    """The objective's exact score (:func:`supsup.objectives.exact_score`) of each group ``x[g]``
+    ``(n, ...)`` under each of its candidates alone (``shortlist`` ``(G, r)``): ``(G, r)``. One
+    forward per candidate over every group that has it; the bank is read in place."""
     blocks = _candidate_blocks(model, packed, extra)
+    banked = blocks[0][0].shape[0] if blocks[0][0].data_ptr() == model.masked_layers[0].bank_rows.data_ptr() else 0
+    score = exact_score(objective)
     G, n = x.shape[:2]
     out = torch.full(shortlist.shape, math.inf, dtype=x.dtype, device=x.device)
     try:
         for cand in shortlist.unique().tolist():
             where = (shortlist == cand).nonzero()
             groups = where[:, 0]
-            model.superpose_fixed(_candidate_masks(model, blocks, int(cand)), groups=len(groups))
+            model.superpose_fixed(_candidate_masks(model, blocks, int(cand)), groups=len(groups),  # a banked mask
+                                  norm_task=int(cand) if cand < banked else None)  # runs with its own BN stats
             logits = model(x[groups].reshape(len(groups) * n, *x.shape[2:]))
-            out[groups, where[:, 1]] = OBJECTIVES.get(objective)(logits.view(len(groups), n, -1), num_classes)
+            out[groups, where[:, 1]] = score(logits.view(len(groups), n, -1), num_classes)
     finally:
         model.restore_mode()
     return out

@@ -345,15 +345,20 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
         self._mode = Mode.SUPERPOSE
         self._current_task = None
 
-    def superpose_fixed(self, coefs: list[torch.Tensor], *, groups: int = 1) -> None:
+    def superpose_fixed(self, coefs: list[torch.Tensor], *, groups: int = 1,
+                        norm_task: int | None = None) -> None:
         """Mode SUPERPOSE with a fixed coefficient per layer (``sum_i alpha_i M_i``, shaped
         like the weight): used by the batched task-inference path, which computes the alpha
         gradients itself (:mod:`supsup.inference`). BatchNorm layers normalise each of the
-        ``groups`` equal parts of a batch (one inference each) with its own statistics."""
+        ``groups`` equal parts of a batch (one inference each) with its own statistics, or,
+        with ``norm_task``, with that banked task's (a single mask evaluated as itself)."""
         for layer, c in zip(self.masked_layers, coefs):
             layer.set_mode("superpose", coef=c)
         for bn in self.norm_layers:
-            bn.set_mode("superpose", groups=groups)
+            if norm_task is not None and bn.keeps_stats:
+                bn.set_mode("task", stats=bn.task_stats(norm_task))
+            else:
+                bn.set_mode("superpose", groups=groups)
         self._mode = Mode.SUPERPOSE
         self._current_task = None
 

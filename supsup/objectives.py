@@ -13,7 +13,7 @@ import torch
 
 from .registry import Registry
 
-__all__ = ["OBJECTIVES", "entropy", "superfluous_g"]
+__all__ = ["OBJECTIVES", "entropy", "exact_score", "superfluous_g", "superfluous_lse"]
 
 OBJECTIVES: Registry[Callable[[torch.Tensor, int], torch.Tensor]] = Registry("objective")
 
@@ -31,6 +31,21 @@ def superfluous_g(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
         raise ValueError(f"objective 'g' needs superfluous neurons: {logits.shape[-1]} outputs for {num_classes} classes")
     z = torch.cat([logits[..., :num_classes].detach(), logits[..., num_classes:]], dim=-1)
     return torch.logsumexp(z, dim=-1).mean(-1)
+
+
+def superfluous_lse(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``logsumexp`` of the superfluous outputs alone: what G's gradient drives down, as a value
+    to compare masks by. G's own value is dominated by the real-class logits, which are largest
+    under the right mask, so it cannot rank masks by value (only by its gradient)."""
+    if logits.shape[-1] <= num_classes:
+        raise ValueError(f"objective 'g' needs superfluous neurons: {logits.shape[-1]} outputs for {num_classes} classes")
+    return torch.logsumexp(logits[..., num_classes:], dim=-1).mean(-1)
+
+
+def exact_score(objective: str):
+    """The function whose value ranks masks for ``objective`` (lower: the mask fits the data):
+    H itself, and for G the superfluous outputs' ``logsumexp``."""
+    return superfluous_lse if objective == "g" else OBJECTIVES.get(objective)
 
 
 # Registered after definition (not as decorators) so that mutation testing, which skips
