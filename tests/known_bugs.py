@@ -36,7 +36,7 @@ BUGS = [
     ("GN protocol scores wrong batches by their predictions", "supsup/evaluation.py",
      "acc_inferred=sum(o.correct for o in right)", "acc_inferred=sum(o.correct for o in outcomes)",
      "tests/test_avalanche.py"),
-    ("use_task does not restore the mode", "supsup/model.py",
+    ("use_task does not restore the mode", "supsup/prediction.py",
      "            yield self\n        finally:\n            self.restore_mode()", "            yield self\n        finally:\n            pass",
      "tests/test_inference.py tests/test_api.py"),
     ("NN resume drops the optimizer state", "supsup/experiment/native.py",
