@@ -17,7 +17,6 @@ import pathlib
 import numpy as np
 import torch
 
-from ..rng import make_generator
 from .cifar import CIFAR_MEAN, CIFAR_STD, load_cifar
 from .errors import DataUnavailableError
 from .mnist import resolve_root
@@ -204,20 +203,8 @@ class SplitImageNet(_ClassSplit):
                          for r in rows.tolist()])
         return x.to(self.device), self._targets(task_id, self._labels[split].index_select(0, rows))
 
-    def train_batches(self, task_id: int, iterations: int, batch_size: int, generator=None):
-        self._check(task_id)
-        n = self.num_samples(task_id, "train")
-        if batch_size > n:
-            raise ValueError(f"batch_size {batch_size} exceeds the task's {n} training samples")
-        gen = generator if generator is not None else make_generator(self.seed, "train_order", task_id)
-        aug = make_generator(self.seed, "augment", task_id)
-        order, pos = torch.empty(0, dtype=torch.long), 0
-        for _ in range(iterations):
-            if pos + batch_size > order.numel():
-                order, pos = torch.randperm(n, generator=gen), 0
-            x, y = self.raw_batch(task_id, "train", order[pos: pos + batch_size], aug)
-            yield self.normalize(x), y
-            pos += batch_size
+    def augmented_batch(self, task_id: int, positions: torch.Tensor, generator: torch.Generator) -> Batch:
+        return self.raw_batch(task_id, "train", positions, generator)  # augmented image by image, decoding
 
     def num_samples(self, task_id: int, split: str) -> int:
         return self._indices(task_id, split).numel()

@@ -161,9 +161,15 @@ class TaskStream:
             if pos + batch_size > order.numel():
                 order = torch.randperm(n, generator=gen).to(self.device)
                 pos = 0
-            x, y = self.raw_batch(task_id, "train", order[pos: pos + batch_size])
-            yield self.normalize(self.augment(x, aug)), y
+            x, y = self.augmented_batch(task_id, order[pos: pos + batch_size], aug)
+            yield self.normalize(x), y
             pos += batch_size
+
+    def augmented_batch(self, task_id: int, positions: torch.Tensor, generator: torch.Generator) -> Batch:
+        """A uint8 training batch with :meth:`augment` applied (``generator`` drives it); a
+        stream that augments while decoding (SplitImageNet) overrides this instead."""
+        x, y = self.raw_batch(task_id, "train", positions)
+        return self.augment(x, generator), y
 
     def test_batches(self, task_id: int, batch_size: int, max_batches: int | None = None) -> Iterator[Batch]:
         """The task's test set in order, in batches of ``batch_size`` (the last may be smaller)."""
