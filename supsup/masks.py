@@ -191,8 +191,9 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, num_bits: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits` on the last dim: ``(..., nbytes)`` -> ``(..., num_bits)`` bool."""
-    bits = (packed.unsqueeze(-1) >> _shifts(packed.device)) & 1
-    return bits.flatten(-2)[..., :num_bits].bool()
+    # a table lookup, 8 bits per byte at once (several times faster than shift, mask and cast)
+    bits = torch.nn.functional.embedding(packed.int(), _unpack_table(torch.uint8, packed.device))
+    return bits.flatten(-2)[..., :num_bits].view(torch.bool)
 
 
 def _unpack_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
