@@ -125,7 +125,7 @@ def superposed_norm_comparison(runs: Path, name: str = "rotated_per_task", max_b
                     hits["batch"] += int(got[0]) == t
                     hits["weighted"] += _weighted_inference(model, xs, method) == t
                     total += 1
-            out[f"{method}_{images}"] = {k: v / total for k, v in hits.items()}
+            out[f"{method}_{images}"] = {**{k: v / total for k, v in hits.items()}, "inferences": total}
             print(f"superposed BN, {method}, {images} image(s): batch statistics {out[f'{method}_{images}']['batch']:.4f}, "
                   f"alpha-weighted {out[f'{method}_{images}']['weighted']:.4f} ({total} batches)", flush=True)
     return out
@@ -149,6 +149,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, help="torch and numba threads (1 when something else runs)")
     p.add_argument("--only", nargs="*", help="run only these parts: split rotated superposed transfer bytes")
     p.add_argument("--quick", action="store_true", help="a smoke run: 2 tasks, few steps, few test batches")
+    p.add_argument("--max-batches", type=int, help="test batches of 128 per task for the superposed comparison "
+                   "(default: all; each batch is one inference per method and statistic)")
     p.add_argument("--norms", nargs="*", default=["per_task", "shared"], choices=["per_task", "shared", "batch"],
                    help="model.norm settings for the split and rotated runs")
     a = p.parse_args()
@@ -172,7 +174,7 @@ def main() -> int:
             print(f"rotated_{norm}, one image: {res['one_image']}", flush=True)
             report[f"rotated_{norm}"] = res
     if "superposed" in parts:
-        report["superposed_norm"] = superposed_norm_comparison(runs, max_batches=2 if a.quick else None)
+        report["superposed_norm"] = superposed_norm_comparison(runs, max_batches=2 if a.quick else a.max_batches)
     if "transfer" in parts:
         steps = "train.iterations=10" if a.quick else "train.iterations=60"
         for init in ("kaiming_uniform", "transfer"):

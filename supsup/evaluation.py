@@ -115,7 +115,9 @@ def infer_batch_masks(model: SupermaskModel, images: Sequence[torch.Tensor], cfg
     by_size: dict[int, list[int]] = {}
     for i, x in enumerate(images):
         by_size.setdefault(min(cfg.num_images, x.shape[0]), []).append(i)
-    per_image = activation_bytes_per_image(model, images[0][:1]) if images else 0
+    # One batch never shares a pass: no need to know its size (the Avalanche strategy infers
+    # batch by batch).
+    per_image = activation_bytes_per_image(model, images[0][:1]) if len(images) > 1 else 0
     fit = max(1, (cfg.memory_mb << 20) // max(1, 3 * per_image))  # x3: saved activations, their gradients
     for n, members in by_size.items():
         group = max(1, min(cfg.group_size, fit // n))
@@ -131,26 +133,11 @@ def infer_batch_masks(model: SupermaskModel, images: Sequence[torch.Tensor], cfg
 
 
 def activation_bytes_per_image(model: SupermaskModel, x: torch.Tensor) -> int:
-    """Bytes of the outputs of every leaf module for one input ``x`` ``(1, ...)`` (a forward pass
-    with the first banked task, no gradients): what one image adds to an inference pass, so that
-    :func:`infer_batch_masks` can bound a group (128 batches of 128 images through a ResNet-18
-    would hold tens of GB). 0 when no task is banked or a task is in training."""
-    if model.num_banked_tasks == 0 or model.active_task is not None:
-        return 0
-    total = [0]
-
-    def count(_module, _inputs, out):
-        if isinstance(out, torch.Tensor):
-            total[0] += out.numel() * out.element_size()
-
-    hooks = [m.register_forward_hook(count) for m in model.modules() if not any(True for _ in m.children())]
-    try:
-        with torch.no_grad(), model.use_task(0):
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return total[0]
+    """Bytes of the outputs of every leaf module for one input ``x`` ``(1, ...)``: what one image
+    adds to an inference pass, so that :func:`infer_batch_masks` can bound a group (128 batches
+    of 128 images through a ResNet-18 would hold tens of GB). Measured once per model and input
+    shape (:meth:`SupermaskModel.activation_bytes_per_image`); 0 when no task is banked yet."""
+    return model.activation_bytes_per_image(x)
 
 
 def evaluate_inferred(model: SupermaskModel, batches: Sequence[Batch], task_id: int, cfg: InferenceConfig, *,

@@ -26,8 +26,22 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The per-task optimizer over the active scores (paper: RMSprop, lr 1e-4, no decay)."""
-    return OPTIMIZERS.get(cfg.optimizer)(list(params), lr=cfg.lr, momentum=cfg.momentum,
+    """The per-task optimizer over the active scores (paper: RMSprop, lr 1e-4, no decay).
+
+    With ``cfg.layer_lr`` the scores of masked layer ``l`` (``params`` in layer order, one
+    tensor per layer: :meth:`SupermaskModel.trainable_parameters`) learn at
+    ``cfg.lr * layer_lr[l]``, each layer its own parameter group (a schedule scales every
+    group alike).
+    """
+    params = list(params)
+    if cfg.layer_lr is not None:
+        if any(not isinstance(p, torch.Tensor) for p in params):
+            raise ValueError("train.layer_lr needs the scores one tensor per masked layer, not parameter groups "
+                             "(the Avalanche backend builds its own: leave train.layer_lr unset there)")
+        if len(params) != len(cfg.layer_lr):
+            raise ValueError(f"train.layer_lr has {len(cfg.layer_lr)} multipliers for {len(params)} masked layers")
+        params = [{"params": [p], "lr": cfg.lr * m} for p, m in zip(params, cfg.layer_lr)]
+    return OPTIMIZERS.get(cfg.optimizer)(params, lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
 
 

@@ -297,3 +297,79 @@ def test_unusable_model_files_say_why(tmp_path, trained):
         SupermaskModel.load(tmp_path / "c")
     assert meta["supsup_version"] == supsup.__version__ and meta["format"] == "supsup-model"
     assert {"layer_shapes", "num_masked_weights", "frozen_weights_sha256"} <= set(meta["identity"])
+
+
+def test_a_model_file_written_by_0_2_0_still_loads(tmp_path):
+    """The on-disk format is a promise: ``tests/data/fc_300_300_v0_2_0.supsup`` was written by
+    supsup 0.2.0 (``from_name("fc_300_300", num_tasks=3, num_outputs=40, num_classes=4,
+    input_shape=(64,), seed=7)``, two tasks banked from their initial scores, ``save``). It
+    loads, and answers as the same model rebuilt today (a renamed identity key, bank entry or
+    format tag would refuse it)."""
+    from pathlib import Path
+
+    path = Path(__file__).parent / "data" / "fc_300_300_v0_2_0.supsup"
+    loaded = SupermaskModel.load(path)
+    fresh = SupermaskModel.from_name("fc_300_300", num_tasks=3, num_outputs=40, num_classes=4,
+                                     input_shape=(64,), seed=7)
+    for _ in range(2):
+        fresh.add_task()
+        fresh.finish_task()
+    assert loaded.num_banked_tasks == 2 and loaded.num_tasks == 3 and loaded.num_classes == 4
+    assert loaded.identity() == fresh.identity()
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    for task in range(2):
+        with loaded.use_task(task), fresh.use_task(task):
+            assert torch.equal(loaded(x), fresh(x))
+    with loaded.use_task(0), fresh.use_task(1):
+        assert not torch.equal(loaded(x), fresh(x))  # the tasks' masks differ: the check has teeth
+    # and a file written today records what that one records, under the same names
+    from supsup.checkpoint import MODEL_MAGIC, read_checksummed
+
+    old_tensors, old_meta = read_checksummed(path, magic=MODEL_MAGIC)
+    fresh.save(tmp_path / "today.supsup")
+    new_tensors, new_meta = read_checksummed(tmp_path / "today.supsup", magic=MODEL_MAGIC)
+    assert old_meta["format"] == new_meta["format"] == "supsup-model" and old_meta["supsup_version"] == "0.2.0"
+    assert new_meta.keys() == old_meta.keys() and new_meta["identity"] == old_meta["identity"]
+    assert new_tensors.keys() == old_tensors.keys()
+    assert all(torch.equal(new_tensors[k], old_tensors[k]) for k in old_tensors)
+
+
+@pytest.mark.parametrize("optimizer", ["rmsprop", "adam"])
+def test_layer_lr_scales_each_layers_first_step(optimizer):
+    """``train.layer_lr``: masked layer l learns at lr * layer_lr[l]. RMSprop's and Adam's first
+    step move each score by about lr times the sign of its gradient, so the per-layer distances
+    moved scale with the multipliers."""
+    from supsup.training import make_optimizer
+
+    def first_step(layer_lr):
+        model = _model()
+        model.add_task()
+        start = [p.detach().clone() for p in model.trainable_parameters()]
+        opt = make_optimizer(model.trainable_parameters(), TrainConfig(lr=1e-3, optimizer=optimizer,
+                                                                       layer_lr=layer_lr))
+        x, y = next(iter(_loader(0)))
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        return [(p.detach() - s).abs().sum().item() for p, s in zip(model.trainable_parameters(), start)]
+
+    plain, scaled = first_step(None), first_step([0.5, 1.0, 2.0])
+    assert all(d > 0 for d in plain)
+    for d, s, m in zip(plain, scaled, [0.5, 1.0, 2.0]):
+        assert s == pytest.approx(m * d, rel=1e-4)
+
+
+def test_layer_lr_is_checked_against_the_backbone_and_the_backend():
+    from supsup.config import ConfigError, load_config
+    from supsup.experiment import build_model
+
+    cfg = load_config("configs/permuted_mnist_gn.yaml", ["train.layer_lr=[0.1, 1]"])
+    with pytest.raises(ConfigError, match=r"train.layer_lr: has 2 multipliers, but fc1024 has 3 masked layers"):
+        build_model(cfg, torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"train.layer_lr\[0\]: must be > 0"):
+        load_config("configs/permuted_mnist_gn.yaml", ["train.layer_lr=[0, 1, 1]"])
+    from supsup.experiment import check_config
+
+    cfg = load_config("configs/permuted_mnist_gn.yaml", ["train.layer_lr=[1, 1, 1]", "backend=avalanche",
+                                                         "benchmark.permutation_source=avalanche"])
+    with pytest.raises(ConfigError, match="train.layer_lr: is not supported by backend avalanche"):
+        check_config(cfg)

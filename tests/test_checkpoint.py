@@ -184,3 +184,17 @@ def test_config_written_before_a_key_existed_matches_its_default():
     assert config_mismatch(old, now) == []
     now["model"]["norm"] = "shared"
     assert config_mismatch(old, now) == ["model.norm (checkpoint: None, now: 'shared')"]
+
+
+def test_the_same_state_gives_the_same_bytes(tmp_path):
+    """A file is a function of its content, not of the order a dict was filled in (two ranks,
+    or a run and its resumption, write byte-identical files for the same state)."""
+    write_checksummed(tmp_path / "a", _payload(), {"x": 1, "y": {"b": 2, "a": 3}}, magic=CHECKPOINT_MAGIC)
+    write_checksummed(tmp_path / "b", _payload(), {"y": {"a": 3, "b": 2}, "x": 1}, magic=CHECKPOINT_MAGIC)
+    assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes()
+
+
+def test_a_missing_file_names_the_reason(tmp_path):
+    with pytest.raises(CheckpointError, match=r"cannot read .*: Is a directory"):
+        (tmp_path / "d").mkdir()
+        read_checksummed(tmp_path / "d", magic=CHECKPOINT_MAGIC)

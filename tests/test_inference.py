@@ -157,6 +157,12 @@ def test_groups_shrink_to_fit_the_activation_memory(mnist_data, monkeypatch):
         model.finish_task()
     per_image = evaluation.activation_bytes_per_image(model, torch.zeros(1, 1, 28, 28))
     assert per_image > 64 * 26 * 26 * 4  # at least the first conv's output
+    # measured once per model and input shape: a second call runs no forward pass
+    forwards: list[int] = []
+    hook = model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    assert evaluation.activation_bytes_per_image(model, torch.ones(1, 1, 28, 28)) == per_image
+    assert forwards == []
+    hook.remove()
     passes: list[int] = []
     real = evaluation.infer_tasks
 

@@ -72,6 +72,14 @@ def test_topk_density_is_exact(density):
         assert kept.min() >= scores.abs()[~mask].max()
 
 
+def test_topk_keeps_at_least_the_largest_score():
+    """A density that rounds to no weight still keeps one (a layer with no weight would cut
+    the network): the one with the largest |score|."""
+    scores = torch.tensor([[0.1, -3.0, 0.2], [0.5, -0.4, 0.0]])
+    assert torch.equal(M.binarize(scores, "topk", 0.01), scores.abs() == 3.0)
+    assert M.binarize(scores, "topk", 0.4).sum() == 2  # round(2.4)
+
+
 def test_threshold_mask_and_straight_through_gradient():
     w = torch.randn(4, 5)
     s = torch.randn(4, 5, requires_grad=True)

@@ -300,3 +300,34 @@ def test_nonfinite_input_is_a_clear_error():
     x[0, 0, 0, 0, 0] = float("nan")
     with pytest.raises(InferenceError, match="non-finite"):
         infer_tasks(model, x)
+
+
+def test_task_ids_out_of_range_are_refused_with_their_reason():
+    model = _trained(num_tasks=2, capacity=3)
+    layer = model.masked_layers[0]
+    with pytest.raises(IndexError, match="no mask for task 2; the bank holds 2"):
+        layer.write_mask(2, layer.stored_mask(0))
+    with pytest.raises(IndexError, match="task 2 has no mask in the bank"):
+        model.resume_task(2)
+    with pytest.raises(ModeError, match="no task is being trained"):
+        model.abandon_task()
+    model.add_task()
+    with pytest.raises(ModeError, match="task 2 is still being trained"):
+        model.resume_task(0)
+
+
+def test_resumed_scores_binarise_to_the_banked_mask_at_the_given_magnitude():
+    """NN retraining restarts a task from its mask: scores +-1e-2 by default (small, so the
+    first steps can move them), positive exactly where the mask keeps a weight."""
+    model = _trained(num_tasks=2, capacity=2)
+    model.resume_task(1)
+    for layer in model.masked_layers:
+        mask = layer.stored_mask(1)
+        assert torch.equal(layer.scores.detach(), torch.where(mask, 1e-2, -1e-2).to(layer.weight.dtype))
+    model.abandon_task()
+
+
+def test_bank_bytes_count_the_allocated_rows():
+    model = _trained(num_tasks=2, capacity=3)
+    for layer in model.masked_layers:
+        assert layer.bank_nbytes() == layer.bank.shape[0] * layer.bank.shape[1] > 0

@@ -172,6 +172,7 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "weight decay on the scores"})
     precision: str = field(default="fp32", metadata={"help": "fp32, or bf16: training matmuls in bfloat16 with fp32 accumulation (torch.autocast); scores, optimizer and all evaluation stay fp32"})
     schedule: str = field(default="constant", metadata={"help": "learning rate over a task's steps: constant | cosine (annealed to 0 at the last step, as the paper's SplitCIFAR/SplitImageNet runs)"})
+    layer_lr: list[float] | None = field(default=None, metadata={"help": "learning-rate multiplier per masked layer, input to output (default: 1 for every layer), e.g. [0.1, 1, 1]; native backend"})
 
     def __post_init__(self) -> None:
         from ..optim import OPTIMIZERS
@@ -184,6 +185,11 @@ class TrainConfig:
         check_range("train.weight_decay", self.weight_decay, 0.0)
         check_choice("train.precision", self.precision, PRECISIONS)
         check_choice("train.schedule", self.schedule, SCHEDULES)
+        if self.layer_lr is not None:
+            if not isinstance(self.layer_lr, list) or not self.layer_lr:
+                raise ConfigError("train.layer_lr", f"must be a non-empty list of multipliers, got {self.layer_lr!r}")
+            for i, m in enumerate(self.layer_lr):
+                check_range(f"train.layer_lr[{i}]", m, 0.0, lo_open=True)
 
 
 @dataclass

@@ -254,6 +254,8 @@ class AvalancheBackend:
             raise ConfigError("benchmark.permutation_source",
                               "backend avalanche uses Avalanche's PermutedMNIST permutations: set "
                               "benchmark.permutation_source=avalanche (the native backend then draws the same ones)")
+        if cfg.train.layer_lr is not None:
+            raise ConfigError("train.layer_lr", "is not supported by backend avalanche; use backend native")
         for key in ("at_tasks", "sample_tasks", "extra_objectives"):  # native-only evaluation options
             if getattr(cfg.eval, key):
                 raise ConfigError(f"eval.{key}", "is not supported by backend avalanche; use backend native")

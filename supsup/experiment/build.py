@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..model import SupermaskModel
 
 __all__ = ["build_model", "build_stream", "resolve_device"]
@@ -48,9 +48,14 @@ def build_model(cfg: RunConfig, device: torch.device, input_shape: Sequence[int]
 
     if input_shape is None:
         input_shape = STREAMS.get(cfg.benchmark.name).input_shape
-    return SupermaskModel.from_name(
+    model = SupermaskModel.from_name(
         cfg.model.backbone, num_tasks=cfg.capacity, num_outputs=cfg.model.num_outputs,
         num_classes=cfg.benchmark.num_classes if num_classes is None else num_classes,
         seed=cfg.seed, input_shape=input_shape, weight_init=cfg.model.weight_init,
         mask_kind=cfg.mask.kind, density=cfg.mask.density, score_init=cfg.model.score_init, norm=cfg.model.norm,
         device=device)
+    if cfg.train.layer_lr is not None and len(cfg.train.layer_lr) != len(model.masked_layers):
+        # before any training, not at the first optimizer (a resumed run would fail after loading)
+        raise ConfigError("train.layer_lr", f"has {len(cfg.train.layer_lr)} multipliers, but {cfg.model.backbone} has "
+                                            f"{len(model.masked_layers)} masked layers")
+    return model
