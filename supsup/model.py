@@ -92,8 +92,7 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
         self._num_learned = 0
         #: task id -> the classes it answers among (class-incremental streams only)
         self.task_classes: dict[int, list[int]] = {}
-        #: (input shape, dtype) -> activation bytes of one image (:meth:`activation_bytes_per_image`)
-        self._activation_bytes: dict[tuple[tuple[int, ...], torch.dtype], int] = {}
+        self._activation_bytes: dict[tuple, int] = {}  #: (input shape, dtype) -> bytes (activation_bytes_per_image)
 
     @classmethod
     def from_name(cls, backbone: str, *, num_tasks: int, num_outputs: int, num_classes: int | None = None,
@@ -378,37 +377,6 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
         if self._mode is Mode.IDLE:
             raise ModeError("no task selected: call add_task(), set_task(t) or superpose(alphas) first")
         return self.backbone(x)
-
-    def activation_bytes_per_image(self, x: torch.Tensor) -> int:
-        """Bytes of the outputs of every leaf module for one input ``x`` ``(1, ...)``: what one
-        image adds to an inference pass (for bounding how many images share one).
-
-        Measured once per input shape and dtype by a forward pass with the first banked task
-        (no gradients); the sizes depend on the architecture alone, which never changes, so
-        later calls cost nothing. 0 (not remembered) while no task is banked or a task is in
-        training, when there is no task to run it with.
-        """
-        key = (tuple(x.shape[1:]), x.dtype)
-        if key in self._activation_bytes:
-            return self._activation_bytes[key]
-        if self.num_banked_tasks == 0 or self._active_task is not None:
-            return 0
-        total = 0
-
-        def count(_module, _inputs, out):
-            nonlocal total
-            if isinstance(out, torch.Tensor):
-                total += out.numel() * out.element_size()
-
-        hooks = [m.register_forward_hook(count) for m in self.modules() if not any(True for _ in m.children())]
-        try:
-            with torch.no_grad(), self.use_task(0):
-                self(x[:1])
-        finally:
-            for h in hooks:
-                h.remove()
-        self._activation_bytes[key] = total
-        return total
 
     # ------------------------------------------------------------------- (de)serialise
     def load_bank_state(self, state: dict[str, torch.Tensor], num_learned: int | None = None) -> None:
