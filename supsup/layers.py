@@ -42,7 +42,7 @@ def kaiming_uniform_scores(shape: torch.Size, dtype: torch.dtype, generator: tor
 
 
 SCORE_INITS.register("kaiming_uniform")(kaiming_uniform_scores)
-#: "SupSup Transfer" (paper Sec. 4.4): a Kaiming-uniform draw averaged with the earlier tasks'
+#: "SupSup Transfer" (paper Sec. 4.4): a Kaiming-uniform draw steered by the earlier tasks'
 #: masks (see :meth:`SupermaskLayer.transfer_scores`)
 SCORE_INITS.register("transfer")(kaiming_uniform_scores)
 
@@ -201,20 +201,30 @@ class SupermaskLayer(nn.Module):
 
     def transfer_scores(self, fresh: torch.Tensor) -> torch.Tensor:
         """"SupSup Transfer" from 1-bit masks: the official code starts task ``t``'s scores
-        from the mean of the earlier tasks' float scores, which are not kept here. The closest
-        faithful variant: each earlier task ``i`` stands for a score tensor at the init's scale
-        ``b`` (the Kaiming-uniform bound), ``b (2 M_i - 1)`` for threshold masks (the sign of
-        its scores) or ``b M_i`` for top-k masks (kept weights rank first), and the new scores
-        are the mean over those ``t`` tensors and the fresh draw ``fresh`` (which breaks the
-        ties). Costs O(P) from the bank's mask count, whatever ``t``."""
+        from the mean of the earlier tasks' float scores, which are not kept here. The earlier
+        masks vote, the fresh draw ``fresh`` gives the magnitudes:
+
+        * sign masks (threshold, Bernoulli: kept iff score >= 0): with the vote
+          ``a = (2 count - t) / t`` in [-1, 1], ``a |fresh| + (1 - |a|) fresh``: where the
+          earlier masks agree, their sign at a fresh init's magnitude; where they split evenly,
+          the fresh draw;
+        * top-k masks (ranked by |score|): with ``a = count / t`` in [0, 1], magnitude
+          ``(a b + |fresh|) / 2`` (``b`` the Kaiming-uniform bound): weights every earlier mask
+          kept lie in [b/2, b], weights none kept in [0, b/2].
+
+        Fresh magnitudes keep as many scores near the threshold as a fresh start has, so a
+        small step budget can still move the mask (full-size scores where the masks agree
+        would freeze it at the earlier tasks' mask). Costs O(P) from the bank's mask count,
+        whatever ``t``."""
         t = self.num_masks
         if t == 0:
             return fresh
-        fan_in = self.weight[0].numel()
-        bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_ with a = sqrt(5): gain sqrt(1/3) * sqrt(3 / fan_in)
         count = self.mask_count().to(fresh.device, fresh.dtype)
-        earlier = bound * (2 * count - t) if self.mask_kind == "threshold" else bound * count
-        return (fresh + earlier) / (t + 1)
+        if self.mask_kind == "topk":
+            bound = 1.0 / math.sqrt(self.weight[0].numel())  # kaiming_uniform_, a = sqrt(5): sqrt(1/3) sqrt(3/fan_in)
+            return fresh.sign() * (bound * count / t + fresh.abs()) / 2
+        vote = (2 * count - t) / t
+        return vote * fresh.abs() + (1 - vote.abs()) * fresh
 
     def set_scores(self, scores: torch.Tensor) -> None:
         """Start training from ``scores`` (shape of the weight)."""

@@ -159,17 +159,40 @@ def test_fast_alpha_gradients_match_the_oracle_with_batchnorm(groups):
     assert model.mode is Mode.IDLE
 
 
-def test_transfer_scores_average_the_earlier_masks():
+def test_transfer_scores_follow_the_earlier_masks_at_a_fresh_magnitude():
+    """Transfer from 1-bit masks: the earlier tasks' vote a = (2 count - t) / t gives the
+    sign, the fresh draw the magnitude, |a| how far to trust the vote:
+    a |fresh| + (1 - |a|) fresh. Where every earlier mask agrees, the new task starts from
+    their mask with a fresh init's magnitudes (as easy to flip as a fresh start: a mask that
+    piled up full-size scores could not move in a small step budget); where they split
+    evenly, it is the fresh draw."""
     model = _model("conv4", score_init="transfer", num_tasks=3)
     fresh0 = model.initial_scores(0)
     _train(model, 0)
     _train(model, 1)
     layer = model.masked_layers[1]
     fresh = _model("conv4", num_tasks=3).initial_scores(2)[1]  # the plain draw for task 2
-    bound = 1 / math.sqrt(layer.weight[0].numel())
-    signs = sum(layer.stored_mask(t).float() * 2 - 1 for t in range(2))
-    assert torch.allclose(model.initial_scores(2)[1], (fresh + bound * signs) / 3, atol=1e-7)
+    vote = sum(layer.stored_mask(t).float() * 2 - 1 for t in range(2)) / 2
+    got = model.initial_scores(2)[1]
+    assert torch.allclose(got, vote * fresh.abs() + (1 - vote.abs()) * fresh, atol=1e-7)
+    agree = vote.abs() == 1
+    assert agree.any() and (~agree).any()
+    assert torch.equal(got[agree] >= 0, vote[agree] > 0) and torch.equal(got[agree].abs(), fresh[agree].abs())
+    assert torch.equal(got[~agree], fresh[~agree])
     assert torch.equal(fresh0[1], _model("conv4").initial_scores(0)[1])  # nothing banked: the plain draw
+
+
+def test_topk_transfer_ranks_the_weights_the_earlier_masks_kept_first():
+    model = _model("conv4", score_init="transfer", num_tasks=3, mask_kind="topk", density=0.3)
+    _train(model, 0)
+    _train(model, 1)
+    layer = model.masked_layers[1]
+    bound = 1 / math.sqrt(layer.weight[0].numel())
+    count = layer.stored_mask(0).float() + layer.stored_mask(1).float()
+    got = model.initial_scores(2)[1].abs()
+    assert (count == 2).any() and (count == 0).any()
+    assert got[count == 2].min() >= bound / 2 and got[count == 2].max() <= bound
+    assert got[count == 0].max() <= bound / 2
 
 
 def test_cosine_schedule_anneals_to_zero_over_the_task():
