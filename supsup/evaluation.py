@@ -126,7 +126,8 @@ def infer_batch_masks(model: SupermaskModel, images: Sequence[torch.Tensor], cfg
             xs = torch.stack([images[i][:n] for i in chunk])
             tasks, _ = infer_tasks(model, xs, method=cfg.method, objective=cfg.objective,
                                    num_classes=model.num_classes, log_base=cfg.log_base, refine=cfg.refine,
-                                   refine_candidates=cfg.refine_candidates, packed=packed, extra=extra)
+                                   refine_candidates=cfg.refine_candidates,
+                               refine_temperature=cfg.refine_temperature, packed=packed, extra=extra)
             for i, t in zip(chunk, tasks.tolist()):
                 predicted[i] = int(t)
     return predicted
@@ -177,7 +178,8 @@ def evaluate_per_image(model: SupermaskModel, batches: Sequence[Batch], cfg: Inf
     for x, y in batches:
         tasks, _ = infer_tasks(model, x.unsqueeze(1), method=cfg.method, objective=cfg.objective,
                                num_classes=model.num_classes, log_base=cfg.log_base, refine=cfg.refine,
-                               refine_candidates=cfg.refine_candidates, packed=packed, extra=extra)
+                               refine_candidates=cfg.refine_candidates,
+                               refine_temperature=cfg.refine_temperature, packed=packed, extra=extra)
         for mask in tasks.unique().tolist():
             rows = tasks == mask
             with model.use_task(int(mask)):

@@ -308,10 +308,10 @@ def _candidate_masks(model: SupermaskModel, blocks: list[list[torch.Tensor]], in
 
 @torch.no_grad()
 def exact_objectives(model: SupermaskModel, x: torch.Tensor, shortlist: torch.Tensor, *, objective: str,
-                     num_classes: int, packed=None, extra=None) -> torch.Tensor:
-    """The objective's exact score (:func:`supsup.objectives.exact_score`) of each group ``x[g]``
-    ``(n, ...)`` under each of its candidates alone (``shortlist`` ``(G, r)``): ``(G, r)``. One
-    forward per candidate over every group that has it; the bank is read in place."""
+                     num_classes: int, packed=None, extra=None, temperature: float = 1.0) -> torch.Tensor:
+    """The exact score (:func:`supsup.objectives.exact_score`) of the logits / ``temperature`` of
+    each group ``x[g]`` ``(n, ...)`` under each of its candidates alone (``shortlist`` ``(G, r)``):
+    ``(G, r)``. One forward per candidate over the groups that have it; the bank read in place."""
     blocks = _candidate_blocks(model, packed, extra)
     banked = blocks[0][0].shape[0] if blocks[0][0].data_ptr() == model.masked_layers[0].bank_rows.data_ptr() else 0
     score = exact_score(objective)
@@ -324,7 +324,7 @@ def exact_objectives(model: SupermaskModel, x: torch.Tensor, shortlist: torch.Te
             model.superpose_fixed(_candidate_masks(model, blocks, int(cand)), groups=len(groups),  # a banked mask
                                   norm_task=int(cand) if cand < banked else None)  # runs with its own BN stats
             logits = model(x[groups].reshape(len(groups) * n, *x.shape[2:]))
-            out[groups, where[:, 1]] = score(logits.view(len(groups), n, -1), num_classes)
+            out[groups, where[:, 1]] = score(logits.view(len(groups), n, -1) / temperature, num_classes)
     finally:
         model.restore_mode()
     return out
@@ -332,7 +332,7 @@ def exact_objectives(model: SupermaskModel, x: torch.Tensor, shortlist: torch.Te
 
 def infer_tasks(model: SupermaskModel, x: torch.Tensor, *, method: str = "one_shot", objective: str = "g",
                 num_classes: int | None = None, log_base: float = 2.0, refine: str = "none",
-                refine_candidates: int = 5, packed: list[torch.Tensor] | None = None,
+                refine_candidates: int = 5, refine_temperature: float = 1.0, packed: list[torch.Tensor] | None = None,
                 extra: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
     """Infer the task of each of ``G`` groups of images.
 
@@ -344,14 +344,14 @@ def infer_tasks(model: SupermaskModel, x: torch.Tensor, *, method: str = "one_sh
         refine: ``none`` (the paper: the gradient decides) or ``exact`` (beyond the paper: the
             gradient shortlists ``refine_candidates`` masks, one-shot's best or binary search
             stopped there, and the objective evaluated exactly under each of them alone picks
-            the task; :func:`exact_objectives`).
+            the task; :func:`exact_objectives`, at ``refine_temperature``: above 1, confident
+            images count too, where at 1 a batch's mean entropy follows its few uncertain ones).
         packed, extra: the candidate masks, as for :func:`alpha_gradients` (default: the
             bank's finished tasks).
 
     Returns:
-        ``(tasks, steps)``: ``(G,)`` int64 indices into the candidates, and the number of
-        gradient evaluations used (1 for one_shot; for binary
-        :func:`num_inference_steps`, ``ceil(log2 k)`` at the default ``log_base``).
+        ``(tasks, steps)``: ``(G,)`` int64 indices into the candidates, and the number of gradient
+        evaluations used (one_shot 1; binary :func:`num_inference_steps`, ``ceil(log2 k)`` at base 2).
     """
     k = sum(r.shape[0] for r in _candidate_blocks(model, packed, extra)[0])
     G = x.shape[0]
@@ -370,7 +370,7 @@ def infer_tasks(model: SupermaskModel, x: torch.Tensor, *, method: str = "one_sh
     if keep == 1:
         return shortlist[:, 0], steps
     exact = exact_objectives(model, x, shortlist, objective=objective, num_classes=num_classes, packed=packed,
-                             extra=extra)
+                             extra=extra, temperature=refine_temperature)
     return shortlist.gather(1, exact.argmin(dim=1, keepdim=True)).squeeze(1), steps
 
 

@@ -101,6 +101,7 @@ def test_backend_and_method_are_checked_by_the_experiment_layer():
     (["inference.log_base=1"], "inference.log_base", "> 1.0"),
     (["inference.log_base=0.5"], "inference.log_base", "> 1.0"),
     (["inference.num_images=0"], "inference.num_images", ">= 1"),
+    (["inference.refine_temperature=0"], "inference.refine_temperature", "> 0.0"),
     (["inference.method=binery"], "inference.method", "did you mean 'binary'"),
     (["nn.threshold=0"], "nn.threshold", "> 0.0"),
     (["nn.check_every=0"], "nn.check_every", ">= 1"),

@@ -214,7 +214,28 @@ def test_exact_objectives_equal_each_mask_alone(permuted):
                 with model.use_task(t):
                     ref = exact_score(objective)(model(x[g]).unsqueeze(0), 10)[0]
                 assert torch.allclose(exact[g, slot], ref, rtol=1e-5), (objective, g, t)
+    warm = inference.exact_objectives(model, x, shortlist, objective="entropy", num_classes=10, temperature=2.5)
+    with model.use_task(3):
+        ref = exact_score("entropy")(model(x[0]).unsqueeze(0) / 2.5, 10)[0]
+    assert torch.allclose(warm[0, 2], ref, rtol=1e-5) and not torch.allclose(warm, exact)
     assert model.mode is Mode.IDLE
+
+
+def test_the_refine_temperature_reaches_the_exact_objective(permuted, monkeypatch):
+    """inference.refine_temperature goes from the evaluation settings to the exact scores."""
+    model, stream = permuted
+    seen: list[float] = []
+    real = inference.exact_objectives
+
+    def spy(*args, temperature=1.0, **kw):
+        seen.append(temperature)
+        return real(*args, temperature=temperature, **kw)
+
+    monkeypatch.setattr(inference, "exact_objectives", spy)
+    batches = list(stream.test_batches(1, 16, 2))
+    cfg = InferenceConfig(method="binary", objective="entropy", num_images=16, refine="exact", refine_temperature=2.0)
+    evaluate_inferred(model, batches, 1, cfg)
+    assert seen and set(seen) == {2.0}
 
 
 @pytest.mark.parametrize("method", ["one_shot", "binary"])

@@ -206,6 +206,7 @@ class InferenceConfig:
                                                            "shrink so that their images fit (speed only)"})
     refine: str = field(default="none", metadata={"help": "none (the paper: the gradient decides) | exact (beyond the paper: the objective evaluated exactly under each of the gradient's refine_candidates best masks picks the task)"})
     refine_candidates: int = field(default=5, metadata={"help": "refine exact: masks the gradient shortlists"})
+    refine_temperature: float = field(default=1.0, metadata={"help": "refine exact: the exact objective is taken of the logits / this (above 1, a batch's confident images count too; choose it on validation data: benchmarks/refine_temperature.py)"})
 
     def __post_init__(self) -> None:
         from ..inference import INFERENCE_METHODS, REFINEMENTS
@@ -219,6 +220,7 @@ class InferenceConfig:
         check_range("inference.memory_mb", self.memory_mb, 1)
         check_choice("inference.refine", self.refine, REFINEMENTS)
         check_range("inference.refine_candidates", self.refine_candidates, 2)
+        check_range("inference.refine_temperature", self.refine_temperature, 0.0, lo_open=True)
 
 
 @dataclass
