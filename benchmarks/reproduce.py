@@ -223,7 +223,7 @@ def table(found: dict[str, dict]) -> str:
         inferred = _fmt(src.get("mean_acc_inferred"))
         if src.get("mean_acc_inferred_entropy") is not None:
             inferred += f" (G); {_fmt(src['mean_acc_inferred_entropy'])} (H)"
-        status = "finished" if d["_final"] else f"running: {done} of {d['num_tasks']} tasks trained"
+        status = "finished" if d["_final"] else f"partial: {done} of {d['num_tasks']} tasks trained"
         if not d["_final"] and d.get("num_learned_masks") is not None:
             status += f" ({d['num_learned_masks']} masks)"
         if not d["_final"] and last:
