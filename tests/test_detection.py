@@ -4,6 +4,7 @@ chosen one, so each branch of :class:`supsup.detection.NNDetector` is pinned exa
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -126,9 +127,10 @@ def test_a_full_bank_warns_once_and_trains_the_best_mask(statistic):
 
 def test_state_round_trips_through_plain_data():
     state = NNState(batches_seen=7, batches_on_mask=3, allocations=[0, 4], capacity_warned=True,
-                    counts={0: {0: 4}, 1: {0: 1, 1: 2}})
-    d = state.to_dict()
+                    counts={0: {0: 4}, 1: {0: 1, 1: 2}}, calibration={0: [0.25, 0.01], 1: [0.5, 0.0]})
+    d = json.loads(json.dumps(state.to_dict()))  # as a checkpoint stores it
     assert all(isinstance(k, str) for k in d["counts"]) and NNState.from_dict(d) == state
+    assert NNState.from_dict({k: v for k, v in d.items() if k != "calibration"}).calibration == {}  # 0.1 states
 
 
 def test_mask_to_task_takes_the_most_seen_task_and_the_lowest_on_ties():

@@ -7,6 +7,8 @@ candidates' coefficients shows up as wrong tasks, not as a shape or a range.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -280,3 +282,23 @@ def test_class_incremental_split_mnist_end_to_end(mnist_data, tmp_path):
     assert res["task_inference_acc"] == 1.0 and res["mean_acc_inferred"] > 0.9
     assert 0.5 < res["mean_acc_inferred_per_image"] <= res["mean_acc_inferred"] + 0.05
     assert all(r["acc_inferred_per_image"] is not None for r in res["tasks"])
+
+
+def test_objective_values_by_hand():
+    """H, G and the exact score of G on logits whose values are known: (groups, images,
+    outputs) -> (groups,); 2 real classes and 2 superfluous outputs."""
+    from supsup.objectives import entropy, exact_score, superfluous_g, superfluous_lse
+
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [2.0, 0.0, 1.0, 3.0]],
+                           [[1.0, 1.0, -1.0, -1.0], [0.0, 5.0, 0.0, 0.0]]])
+    lse = lambda *v: math.log(sum(math.exp(x) for x in v))  # noqa: E731
+    ent = lambda *v: -sum(p * math.log(p) for p in [math.exp(x - lse(*v)) for x in v])  # noqa: E731
+    rows = logits.tolist()
+    for fn, ref in ((entropy, ent), (superfluous_g, lse), (superfluous_lse, lambda *v: lse(*v[2:]))):
+        want = torch.tensor([sum(ref(*img) for img in g) / 2 for g in rows])
+        assert torch.allclose(fn(logits, 2), want, atol=1e-6), fn.__name__
+        assert torch.allclose(fn(logits[0], 2), want[0], atol=1e-6)  # one group: (images, outputs)
+    assert exact_score("g") is superfluous_lse and exact_score("entropy") is entropy
+    for fn in (superfluous_g, superfluous_lse):
+        with pytest.raises(ValueError, match="objective 'g' needs superfluous neurons: 4 outputs for 4 classes"):
+            fn(logits, 4)
