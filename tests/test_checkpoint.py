@@ -66,6 +66,40 @@ def test_a_short_or_foreign_file_is_refused(tmp_path):
         load_checkpoint(tmp_path / "absent")
 
 
+def test_a_file_cut_right_after_its_header_fails_the_checksum(tmp_path):
+    """The boundary between "bad header" and "bad payload": a whole header with nothing after
+    it is a truncated checkpoint, refused by its checksum, with the full message."""
+    path = save_checkpoint(tmp_path, _payload(), {})
+    path.write_bytes(path.read_bytes()[:len(CHECKPOINT_MAGIC) + 32])
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path)
+    assert str(err.value) == (f"{path} is corrupted: its SHA-256 checksum does not match (truncated or modified); "
+                              "not using it")
+
+
+def test_an_atomic_write_flushes_the_file_and_then_its_directory(tmp_path, monkeypatch):
+    """Durability: the data is fsynced before the rename, the directory entry after it (a
+    crash after the rename must not lose the new name)."""
+    import os
+
+    events = []
+    real_open, real_fsync, real_replace = os.open, os.fsync, os.replace
+    dirs = {}
+
+    def track_open(path, flags, *a, **kw):
+        fd = real_open(path, flags, *a, **kw)
+        if os.path.isdir(path):
+            dirs[fd] = os.fspath(path)
+        return fd
+
+    monkeypatch.setattr(os, "open", track_open)
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", dirs.get(fd, "file"))), real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", os.fspath(b))), real_replace(a, b)))
+    fileio.atomic_write_bytes(tmp_path / "out.bin", b"data")
+    assert events == [("fsync", "file"), ("replace", str(tmp_path / "out.bin")), ("fsync", str(tmp_path))]
+    assert (tmp_path / "out.bin").read_bytes() == b"data"
+
+
 def _forged(path, payload: bytes, magic=CHECKPOINT_MAGIC):
     path.write_bytes(magic + hashlib.sha256(payload).digest() + payload)
 
