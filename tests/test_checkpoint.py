@@ -199,6 +199,26 @@ def test_temporary_files_sit_beside_the_target_and_carry_its_name(tmp_path, monk
         fileio.atomic_write_bytes(tmp_path / "sub" / "deeper" / "f.bin", b"0123456789", crash_point="x", suffix=".part")
     assert len(seen) == 1 and seen[0].startswith(".f.bin.") and seen[0].endswith(".part")
     assert list((tmp_path / "sub" / "deeper").iterdir()) == []
+    seen.clear()  # by default, leftovers end in .tmp (what .gitignore and users look for)
+    with pytest.raises(_Crash):
+        fileio.atomic_write_bytes(tmp_path / "sub" / "deeper" / "f.bin", b"0123456789", crash_point="x")
+    assert len(seen) == 1 and seen[0].endswith(".tmp")
+    written = []
+    with pytest.raises(_Crash):
+        fileio.atomic_write(tmp_path / "g.bin", lambda tmp: (written.append(tmp.name), crash("y")))
+    assert written[0].endswith(".tmp")
+
+
+def test_a_failed_write_that_removed_its_file_raises_its_own_error(tmp_path):
+    """A writer that cleans up after itself before failing: the cleanup finds nothing to remove
+    and the writer's error comes out unchanged."""
+    def write(tmp):
+        tmp.unlink()
+        raise ValueError("the writer failed")
+
+    with pytest.raises(ValueError, match="the writer failed"):
+        fileio.atomic_write(tmp_path / "f.bin", write)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_unreadable_path_is_a_checkpoint_error(tmp_path):
