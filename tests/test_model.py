@@ -247,6 +247,37 @@ def test_bad_masks_are_refused_before_the_bank_changes():
     assert layer.num_masks == 2 and torch.equal(layer.bank_rows, rows) and torch.equal(layer.mask_count(), count)
 
 
+def test_bank_state_errors_name_the_problem():
+    model = _trained(num_tasks=3)
+    state = model.bank_state()
+    with pytest.raises(ValueError) as err:
+        _model(num_tasks=3).load_bank_state({**state, "bank.9": state["bank.0"]})
+    assert str(err.value) == ("bank state has keys ['bank.0', 'bank.1', 'bank.2', 'bank.9'], "
+                              "expected ['bank.0', 'bank.1', 'bank.2']")
+    with pytest.raises(ValueError) as err:
+        _model(num_tasks=3).load_bank_state({**state, "bank.1": state["bank.1"][:2]})
+    assert str(err.value) == "bank layers hold different numbers of masks: [2, 3]"
+    with pytest.raises(ValueError) as err:
+        _model(num_tasks=2).load_bank_state(state)
+    assert str(err.value) == "bank holds 3 masks, more than the model's capacity 2"
+
+
+def test_bank_sha256_of_a_prefix_is_the_sha256_of_the_shorter_bank():
+    """``bank_sha256(num_layers, n)``: the digest of the state after n tasks (what a distributed
+    or resumed run compares), also for a model with a single masked layer."""
+    from supsup.bank import bank_sha256
+
+    model = _trained(num_tasks=3)
+    shorter = _model(num_tasks=3)
+    shorter.load_bank_state({k: v[:2] for k, v in model.bank_state().items()})
+    assert bank_sha256(model.masked_layers, 2) == shorter.bank_sha256() != model.bank_sha256()
+    assert bank_sha256(model.masked_layers) == model.bank_sha256()
+    probe = SupermaskModel(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)), num_tasks=2)
+    probe.add_task()
+    probe.finish_task()
+    assert bank_sha256(probe.masked_layers) == probe.bank_sha256()
+
+
 def test_banks_packed_to_whole_bytes_still_load():
     """Checkpoints of 0.1.0 stored rows of ceil(P_l / 8) bytes; rows are now whole 64-bit
     words (LeNet's 300 x 100 layer: 3750 bytes then, 3752 now)."""

@@ -115,6 +115,10 @@ def test_batch_norm_mode_keeps_no_statistics():
         full, half = model(x), model(x[:8])
     assert not torch.allclose(full[:8], half)  # each batch normalised with its own statistics
     assert set(model.bank_state()) == {f"bank.{i}" for i in range(len(model.masked_layers))}
+    other = _model("conv4_bn", norm="batch")  # a batch-statistics bank has no BatchNorm entries to load
+    other.load_bank_state(model.bank_state())
+    with model.use_task(0), other.use_task(0):
+        assert torch.equal(model(x), other(x))
 
 
 def test_save_load_and_bank_state_keep_the_statistics(tmp_path):
