@@ -10,6 +10,7 @@ import torch
 
 from supsup import masks as M
 from supsup.inference import num_inference_steps
+from supsup.kernels import KERNEL_MAX_COLUMNS
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 1000, 4099])
@@ -47,6 +48,29 @@ def test_bank_matmul_and_weighted_sum_match_dense():
         assert torch.allclose(M.bank_matmul(packed, dense, p, budget=budget, use_kernel=False), ref, atol=1e-5)
         assert torch.allclose(M.bank_weighted_sum(packed, alphas, p, budget=budget), alphas @ masks.float(), atol=1e-5)
         assert torch.allclose(M.bank_weighted_sum(packed, alphas[0], p, budget=budget), alphas[0] @ masks.float(), atol=1e-5)
+
+
+def test_bank_matmul_routes_products_to_the_compiled_kernel_as_documented(monkeypatch):
+    """Few columns of float32 without a gradient to keep: the compiled kernel (when built);
+    use_kernel=False, many columns, float16, or a dense operand that needs a gradient: torch."""
+    g = torch.Generator().manual_seed(2)
+    k, p = 5, 333
+    packed = torch.stack([M.pack_bits(m) for m in torch.rand(k, p, generator=g) < 0.5])
+    calls = []
+    real = M.kernel_dot
+    monkeypatch.setattr(M, "kernel_dot", lambda *a: (calls.append(1), real(*a))[1])
+    routes = [(torch.randn(p, 2, generator=g), {}, True),
+              (torch.randn(p, 2, generator=g), {"use_kernel": False}, False),
+              (torch.randn(p, KERNEL_MAX_COLUMNS + 1, generator=g), {}, False),
+              (torch.randn(p, 2, generator=g).half(), {}, False),
+              (torch.randn(p, 2, generator=g, requires_grad=True), {}, False)]
+    for dense, kw, kernel in routes:
+        calls.clear()
+        M.bank_matmul(packed, dense, p, **kw)
+        assert bool(calls) == (kernel and M.bit_kernels_available()), (dense.shape, dense.dtype, kw)
+    with pytest.raises(ValueError) as err:
+        M.bank_matmul(packed, torch.randn(p + 1, 2), p)
+    assert str(err.value) == f"dense has {p + 1} rows, expected {p}"
 
 
 def test_bank_matmul_is_differentiable_in_dense():
