@@ -46,6 +46,9 @@ def test_bank_matmul_and_weighted_sum_match_dense():
     assert torch.allclose(M.bank_matmul(packed, dense, p, use_kernel=True), ref, atol=1e-5)
     for budget in (1 << 22, 64):
         assert torch.allclose(M.bank_matmul(packed, dense, p, budget=budget, use_kernel=False), ref, atol=1e-5)
+        for rows in (0, 1):  # an empty bank and a bank of one mask
+            assert torch.allclose(M.bank_matmul(packed[:rows], dense, p, budget=budget, use_kernel=False),
+                                  ref[:rows], atol=1e-5)
         assert torch.allclose(M.bank_weighted_sum(packed, alphas, p, budget=budget), alphas @ masks.float(), atol=1e-5)
         assert torch.allclose(M.bank_weighted_sum(packed, alphas[0], p, budget=budget), alphas[0] @ masks.float(), atol=1e-5)
 
