@@ -33,16 +33,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def _threads(n: int | None) -> None:
-    import torch
-
-    if n:
-        torch.set_num_threads(n)
-        import numba
-
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+from common import set_threads  # noqa: E402
 
 
 def _run(name: str, config: str, overrides: list[str], runs: Path) -> dict:
@@ -154,7 +147,7 @@ def main() -> int:
     p.add_argument("--norms", nargs="*", default=["per_task", "shared"], choices=["per_task", "shared", "batch"],
                    help="model.norm settings for the split and rotated runs")
     a = p.parse_args()
-    _threads(a.threads)
+    set_threads(a.threads)
     runs = Path(a.runs)
     parts = set(a.only or ["split", "rotated", "superposed", "transfer", "bytes"])
     quick = ["benchmark.num_tasks=2", "train.iterations=20", "eval.max_batches=2"] if a.quick else []

@@ -27,6 +27,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import set_threads  # noqa: E402
+
 CONFIG = "configs/reproduce_permuted_fc1024_250_plus.yaml"
 COMMON = ["benchmark.num_tasks=5", "eval.at_tasks=[5]", "eval.extra_objectives=[]", "progress=false"]
 
@@ -47,16 +51,6 @@ PROBES: dict[str, tuple[str, list[str]]] = {
     "lr1e-3_cos_2000_l0x0.03": ("lr 1e-3 cosine, 2000 steps, input layer at 0.03x",
                                 ["train.lr=1e-3", "train.schedule=cosine", "train.iterations=2000", "train.layer_lr=[0.03,1,1]"]),
 }
-
-
-def _threads(n: int | None) -> None:
-    import torch
-
-    if n:
-        torch.set_num_threads(n)
-        import numba
-
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
 def run_probe(name: str, runs: Path) -> dict:
@@ -173,7 +167,7 @@ def main() -> int:
     p.add_argument("--swap", nargs=2, default=["paper", "lr1e-3_const_1000"], metavar=("LOW", "HIGH"),
                    help="the two probes whose banks the layer swap mixes")
     a = p.parse_args()
-    _threads(a.threads)
+    set_threads(a.threads)
     rows = [run_probe(name, a.runs) for name in (a.only or PROBES)]
     for row in rows:
         row["true_task_ranks"] = true_task_ranks(a.runs, row["name"])

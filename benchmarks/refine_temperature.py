@@ -33,16 +33,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def _threads(n: int | None) -> None:
-    import torch
-
-    if n:
-        torch.set_num_threads(n)
-        import numba
-
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+from common import set_threads  # noqa: E402
 
 
 def learn_masks(cfg, fit_stream, path: Path, device):
@@ -109,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default="runs/refine_temperature")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
-    _threads(args.threads)
+    set_threads(args.threads)
     import torch
 
     from supsup import load_config
@@ -117,8 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     from supsup.experiment.build import resolve_device
 
     cfg = load_config(ROOT / args.config)
-    if cfg.inference.refine_candidates < 2:
-        raise SystemExit("inference.refine_candidates must be at least 2")
     device = resolve_device(cfg.device)
     data = STREAMS.get(cfg.benchmark.name).load_data(cfg.benchmark.data_root)
     n = data["train_images"].shape[0]

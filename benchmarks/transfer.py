@@ -24,18 +24,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import set_threads  # noqa: E402
+
 ANGLES = [10.0 * i for i in range(10)]
 INITS = ("kaiming_uniform", "transfer")
-
-
-def _threads(n: int | None) -> None:
-    import torch
-
-    if n:
-        torch.set_num_threads(n)
-        import numba
-
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
 def run(init: str, steps: int, runs: Path, backbone: str) -> list[float]:
@@ -63,7 +57,7 @@ def main() -> int:
     p.add_argument("--budgets", type=int, nargs="+", default=[20, 50, 200], help="steps of 128 per task")
     p.add_argument("--backbone", default="fc1024")
     a = p.parse_args()
-    _threads(a.threads)
+    set_threads(a.threads)
     rows = []
     for steps in a.budgets:
         accs = {init: run(init, steps, a.runs, a.backbone) for init in INITS}

@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import set_threads  # noqa: E402
+
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -34,15 +36,13 @@ def main() -> int:
     p.add_argument("--runs", default="runs/whole_run")
     a = p.parse_args()
 
-    import numba
     import torch
     import train_speed
 
     from supsup.config import load_config
     from supsup.experiment import evaluate_saved, run_experiment
 
-    torch.set_num_threads(a.threads)
-    numba.set_num_threads(min(a.threads, numba.config.NUMBA_NUM_THREADS))
+    set_threads(a.threads)
     key = "masked_step_ms" if a.precision == "fp32" else "masked_bf16_step_ms"
     first = train_speed.measure(steps=30, repeats=3)
     before, before_mean = first[key], first[key.replace("_ms", "_mean_ms")]
