@@ -94,14 +94,14 @@ def run_all(args, out: Path) -> list[dict]:
     return rows
 
 
-def set_rows(args) -> list[dict]:
+def set_rows(args, path: Path = ROOT / "benchmarks" / "results" / "set_baseline.json") -> list[dict]:
     """SET at SupSup's bytes per task (``benchmarks/set_baseline.py``: one sparse FC 1024 per
-    PermutedMNIST task, task given), when its results are there for the same tasks and steps."""
-    path = ROOT / "benchmarks" / "results" / "set_baseline.json"
-    if "permuted_mnist" not in args.benchmarks or not path.exists():
+    PermutedMNIST task, task given), when its results are there for the same stream (tasks,
+    seed), steps and backbone: SET's networks are FC 1024, so another backbone gets no row."""
+    if "permuted_mnist" not in args.benchmarks or args.backbone != "fc1024" or not path.exists():
         return []
     r = json.loads(path.read_text())
-    if r.get("tasks") != args.tasks or r.get("iterations") != args.iterations:
+    if (r.get("tasks"), r.get("iterations"), r.get("seed")) != (args.tasks, args.iterations, args.seed):
         return []
     if "set" not in args.methods:
         args.methods = [*args.methods, "set"]

@@ -18,7 +18,8 @@ Runs (each resumable, in ``DIR/<name>``; ``benchmarks/results/conv_bn/`` gets th
 * ``transfer_*``: RotatedMNIST, 5 tasks, a small step budget per task, with and without
   ``model.score_init: transfer`` (forward transfer: accuracy after the budget).
 
-Writes ``benchmarks/results/conv_bn.json`` and ``conv_bn.md``.
+Writes ``benchmarks/results/conv_bn.json``; ``conv_bn.md`` is written from it by hand, with the
+``supsup eval`` commands that scored the ``rotated_per_task`` bank with ``inference.refine: exact``.
 """
 
 from __future__ import annotations

@@ -120,7 +120,9 @@ def _cmd_eval(args) -> int:
     results = evaluate_saved(args.dir, overrides=args.overrides, scenario=args.scenario, curve=args.curve)
     print(format_table(results))
     if args.json:
-        atomic_write_text(args.json, json.dumps(results.to_dict(), indent=2) + "\n")
+        # the settings the numbers were measured with: the saved run's config.yaml plus these
+        record = {**results.to_dict(), "eval_overrides": list(args.overrides), "eval_scenario": args.scenario}
+        atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
     return 0
 
 

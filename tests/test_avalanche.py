@@ -316,6 +316,9 @@ def _split_cfg(*extra):
     ("GG", []),
     ("GN", ["inference.num_images=1", "inference.objective=entropy"]),
     ("NN", ["nn.check_every=10", "nn.min_batches_per_task=10", "inference.num_images=8"]),
+    # Bernoulli masks, sampled in every training forward from a per-task generator: the same
+    # samples, masks and task inference through either backend
+    ("GN", ["mask.kind=bernoulli", "train.lr=0.3", "inference.num_images=8", "inference.objective=entropy"]),
 ])
 def test_avalanche_backend_reproduces_native_runner(tmp_path, mnist_data, scenario, extra):
     """Same data, order, init and optimizer: the Avalanche backend's masks classify exactly

@@ -27,6 +27,16 @@ def test_defaults_and_round_trip(tmp_path):
     path = tmp_path / "c.yaml"
     C.save_config(cfg, path)
     assert load_config(path) == cfg
+    # not the defaults: a file that lost its contents would load as the defaults
+    other = load_config("configs/permuted_mnist_gn.yaml", ["seed=3", "train.lr=0.25"])
+    C.save_config(other, path)
+    assert load_config(path) == other != cfg
+
+
+def test_shipped_configs_are_the_repositorys_by_name():
+    names = C.shipped_configs()
+    assert set(names) == {p.stem for p in __import__("pathlib").Path("configs").glob("*.yaml")}
+    assert names["demo"].name == "demo.yaml" and C.resolve_config("demo") == names["demo"]
 
 
 @pytest.mark.parametrize("path", sorted(__import__("pathlib").Path("configs").glob("*.yaml")))

@@ -166,3 +166,25 @@ def test_set_main_tiny(set_baseline, mnist_data, tmp_path):
         assert p["rewires"] == 4 and p["bytes"] == 6 * saved["nnz_per_task"]
         assert p["test_accuracy"] > 0.3  # 20 steps on a permuted task: well above chance
     assert res["mean_test_accuracy"] == pytest.approx(sum(saved["test_accuracy_per_task"]) / 2)
+
+
+def test_compare_takes_the_set_row_only_for_the_same_stream_steps_and_backbone(tmp_path, benchmark_driver):
+    import argparse
+
+    compare = benchmark_driver("compare")
+    path = tmp_path / "set_baseline.json"
+    path.write_text(json.dumps({"tasks": 10, "iterations": 1000, "seed": 0, "mean_test_accuracy": 0.95,
+                                "total_seconds": 300.0, "bytes_per_task": 295422, "zeta": 0.3}))
+
+    def args(**kw):
+        base = {"benchmarks": ["permuted_mnist"], "backbone": "fc1024", "tasks": 10, "iterations": 1000, "seed": 0,
+                "methods": ["supsup_gg"]}
+        return argparse.Namespace(**{**base, **kw})
+
+    a = args()
+    (row,) = compare.set_rows(a, path)
+    assert row["method"] == "set" and row["acc"] == 0.95 and row["forgetting"] == 0.0 and a.methods[-1] == "set"
+    for other in ({"backbone": "lenet_300_100"}, {"tasks": 5}, {"iterations": 500}, {"seed": 1},
+                  {"benchmarks": ["rotated_mnist"]}):
+        assert compare.set_rows(args(**other), path) == [], other
+    assert compare.set_rows(a, tmp_path / "absent.json") == []

@@ -9,7 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from supsup.inference import alpha_gradients, alpha_gradients_reference, infer_tasks
+from supsup.inference import (
+    alpha_gradients,
+    alpha_gradients_reference,
+    infer_tasks,
+    num_inference_steps,
+)
 from supsup.model import CapacityError, Mode, ModeError, SupermaskModel
 
 
@@ -314,7 +319,6 @@ def test_binary_search_step_bound(k):
 @pytest.mark.parametrize("log_base", [1.25, 1.5])
 def test_binary_search_below_base_two_terminates(log_base):
     """Regression: 1 < log_base < 2 kept both of the last two candidates forever."""
-    from supsup.inference import num_inference_steps
 
     model = _trained(num_tasks=5)
     x = torch.randn(2, 4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
@@ -362,3 +366,29 @@ def test_bank_bytes_count_the_allocated_rows():
     model = _trained(num_tasks=2, capacity=3)
     for layer in model.masked_layers:
         assert layer.bank_nbytes() == layer.bank.shape[0] * layer.bank.shape[1] > 0
+
+
+def test_log_base_and_bank_loading_errors_say_what_is_wrong():
+    with pytest.raises(ValueError, match=r"log_base must be > 1, got 1\.0"):
+        num_inference_steps(5, 1.0)
+    model = _model()
+    state = model.bank_state()
+    model.add_task()
+    with pytest.raises(ModeError, match="cannot load a bank while a task is being trained"):
+        model.load_bank_state(state)
+
+
+def test_an_abandoned_sampled_mask_task_starts_again_as_a_fresh_one():
+    """Bernoulli masks sample from a per-task generator: a task abandoned and added again draws
+    the samples a fresh model draws for it (the generator is dropped with the task)."""
+    def first_step_output(model):
+        model.add_task()
+        torch.manual_seed(0)
+        return model(torch.ones(2, 1, 28, 28))
+
+    a = SupermaskModel.from_name("lenet_300_100", num_tasks=2, num_outputs=10, mask_kind="bernoulli")
+    a.add_task()
+    a(torch.ones(2, 1, 28, 28))  # draws from task 0's generator
+    a.abandon_task()
+    b = SupermaskModel.from_name("lenet_300_100", num_tasks=2, num_outputs=10, mask_kind="bernoulli")
+    assert torch.equal(first_step_output(a), first_step_output(b))

@@ -239,3 +239,51 @@ def test_exact_refinement_runs_each_banked_mask_with_its_own_statistics(objectiv
             with torch.no_grad(), model.use_task(t):
                 ref = exact_score(objective)(model(x[g]).unsqueeze(0), 4)[0]
             assert torch.allclose(exact[g, slot], ref, rtol=1e-4, atol=1e-5), (g, t)
+
+
+def test_superposed_batchnorm_uses_alpha_weighted_banked_statistics_or_the_batchs():
+    """superpose(alphas, norm_stats=...): each BatchNorm normalises with sum_i alpha_i stats_i, so
+    a one-hot alpha is task i exactly (its mask and its statistics); without norm_stats the
+    superposed network normalises with the batch's own statistics, which differ."""
+    model = _model("conv4_bn", num_tasks=2)
+    _train(model, 0)
+    _train(model, 1)
+    x = _batches(1, n=1, seed=5)[0][0]
+    stats = [bn.stats_rows() for bn in model.norm_layers]  # (2, 2, C) each
+    model.eval()
+    with torch.no_grad():
+        for t in (0, 1):
+            with model.use_task(t):
+                alone = model(x)
+            model.superpose(torch.nn.functional.one_hot(torch.tensor(t), 2).float(), norm_stats=stats)
+            assert model.current_task is None
+            torch.testing.assert_close(model(x), alone, rtol=1e-4, atol=1e-5)
+        half = torch.tensor([0.5, 0.5])
+        model.superpose(half, norm_stats=stats)
+        mixed = model(x)
+        model.superpose(half)
+        from_batch = model(x)
+    assert torch.isfinite(from_batch).all() and not torch.allclose(mixed, from_batch, atol=1e-3)
+    with pytest.raises(ValueError, match=r"alphas must have shape \(2,\), got \(3,\)"):
+        model.superpose(torch.ones(3))
+
+
+def test_a_model_file_keeps_the_norm_kind_its_running_statistics_and_each_tasks_classes(tmp_path):
+    """shared statistics (one running pair for all tasks) and per-task class lists survive
+    save / load: mean stays mean, var stays var, and a task whose only class is 0 keeps it."""
+    model = _model("conv4_bn", norm="shared")
+    _train(model, 0)
+    _train(model, 1)
+    model.set_task_classes(0, [0])
+    model.set_task_classes(1, [1, 2, 3])
+    model.save(tmp_path / "m.supsup")
+    loaded = SupermaskModel.load(tmp_path / "m.supsup")
+    assert loaded.norm == "shared" and loaded.task_classes == {0: [0], 1: [1, 2, 3]}
+    for a, b in zip(model.norm_layers, loaded.norm_layers):
+        assert not torch.equal(a.running_mean, a.running_var)
+        assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_var, b.running_var)
+    x = _batches(0, n=1, seed=4)[0][0]
+    model.eval()
+    loaded.eval()
+    with torch.no_grad(), model.use_task(0), loaded.use_task(0):
+        assert torch.equal(model(x), loaded(x))

@@ -300,6 +300,7 @@ def test_eval_saved_bank(uninterrupted, tmp_path):
               "--json", str(tmp_path / "gn_h.json")])
     assert r.returncode == 0, r.stderr
     gn_h = json.loads((tmp_path / "gn_h.json").read_text())
+    assert gn_h["eval_overrides"] == ["inference.objective=entropy"] and gn_h["eval_scenario"] == "GN"
     assert gn_h["task_inference_acc"] >= 0.9
     assert all(t["acc_inferred"] <= t["acc_given_task"] for t in gn_h["tasks"])
 

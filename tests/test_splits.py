@@ -77,6 +77,39 @@ def test_split_cifar100_deals_classes_in_the_papers_order(tmp_path, write_cifar1
     assert stream.input_shape == (3, 32, 32) and stream.num_classes == 5
 
 
+def _write_cifar10(root, per_batch=40, seed=0):
+    """cifar-10-batches-py/{data_batch_1..5, test_batch} as torchvision reads them: pickled dicts
+    with bytes keys (the original Python 2 pickles, read with encoding latin1), 'labels'."""
+    rs = np.random.RandomState(seed)
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = [int(v) for v in rs.randint(0, 10, size=per_batch)]
+        data = rs.randint(0, 256, size=(per_batch, 3072)).astype(np.uint8)
+        data[:, :1024] = np.array(labels, dtype=np.uint8)[:, None] * 20  # the red plane encodes the class
+        with open(d / name, "wb") as f:
+            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data,
+                         b"filenames": [b"x.png"] * per_batch}, f, protocol=2)
+
+
+def test_split_cifar10_reads_every_training_batch_and_deals_pairs_of_classes(tmp_path):
+    _write_cifar10(tmp_path)
+    data = load_cifar("cifar10", tmp_path)
+    assert data["train_images"].shape == (200, 3, 32, 32) and data["test_images"].shape == (40, 3, 32, 32)
+    assert torch.equal(data["train_images"][:, 0, 0, 0], (data["train_labels"] * 20).to(torch.uint8))
+    stream = create_stream("split_cifar10", STREAMS.get("split_cifar10").load_data(tmp_path), num_tasks=5, seed=1)
+    order = class_order(1, 10)
+    assert sorted(c for t in range(5) for c in stream.task_classes_of[t]) == list(range(10))
+    for t in range(5):
+        assert stream.task_classes_of[t] == order[2 * t: 2 * t + 2].tolist()
+        x, y = stream.raw_batch(t, "train", torch.arange(stream.num_samples(t, "train")))
+        classes = (x[:, 0, 0, 0] // 20).long().tolist()
+        assert y.tolist() == [order[2 * t: 2 * t + 2].tolist().index(c) for c in classes]
+    assert stream.num_classes == 2 and stream.input_shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="5 tasks"):
+        create_stream("split_cifar10", STREAMS.get("split_cifar10").load_data(tmp_path), num_tasks=6, seed=1)
+
+
 def test_split_cifar_training_batches_are_augmented_reproducibly(tmp_path, write_cifar100):
     write_cifar100(tmp_path)
     data = STREAMS.get("split_cifar100").load_data(tmp_path)
