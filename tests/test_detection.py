@@ -135,6 +135,25 @@ def test_state_round_trips_through_plain_data():
 
 def test_mask_to_task_takes_the_most_seen_task_and_the_lowest_on_ties():
     assert mask_to_task({0: {3: 5, 1: 9}, 1: {2: 4, 4: 4}, 2: {}}) == {0: 1, 1: 2}
+    assert mask_to_task({0: {4: 4, 2: 4}}) == {0: 2}  # the lowest, whatever the order seen
+
+
+def test_a_detector_continues_from_the_state_it_is_given():
+    state = NNState(batches_seen=7, allocations=[0, 3])
+    det = NNDetector(_model(), NNConfig(), state)
+    assert det.state is state
+
+
+def test_unlabeled_training_shows_progress_only_when_asked(capsys):
+    from supsup.config import TrainConfig
+
+    model = _model()
+    det = NNDetector(model, NNConfig(check_every=100, min_batches_per_task=0))
+    batches = [(torch.rand(4, 1, 28, 28), torch.randint(0, 4, (4,))) for _ in range(3)]
+    opt, loss = detection.train_unlabeled(det, batches, None, TrainConfig(lr=0.1), progress=False)
+    assert opt is not None and loss > 0 and capsys.readouterr().err == ""
+    detection.train_unlabeled(det, batches, opt, TrainConfig(lr=0.1), total=3, progress=True)
+    assert "NN (true task None)" in capsys.readouterr().err
 
 
 def test_shared_masks_names_masks_trained_on_several_tasks():

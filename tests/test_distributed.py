@@ -79,6 +79,8 @@ def test_a_rank_that_dies_stops_the_run_and_keeps_the_checkpoint(tmp_path):
     out = tmp_path / "run"
     r = _run(out, 2, env={"SUPSUP_CRASH_AT": "parallel_round:2", "SUPSUP_CRASH_RANK": "1"})
     assert r.returncode != 0
+    # torchrun stops the other rank and names the one that died as the root cause
+    assert "rank      : 1 (local_rank: 1)" in r.stderr.split("Root Cause")[-1]
     _, meta = load_checkpoint(out)  # written after round 1, intact
     assert meta["loop"]["next_task"] == 2
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]

@@ -13,7 +13,7 @@ from supsup import SupermaskModel, TrainConfig, train_task
 from supsup.backbones import BACKBONES, has_batchnorm
 from supsup.inference import alpha_gradients, alpha_gradients_reference
 from supsup.masks import packed_nbytes
-from supsup.model import Mode
+from supsup.model import CapacityError, Mode, ModeError
 from supsup.norm import TaskBatchNorm
 
 SHAPES = {"resnet50": (3, 64, 64)}
@@ -287,3 +287,28 @@ def test_a_model_file_keeps_the_norm_kind_its_running_statistics_and_each_tasks_
     loaded.eval()
     with torch.no_grad(), model.use_task(0), loaded.use_task(0):
         assert torch.equal(model(x), loaded(x))
+
+
+def test_an_exported_task_imported_elsewhere_banks_as_if_finished_there():
+    """export_task / import_tasks (how processes share finished tasks): the mask and the
+    BatchNorm statistics of a task trained in one model bank in another exactly as
+    finish_task would have banked them."""
+    x = _batches(0, n=1, seed=2)[0][0]
+    a, b = _model("conv4_bn", num_tasks=2), _model("conv4_bn", num_tasks=2)
+    for m in (a, b):
+        m.add_task()
+        m(x)  # a training forward: the running statistics move
+    task_id, rows = a.export_task()
+    assert task_id == 0 and a.num_banked_tasks == 0 and a.active_task is None
+    b.finish_task()
+    a.import_tasks(rows)
+    assert a.num_banked_tasks == 1
+    sa, sb = a.bank_state(), b.bank_state()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    a.add_task()
+    with pytest.raises(ModeError, match="cannot bank tasks while a task is being trained"):
+        a.import_tasks(rows)
+    a.abandon_task()
+    a.import_tasks(rows)
+    with pytest.raises(CapacityError, match="1 more tasks do not fit: 2 of 2 are banked"):
+        a.import_tasks(rows)
