@@ -20,6 +20,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import set_threads  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 IMAGES = (1, 2, 4, 8, 16, 32, 64, 128)
 SETTINGS = [("one_shot", "g", "none"), ("one_shot", "entropy", "none"), ("binary", "g", "none"),
@@ -103,12 +107,7 @@ def main() -> int:
     p.add_argument("--tasks", type=int, default=10)
     p.add_argument("--quick", action="store_true", help="a smoke run: 100 steps per task, 2 test batches")
     a = p.parse_args()
-    if a.threads:
-        import numba
-        import torch
-
-        torch.set_num_threads(a.threads)
-        numba.set_num_threads(min(a.threads, numba.config.NUMBA_NUM_THREADS))
+    set_threads(a.threads)
     runs = Path(a.runs)
     report = {s: measure(_train(s, runs, a.tasks, a.quick), a.quick) for s in ("permuted_mnist", "rotated_mnist")}
     if a.quick:

@@ -28,6 +28,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import set_threads  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 #: learner -> config overrides. Bernoulli scores sit near 0 at init (sigmoid 0.5: a coin per
 #: weight), and RMSprop moves a score by about lr per step: at the paper's lr 1e-4 they stay
@@ -123,12 +127,7 @@ def main() -> int:
     p.add_argument("--kinds", nargs="*", choices=list(KINDS), default=list(KINDS),
                    help="learners to run; the others keep their results from mask_learners.json")
     a = p.parse_args()
-    if a.threads:
-        import numba
-        import torch
-
-        torch.set_num_threads(a.threads)
-        numba.set_num_threads(min(a.threads, numba.config.NUMBA_NUM_THREADS))
+    set_threads(a.threads)
     tasks = 2 if a.quick else a.tasks
     path = RESULTS / "mask_learners.json"
     report = json.loads(path.read_text())["runs"] if path.exists() and not a.quick else {}

@@ -36,6 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import set_threads  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -69,20 +72,11 @@ PAPER = {
 # ---------------------------------------------------------------------------------- running
 
 def run(name: str, runs: Path, threads: int | None) -> dict:
-    import torch
-
     from supsup.checkpoint import CHECKPOINT_NAME
     from supsup.config import load_config
     from supsup.experiment import format_table, run_experiment
 
-    if threads:
-        torch.set_num_threads(threads)
-        try:
-            import numba
-
-            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        except ImportError:
-            pass
+    set_threads(threads)
     exp = EXPERIMENTS[name]
     cfg = load_config(ROOT / exp.config)
     out = runs / name

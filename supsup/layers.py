@@ -287,11 +287,6 @@ class MaskedLinear(SupermaskLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.effective_weight(), self.base_layer.bias)
 
-    def weight_grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-        """``d obj / d W_eff`` per group: ``x`` ``(G, n, in)``, ``grad_out`` ``(G, n, out)`` ->
-        ``(G, out, in)`` = sum over the group's samples of ``grad_out^T x``."""
-        return torch.bmm(grad_out.transpose(1, 2), x)
-
     def alpha_grads(self, packed: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
         """This layer's ``d obj_g / d alpha_i``, ``(k, G)``, for inputs ``(G, n, ..., in)``."""
         x = x.reshape(x.shape[0], -1, x.shape[-1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 import pytest
 import yaml
@@ -31,6 +32,29 @@ def test_defaults_and_round_trip(tmp_path):
     other = load_config("configs/permuted_mnist_gn.yaml", ["seed=3", "train.lr=0.25"])
     C.save_config(other, path)
     assert load_config(path) == other != cfg
+
+
+def test_unreadable_yaml_is_an_error_naming_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: 0\ntrain: {iterations: 5\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(bad))}: invalid YAML at line 3: expected ',' or '}}'"):
+        load_config(bad)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- seed: 0\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(listed))}: top level must be a mapping, got list$"):
+        load_config(listed)
+
+
+def test_a_config_is_a_file_or_a_shipped_name():
+    from pathlib import Path
+
+    assert C.resolve_config("missing.yaml") == Path("missing.yaml")  # a file name: its own error later
+    assert C.resolve_config("configs/demo.yaml") == Path("configs/demo.yaml")
+    with pytest.raises(ConfigError, match=r"^dmeo: no such file and no shipped config of that name "
+                                          r"\(did you mean 'demo'\?\); `supsup configs` lists them$"):
+        C.resolve_config("dmeo")
+    with pytest.raises(ConfigError, match=r"^zzzz: no such file and no shipped config of that name; "):
+        C.resolve_config("zzzz")
 
 
 def test_shipped_configs_are_the_repositorys_by_name():
