@@ -23,11 +23,13 @@ def _model(num_tasks=4):
 def statistic(monkeypatch):
     """Replace the check's statistic: ``set(grads, confidence)``; records each call's ``n``."""
     calls: list[int] = []
+    extras: list = []
     value: dict = {}
 
     def fake(model, x, *, packed=None, extra=None):
         n = (model.num_banked_tasks if packed is None else packed[0].shape[0]) + (extra[0].shape[0] if extra else 0)
         calls.append(n)
+        extras.append(extra)
         return value["grads"](n), value["conf"]
 
     monkeypatch.setattr(detection, "nn_detection_gradients", fake)
@@ -37,6 +39,7 @@ def statistic(monkeypatch):
         value["conf"] = conf
 
     set_.calls = calls
+    set_.extras = extras
     return set_
 
 
@@ -350,3 +353,19 @@ def test_calibration_measures_the_mask_as_the_check_does(backbone, kind):
     else:
         assert abs(train_h - task_h) > 1e-3  # the case the test is about
     assert model.mode is Mode.TRAIN
+
+
+def test_the_papers_check_counts_the_mask_in_training_among_the_candidates(statistic):
+    """The check's candidates after the bank: the mask in training first (not yet banked), then
+    untrained masks of later task ids up to min_candidates."""
+    from supsup.masks import binarize, pack_bits
+
+    model = _model()
+    det = NNDetector(model, NNConfig(check_every=1, min_candidates=3, threshold=1.0, min_batches_per_task=0))
+    statistic([-1.0], conf=0.9)
+    _step(det, 2, true_task=0)  # batch 0 starts mask 0, batch 1 is checked
+    (extra,) = statistic.extras
+    for layer, rows, later in zip(model.masked_layers, extra, model.initial_scores(1)):
+        assert rows.shape[0] == 3
+        assert torch.equal(rows[0], pack_bits(layer.current_mask()))
+        assert torch.equal(rows[1], pack_bits(binarize(later, layer.mask_kind, layer.density)))
