@@ -39,6 +39,10 @@ def test_unreadable_yaml_is_an_error_naming_the_file_and_line(tmp_path):
     bad.write_text("seed: 0\ntrain: {iterations: 5\n")
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(bad))}: invalid YAML at line 3: expected ',' or '}}'"):
         load_config(bad)
+    odd = tmp_path / "odd.yaml"
+    odd.write_text("seed: \x07\n")  # a reader error: no line mark
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(odd))}: invalid YAML: unacceptable character #x0007"):
+        load_config(odd)
     listed = tmp_path / "list.yaml"
     listed.write_text("- seed: 0\n")
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(listed))}: top level must be a mapping, got list$"):

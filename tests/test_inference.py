@@ -302,3 +302,23 @@ def test_objective_values_by_hand():
     for fn in (superfluous_g, superfluous_lse):
         with pytest.raises(ValueError, match="objective 'g' needs superfluous neurons: 4 outputs for 4 classes"):
             fn(logits, 4)
+
+
+def test_gn_batches_are_inferred_with_the_configured_search():
+    """evaluation.infer_batch_masks runs infer_tasks with every key of the inference config:
+    on 8 untrained masks and noise, binary search with log_base 8 (one step) and 2 (three
+    steps) pick differently for some batches, and the GN path follows the config's."""
+    model = SupermaskModel.from_name("lenet_300_100", num_tasks=8, num_outputs=20, num_classes=10)
+    for _ in range(8):
+        model.add_task()
+        model.finish_task()
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(4, 1, 28, 28, generator=g) for _ in range(24)]
+    picks = {}
+    for base in (2.0, 8.0):
+        cfg = InferenceConfig(method="binary", objective="entropy", num_images=4, log_base=base)
+        picks[base] = evaluation.infer_batch_masks(model, images, cfg)
+        direct = inference.infer_tasks(model, torch.stack(images), method="binary", objective="entropy",
+                                       num_classes=10, log_base=base)[0]
+        assert picks[base] == direct.tolist()
+    assert picks[2.0] != picks[8.0]
