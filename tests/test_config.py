@@ -146,6 +146,14 @@ def test_backend_and_method_are_checked_by_the_experiment_layer():
     (["train.momentum=1"], "train.momentum", "< 1.0"),
     (["eval.at_tasks=[0]"], "eval.at_tasks", ">= 1"),
     (["benchmark.num_tasks=3", "eval.at_tasks=[4]"], "eval.at_tasks", "more than the 3 tasks"),
+    (["benchmark.num_tasks=0"], "benchmark.num_tasks", ">= 1"),
+    (["benchmark.labels=both"], "benchmark.labels", "unknown value 'both'"),
+    (["nn.shortlist=0"], "nn.shortlist", ">= 1"),
+    (["model.num_outputs=10", "eval.extra_objectives=[g]"], "eval.extra_objectives",
+     "'g' needs superfluous neurons: model.num_outputs (10) must exceed the 10 classes"),
+    (["scenario=NN", "benchmark.name=split_mnist", "benchmark.labels=global", "model.num_outputs=20"],
+     "benchmark.labels", "global labels need each task's classes, which NN never sees as a task: use GN"),
+    (["scenario=NN", "train.schedule=cosine"], "train.schedule", "a per-task schedule: use constant"),
 ])
 def test_bad_values_name_the_key(overrides, key, fragment):
     with pytest.raises(ConfigError) as err:

@@ -322,3 +322,19 @@ def test_gn_batches_are_inferred_with_the_configured_search():
                                        num_classes=10, log_base=base)[0]
         assert picks[base] == direct.tolist()
     assert picks[2.0] != picks[8.0]
+
+
+def test_gn_evaluation_infers_among_the_candidates_it_is_given():
+    """A curve point after n tasks passes the bank's first n masks as the candidates: batches
+    are then inferred among those only, never as a later mask."""
+    model = SupermaskModel.from_name("lenet_300_100", num_tasks=3, num_outputs=20, num_classes=10)
+    for _ in range(3):
+        model.add_task()
+        model.finish_task()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.rand(4, 1, 28, 28, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(24)]
+    cfg = InferenceConfig(method="one_shot", objective="entropy", num_images=4)
+    whole = evaluate_inferred(model, batches, 2, cfg)
+    assert set(whole.inferred_counts) - {0, 1}  # over the whole bank some batch goes to mask 2
+    prefix = evaluate_inferred(model, batches, 2, cfg, packed=[layer.bank_rows[:2] for layer in model.masked_layers])
+    assert set(prefix.inferred_counts) <= {0, 1} and prefix.task_inference_acc == 0.0
