@@ -149,6 +149,9 @@ def test_backend_and_method_are_checked_by_the_experiment_layer():
     (["benchmark.num_tasks=0"], "benchmark.num_tasks", ">= 1"),
     (["benchmark.labels=both"], "benchmark.labels", "unknown value 'both'"),
     (["nn.shortlist=0"], "nn.shortlist", ">= 1"),
+    (["nn.min_candidates=0"], "nn.min_candidates", ">= 1"),
+    (["inference.memory_mb=0"], "inference.memory_mb", ">= 1"),
+    (["train.batch_size=0"], "train.batch_size", ">= 1"),
     (["model.num_outputs=10", "eval.extra_objectives=[g]"], "eval.extra_objectives",
      "'g' needs superfluous neurons: model.num_outputs (10) must exceed the 10 classes"),
     (["scenario=NN", "benchmark.name=split_mnist", "benchmark.labels=global", "model.num_outputs=20"],
@@ -241,3 +244,10 @@ def test_compare_resume_reuses_only_runs_with_the_same_config(tmp_path, benchmar
     assert compare.finished_run(run, other) is None
     (run / "config.yaml").write_text("model: {no_such_key: 1}\n")
     assert compare.finished_run(run, cfg) is None
+
+
+def test_closed_bounds_accept_their_end_values():
+    """check_range's closed ends are accepted: a density of exactly 1 keeps every weight, a
+    momentum of 0 is plain RMSprop."""
+    assert load_config(None, ["mask.kind=topk", "mask.density=1.0"]).mask.density == 1.0
+    assert load_config(None, ["train.momentum=0"]).train.momentum == 0.0
