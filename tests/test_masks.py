@@ -155,7 +155,7 @@ def test_topk_gradient_goes_through_abs():
     assert torch.allclose(s.grad, g * w * s.detach().sign())
 
 
-@pytest.mark.parametrize("n, in_f, G", [(1, 16, 4), (3, 13, 4), (1, 16, 30), (2, 13, 30)])
+@pytest.mark.parametrize("n, in_f, G", [(1, 16, 4), (3, 13, 4), (2, 6, 4), (1, 16, 30), (2, 13, 30)])
 def test_bank_bilinear_matches_dense(n, in_f, G):
     """Every path: the kernel, the row-chunked torch path (k * n > G) and the mask-by-mask one
     (k * n <= G: many inferences, few masks)."""
@@ -168,7 +168,7 @@ def test_bank_bilinear_matches_dense(n, in_f, G):
     gw = torch.einsum("gso,gsi->goi", delta, x)  # d obj / d W_eff per inference
     ref = torch.einsum("koi,goi->kg", masks.float() * w, gw)
     assert torch.allclose(M.bank_bilinear(packed, w, delta, x, use_kernel=True), ref, atol=1e-4)
-    for budget in (1 << 22, 50):  # torch path: one chunk, many chunks
+    for budget in (1 << 22, 50):  # torch path: one chunk, many chunks (6 inputs: 4 rows to a byte boundary)
         assert torch.allclose(M.bank_bilinear(packed, w, delta, x, budget=budget, use_kernel=False), ref, atol=1e-4)
 
 
