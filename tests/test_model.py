@@ -392,3 +392,16 @@ def test_an_abandoned_sampled_mask_task_starts_again_as_a_fresh_one():
     a.abandon_task()
     b = SupermaskModel.from_name("lenet_300_100", num_tasks=2, num_outputs=10, mask_kind="bernoulli")
     assert torch.equal(first_step_output(a), first_step_output(b))
+
+
+def test_a_topk_task_banks_the_density_it_trained_with():
+    """The mask banked at finish_task is the forward pass's: top-k at the model's density (0.2
+    here, not the 0.5 default), for every layer."""
+    model = _model(mask_kind="topk", density=0.2)
+    model.add_task()
+    current = [layer.current_mask() for layer in model.masked_layers]
+    for layer, mask in zip(model.masked_layers, current):
+        assert mask.sum().item() == pytest.approx(0.2 * layer.num_weights, abs=1)
+        assert torch.equal(layer.effective_weight() != 0, mask & (layer.weight != 0))
+    model.finish_task()
+    assert all(torch.equal(m, s) for m, s in zip(current, model.task_masks(0)))
