@@ -156,7 +156,7 @@ def test_backend_and_method_are_checked_by_the_experiment_layer():
      "'g' needs superfluous neurons: model.num_outputs (10) must exceed the 10 classes"),
     (["scenario=NN", "benchmark.name=split_mnist", "benchmark.labels=global", "model.num_outputs=20"],
      "benchmark.labels", "global labels need each task's classes, which NN never sees as a task: use GN"),
-    (["scenario=NN", "train.schedule=cosine"], "train.schedule", "a per-task schedule: use constant"),
+    (["scenario=NN", "train.schedule=cosine"], "train.schedule", "cannot follow a per-task schedule: use constant"),
 ])
 def test_bad_values_name_the_key(overrides, key, fragment):
     with pytest.raises(ConfigError) as err:
