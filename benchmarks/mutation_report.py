@@ -3,7 +3,6 @@
     python benchmarks/mutation_report.py [--out benchmarks/results/mutation.md]
     .venv/bin/mutmut run $(python benchmarks/mutation_report.py --sample 60)
 
-
 Reads mutmut's result files (``mutants/**/*.py.meta``): for every mutant the exit code of the
 tests that ran against it (killed: a test failed; survived: all passed; no tests: none of the
 selected tests reaches the code; timeout: the tests ran away, which counts as caught). The
