@@ -74,7 +74,7 @@ def selection(cfg, model, val_stream, temperatures: list[float]) -> dict:
             kw = dict(objective=inf.objective, num_classes=model.num_classes, log_base=inf.log_base, packed=None, extra=None)
             with torch.enable_grad():
                 best, _ = method(model, x, k, keep=1, **kw)
-                shortlist, _ = method(model, x, k, keep=min(k, inf.refine_candidates), **kw)
+                shortlist = method(model, x, k, keep=min(k, inf.refine_candidates), **kw)[0][:, :inf.refine_candidates]
             hits["none"] += int((best[:, 0] == task).sum())
             total += x.shape[0]
             exact = {t: torch.full(shortlist.shape, float("inf")) for t in temperatures}

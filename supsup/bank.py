@@ -10,7 +10,9 @@ flat mapping (what checkpoints and model files hold) and back, strictly:
   (``per_task`` statistics);
 * ``norm_running.<j>``: ``(2, C_j)`` float32, its running statistics (the shared ones, or the
   task in training's);
-* ``task_classes`` (class-incremental streams): ``(k, c)`` int64, each task's classes, -1 padded.
+* ``task_classes`` (class-incremental streams): ``(k, c)`` int64, each task's classes, -1 padded;
+* ``likelihood.*`` (tasks that banked likelihood statistics): see
+  :func:`supsup.likelihood.pack_likelihoods`.
 """
 
 from __future__ import annotations
@@ -22,9 +24,22 @@ import torch
 
 from . import masks as M
 from .layers import SupermaskLayer
+from .likelihood import TaskLikelihood, pack_likelihoods, unpack_likelihoods
 from .norm import TaskBatchNorm
 
-__all__ = ["bank_sha256", "bank_state", "check_bank_state"]
+__all__ = ["LIKELIHOOD_PREFIX", "bank_entries", "bank_sha256", "bank_state", "check_bank_state", "likelihood_state"]
+
+LIKELIHOOD_PREFIX = "likelihood."
+
+
+def bank_entries(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The bank's entries among a file's tensors (a checkpoint also holds other state)."""
+    return {k: v for k, v in tensors.items() if k.startswith(("bank.", "norm", "task_classes", LIKELIHOOD_PREFIX))}
+
+
+def likelihood_state(tasks: Sequence[TaskLikelihood | None]) -> dict[str, torch.Tensor]:
+    """The tasks' likelihood statistics as bank entries ``likelihood.*`` (none when no task has any)."""
+    return {LIKELIHOOD_PREFIX + k: v for k, v in pack_likelihoods(tasks).items()}
 
 
 def bank_state(layers: Sequence[SupermaskLayer], norms: Sequence[TaskBatchNorm] = ()) -> dict[str, torch.Tensor]:
@@ -39,10 +54,10 @@ def bank_state(layers: Sequence[SupermaskLayer], norms: Sequence[TaskBatchNorm] 
 
 
 def bank_sha256(layers: Sequence[SupermaskLayer], num_tasks: int | None = None,
-                norms: Sequence[TaskBatchNorm] = ()) -> str:
-    """SHA-256 of the bank, task by task (task 0's mask rows of every layer and its BatchNorm
-    statistics, then task 1's, ...): equal digests mean bitwise-equal banks. ``num_tasks``
-    hashes the first tasks only."""
+                norms: Sequence[TaskBatchNorm] = (), likelihoods: Sequence[TaskLikelihood | None] = ()) -> str:
+    """SHA-256 of the bank, task by task (task 0's mask rows of every layer, its BatchNorm
+    statistics and its likelihood statistics if any, then task 1's, ...): equal digests mean
+    bitwise-equal banks. ``num_tasks`` hashes the first tasks only."""
     h = hashlib.sha256()
     k = layers[0].num_masks if num_tasks is None else num_tasks
     rows = [layer.bank_rows[:k].detach().cpu() for layer in layers]
@@ -50,19 +65,27 @@ def bank_sha256(layers: Sequence[SupermaskLayer], num_tasks: int | None = None,
     for t in range(k):
         for r in [*rows, *stats]:
             h.update(r[t].numpy().tobytes())
+        if t < len(likelihoods) and likelihoods[t] is not None:
+            for g in likelihoods[t].layers:
+                for v in (g.means, g.basis, g.eigvals, g.noise):
+                    h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
 def check_bank_state(layers: Sequence[SupermaskLayer], state: dict[str, torch.Tensor],
-                     capacity: int, norms: Sequence[TaskBatchNorm] = ()) -> tuple[list[torch.Tensor], dict]:
+                     capacity: int, norms: Sequence[TaskBatchNorm] = (), feature_dims: Sequence[int] = (),
+                     ) -> tuple[list[torch.Tensor], dict, list[TaskLikelihood | None]]:
     """Validate a bank mapping against ``layers`` and ``norms``; returns each masked layer's
-    rows (padded to whole 64-bit words where a bank saved by 0.1.0 packed them to whole bytes)
-    and ``{key: tensor}`` of the BatchNorm entries.
+    rows (padded to whole 64-bit words where a bank saved by 0.1.0 packed them to whole bytes),
+    ``{key: tensor}`` of the BatchNorm entries and each task's likelihood statistics (None for a
+    task without; ``feature_dims``: the model's feature layers' widths).
 
     Raises:
         ValueError: missing or extra layers, different mask counts, more masks than
             ``capacity``, wrong dtype or row width.
     """
+    likelihood = {k[len(LIKELIHOOD_PREFIX):]: v for k, v in state.items() if k.startswith(LIKELIHOOD_PREFIX)}
+    state = {k: v for k, v in state.items() if not k.startswith(LIKELIHOOD_PREFIX)}
     expected = {f"bank.{i}" for i in range(len(layers))}
     if "task_classes" in state:  # optional: each task's classes (class-incremental streams)
         expected.add("task_classes")
@@ -99,4 +122,6 @@ def check_bank_state(layers: Sequence[SupermaskLayer], state: dict[str, torch.Te
                 if t.dtype != torch.float32 or tuple(t.shape) != want:
                     raise ValueError(f"{key}: expected float32 {want}, got {t.dtype} {tuple(t.shape)}")
                 norm_entries[key] = t
-    return out, norm_entries
+    if likelihood and not feature_dims:
+        raise ValueError("bank state holds likelihood statistics, but no feature layers were given to check them")
+    return out, norm_entries, unpack_likelihoods(likelihood, k, feature_dims)

@@ -2,6 +2,7 @@
 
     supsup run CONFIG.yaml|NAME [--set key=value ...] [--out DIR] [--resume DIR]
     supsup eval DIR [--scenario GG|GN|NN] [--set key=value ...]
+    supsup calibrate DIR [--set key=value ...]
     supsup configs
     supsup report DIR
     supsup data mnist [--root DIR]
@@ -46,6 +47,15 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", metavar="PATH", help="also write the results to PATH")
     ev.add_argument("--curve", action="store_true",
                     help="GG/GN: recompute the accuracy-vs-tasks points eval.at_tasks from the bank's first n masks")
+    ev.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch and numba")
+
+    cal = sub.add_parser("calibrate", help="fit the likelihood statistics a saved GG/GN bank lacks (for "
+                                           "inference.method=likelihood), from each task's training data")
+    cal.add_argument("dir", help="a run directory holding checkpoint.pt")
+    cal.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="inference.likelihood_images, inference.likelihood_rank, device")
+    cal.add_argument("--refit", action="store_true", help="fit every task again, also those that have statistics")
+    cal.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch and numba")
 
     sub.add_parser("configs", help="list the configs shipped with supsup (run one with `supsup run NAME`)")
 
@@ -117,12 +127,26 @@ def _cmd_eval(args) -> int:
     from .experiment import evaluate_saved, format_table
     from .fileio import atomic_write_text
 
+    if args.threads is not None:
+        _set_threads(args.threads)
     results = evaluate_saved(args.dir, overrides=args.overrides, scenario=args.scenario, curve=args.curve)
     print(format_table(results))
     if args.json:
         # the settings the numbers were measured with: the saved run's config.yaml plus these
         record = {**results.to_dict(), "eval_overrides": list(args.overrides), "eval_scenario": args.scenario}
         atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+def _cmd_calibrate(args) -> int:
+    from .experiment.calibrate import calibrate_saved
+
+    if args.threads is not None:
+        _set_threads(args.threads)
+    info = calibrate_saved(args.dir, overrides=args.overrides, refit=args.refit)
+    print(f"{args.dir}: likelihood statistics fitted for {info['tasks_fitted']} of {info['tasks']} tasks "
+          f"({info['seconds']:.1f} s; at most {info['likelihood_bytes_per_task_max']:,} bytes per task, "
+          f"the mask {info['mask_bytes_per_task']:,})")
     return 0
 
 
@@ -164,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_run(args)
         if args.command == "eval":
             return _cmd_eval(args)
+        if args.command == "calibrate":
+            return _cmd_calibrate(args)
         if args.command == "configs":
             return _cmd_configs(args)
         if args.command == "report":

@@ -28,7 +28,7 @@ from .inference import alpha_gradients, candidate_extras
 from .masks import SAMPLED_KINDS
 from .model import SupermaskModel
 from .objectives import entropy
-from .training import make_optimizer, training_autocast
+from .training import CalibrationBuffer, fit_task_likelihood, make_optimizer, training_autocast
 
 __all__ = ["Decision", "NNDetector", "NNState", "Verdict", "mask_to_task", "nn_detection_gradients",
            "shared_masks", "train_unlabeled"]
@@ -125,6 +125,16 @@ class NNDetector:
         self.model = model
         self.cfg = cfg
         self.state = state if state is not None else NNState()
+        #: the active mask's last training batches: its likelihood statistics when it is banked
+        self.calibration = CalibrationBuffer(model.likelihood.images) if model.likelihood is not None else None
+
+    def finish(self) -> int:
+        """Bank the active mask (and fit its likelihood statistics on its last batches)."""
+        task_id = self.model.finish_task()
+        fit_task_likelihood(self.model, task_id, self.calibration)
+        if self.calibration is not None:
+            self.calibration.clear()
+        return task_id
 
     def start(self) -> Verdict | None:
         """Start mask 0 if no mask is active (the stream's very first batch); None otherwise."""
@@ -143,11 +153,14 @@ class NNDetector:
         return self._check(x)
 
     def after_step(self, true_task: int | None = None, logits: torch.Tensor | None = None,
-                   x: torch.Tensor | None = None) -> None:
+                   x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> None:
         """Count the batch just trained (``true_task``: the benchmark's label, reporting only;
         ``logits``: its training forward, which the calibrated rule follows; ``x``: the batch,
-        forwarded again as the check sees it when training forwards differ from that)."""
+        forwarded again as the check sees it when training forwards differ from that; ``x``
+        and its labels ``y`` are kept for the mask's likelihood statistics)."""
         state = self.state
+        if self.calibration is not None and x is not None and y is not None:
+            self.calibration.add(x, y)
         if self.cfg.rule == "calibrated":
             if x is not None and self._training_forward_differs():
                 # The check measures a mask in TASK mode (running statistics, the banked
@@ -227,7 +240,7 @@ class NNDetector:
                 log.info("NN guard: mask %d trained only %d batches; not allocating", active, state.batches_on_mask)
                 return Verdict(Decision.KEEP, active, conf)
             if k < model.num_tasks:
-                model.finish_task()
+                self.finish()
                 self._allocate()
                 log.info("NN: new task detected at batch %d (confidence %.4f); mask %d",
                          state.batches_seen, conf, model.active_task)
@@ -242,7 +255,7 @@ class NNDetector:
         # the check lands here too and then overwrites an old task's mask.
         log.info("NN: batch %d looks like mask %d's task (confidence %.4f); training mask %d again",
                  state.batches_seen, best, conf, best)
-        model.finish_task()
+        self.finish()
         model.resume_task(best)
         state.batches_on_mask = 0
         return Verdict(Decision.SWITCH, best, conf)
@@ -273,7 +286,7 @@ def train_unlabeled(detector: NNDetector, batches: Iterable[tuple[torch.Tensor, 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        detector.after_step(true_task, logits=logits, x=x)
+        detector.after_step(true_task, logits=logits, x=x, y=y)
         recent = [*recent[-49:], loss.item()]
         if detector.state.batches_seen % 20 == 0:
             bar.set_postfix(loss=f"{recent[-1]:.3f}", masks=model.num_learned_tasks)

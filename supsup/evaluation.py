@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import InferenceConfig
-from .inference import infer_tasks
+from .inference import infer_tasks, likelihood_candidates, likelihood_scores, rank_tasks
 from .model import SupermaskModel
 
-__all__ = ["BatchOutcome", "TaskScores", "classify", "evaluate_given_task", "evaluate_inferred",
-           "evaluate_per_image", "infer_batch_masks", "activation_bytes_per_image", "score_task"]
+__all__ = ["BatchInference", "BatchOutcome", "TaskScores", "classify", "evaluate_given_task", "evaluate_inferred",
+           "evaluate_per_image", "infer_batch_masks", "infer_batches", "activation_bytes_per_image",
+           "likelihood_table", "score_task"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -53,6 +54,10 @@ class BatchOutcome:
     size: int
     inferred_task: int
     correct: int
+    #: where the batch's own task stood in the inference's ranking (0: chosen), when known
+    true_rank: int | None = None
+    #: whether the candidates the final decision compared held the batch's own task
+    in_shortlist: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,10 @@ class TaskScores:
     acc_inferred: float
     task_inference_acc: float
     inferred_counts: dict[int, int] = field(default_factory=dict)
+    #: fraction of batches whose own task was among the candidates the decision compared
+    shortlist_recall: float | None = None
+    #: true_rank_counts[r] batches had their own task at rank r (0: inferred right)
+    true_rank_counts: dict[int, int] = field(default_factory=dict)
 
 
 def score_task(task_id: int, outcomes: Sequence[BatchOutcome]) -> TaskScores:
@@ -72,10 +81,16 @@ def score_task(task_id: int, outcomes: Sequence[BatchOutcome]) -> TaskScores:
     total = sum(o.size for o in outcomes)
     right = [o for o in outcomes if o.inferred_task == task_id]
     counts: dict[int, int] = {}
+    ranks: dict[int, int] = {}
     for o in outcomes:
         counts[o.inferred_task] = counts.get(o.inferred_task, 0) + 1
+        if o.true_rank is not None:
+            ranks[o.true_rank] = ranks.get(o.true_rank, 0) + 1
+    listed = [o.in_shortlist for o in outcomes if o.in_shortlist is not None]
     return TaskScores(acc_inferred=sum(o.correct for o in right) / max(1, total),
-                      task_inference_acc=len(right) / max(1, len(outcomes)), inferred_counts=dict(sorted(counts.items())))
+                      task_inference_acc=len(right) / max(1, len(outcomes)), inferred_counts=dict(sorted(counts.items())),
+                      shortlist_recall=sum(listed) / len(listed) if listed else None,
+                      true_rank_counts=dict(sorted(ranks.items())))
 
 
 @torch.no_grad()
@@ -100,18 +115,29 @@ def evaluate_given_task(model: SupermaskModel, batches: Iterable[Batch], mask_id
     return correct / max(1, total), per_batch
 
 
-def infer_batch_masks(model: SupermaskModel, images: Sequence[torch.Tensor], cfg: InferenceConfig, *,
-                      packed: list[torch.Tensor] | None = None,
-                      extra: list[torch.Tensor] | None = None) -> list[int]:
+@dataclass(frozen=True)
+class BatchInference:
+    """The inference of one test batch: the mask chosen, and, when the batch's own mask was
+    named, where it stood (``true_rank``, 0: chosen) and whether the decision compared it."""
+
+    mask: int
+    true_rank: int | None = None
+    in_shortlist: bool | None = None
+
+
+def infer_batches(model: SupermaskModel, images: Sequence[torch.Tensor], cfg: InferenceConfig, *,
+                  packed: list[torch.Tensor] | None = None, extra: list[torch.Tensor] | None = None,
+                  true_masks: Sequence[int | None] | None = None) -> list[BatchInference]:
     """The mask inferred for each test batch ``images[i]`` ``(B_i, ...)`` from its first
     ``cfg.num_images`` images (paper protocol), over the candidates ``packed`` / ``extra``
-    (:func:`supsup.inference.alpha_gradients`).
+    (:func:`supsup.inference.alpha_gradients`); with ``true_masks`` (each batch's own mask),
+    where that mask was ranked.
 
     Batches share an inference pass in groups of ``cfg.group_size`` (speed only); a group only
     holds batches that give the same number of images, so every batch uses its own first
     ``num_images`` (a short last batch uses all it has, on its own).
     """
-    predicted = [0] * len(images)
+    out: list[BatchInference | None] = [None] * len(images)
     by_size: dict[int, list[int]] = {}
     for i, x in enumerate(images):
         by_size.setdefault(min(cfg.num_images, x.shape[0]), []).append(i)
@@ -124,13 +150,46 @@ def infer_batch_masks(model: SupermaskModel, images: Sequence[torch.Tensor], cfg
         for start in range(0, len(members), group):
             chunk = members[start: start + group]
             xs = torch.stack([images[i][:n] for i in chunk])
-            tasks, _ = infer_tasks(model, xs, method=cfg.method, objective=cfg.objective,
-                                   num_classes=model.num_classes, log_base=cfg.log_base, refine=cfg.refine,
-                                   refine_candidates=cfg.refine_candidates,
-                               refine_temperature=cfg.refine_temperature, packed=packed, extra=extra)
-            for i, t in zip(chunk, tasks.tolist()):
-                predicted[i] = int(t)
-    return predicted
+            ranking = rank_tasks(model, xs, method=cfg.method, objective=cfg.objective, num_classes=model.num_classes,
+                                 log_base=cfg.log_base, refine=cfg.refine, refine_candidates=cfg.refine_candidates,
+                                 refine_temperature=cfg.refine_temperature, packed=packed, extra=extra)
+            for row, i in enumerate(chunk):
+                out[i] = _batch_inference(ranking.order[row], ranking.shortlist,
+                                          None if true_masks is None else true_masks[i])
+    return out
+
+
+def _batch_inference(order: torch.Tensor, shortlist: int, true_mask: int | None) -> BatchInference:
+    """A batch's inference from its ranking ``order`` ``(k,)`` (best first)."""
+    mask = int(order[0])
+    if true_mask is None:
+        return BatchInference(mask)
+    where = (order == true_mask).nonzero()
+    if where.numel() == 0:  # not a candidate at all (e.g. a task not learned yet)
+        return BatchInference(mask, None, False)
+    rank = int(where[0, 0])
+    return BatchInference(mask, rank, rank < shortlist)
+
+
+def infer_batch_masks(model: SupermaskModel, images: Sequence[torch.Tensor], cfg: InferenceConfig, *,
+                      packed: list[torch.Tensor] | None = None,
+                      extra: list[torch.Tensor] | None = None) -> list[int]:
+    """The mask inferred for each test batch (:func:`infer_batches`)."""
+    return [b.mask for b in infer_batches(model, images, cfg, packed=packed, extra=extra)]
+
+
+def likelihood_table(model: SupermaskModel, images: Sequence[torch.Tensor], cfg: InferenceConfig) -> torch.Tensor:
+    """``(len(images), k)``: each test batch's likelihood score (:mod:`supsup.likelihood`) under
+    every banked mask, from its first ``cfg.num_images`` images; one pass over the bank for all
+    batches. A mask's score ignores the other candidates, so the columns of any prefix of the
+    bank give the inference over that prefix (:func:`evaluate_inferred`'s ``table``)."""
+    tasks = likelihood_candidates(model, None, None)
+    n = [min(cfg.num_images, x.shape[0]) for x in images]
+    x = torch.cat([img[:m] for img, m in zip(images, n)])
+    scores = likelihood_scores(model, x, tasks)
+    group = torch.repeat_interleave(torch.arange(len(images), device=scores.device),
+                                    torch.tensor(n, device=scores.device))
+    return torch.zeros(len(images), len(tasks), device=scores.device).index_add_(0, group, scores)
 
 
 def activation_bytes_per_image(model: SupermaskModel, x: torch.Tensor) -> int:
@@ -145,7 +204,8 @@ def evaluate_inferred(model: SupermaskModel, batches: Sequence[Batch], task_id: 
                       per_batch_given: list[tuple[int, int]] | None = None,
                       task_map: Callable[[int], int] | None = None,
                       packed: list[torch.Tensor] | None = None,
-                      extra: list[torch.Tensor] | None = None) -> TaskScores:
+                      extra: list[torch.Tensor] | None = None,
+                      true_mask: int | None = None, table: torch.Tensor | None = None) -> TaskScores:
     """GN accuracy of task ``task_id`` over its test ``batches`` (the protocol of the module
     docstring).
 
@@ -153,10 +213,23 @@ def evaluate_inferred(model: SupermaskModel, batches: Sequence[Batch], task_id: 
         per_batch_given: ``(correct, size)`` per batch with the task's own mask, when known
             (GG/GN: a batch inferred right is then scored without another forward pass).
         task_map: mask id -> the task it stands for (NN); default: mask ``i`` is task ``i``.
+        true_mask: the task's own mask (default: ``task_id`` without a ``task_map``), whose
+            rank among the candidates is recorded.
+        table: ``(len(batches), k)`` scores of every batch under each candidate, lowest best,
+            when the method's scores are known already (:func:`likelihood_table`): no inference
+            is run.
     """
-    masks = infer_batch_masks(model, [x for x, _ in batches], cfg, packed=packed, extra=extra)
+    if true_mask is None and task_map is None:
+        true_mask = task_id
+    if table is not None:
+        k = table.shape[1]
+        inferred = [_batch_inference(o, k, true_mask) for o in table.argsort(dim=1, stable=True)]
+    else:
+        inferred = infer_batches(model, [x for x, _ in batches], cfg, packed=packed, extra=extra,
+                                 true_masks=[true_mask] * len(batches))
     outcomes = []
-    for i, ((x, y), mask) in enumerate(zip(batches, masks)):
+    for i, ((x, y), inf) in enumerate(zip(batches, inferred)):
+        mask = inf.mask
         stands_for = mask if task_map is None else task_map(mask)
         if stands_for != task_id:
             correct = 0  # not used by the protocol: the batch counts as wrong
@@ -164,7 +237,8 @@ def evaluate_inferred(model: SupermaskModel, batches: Sequence[Batch], task_id: 
             correct = per_batch_given[i][0]  # the task's own mask: exactly its GG count
         else:
             correct = classify(model, x, y, mask)
-        outcomes.append(BatchOutcome(size=y.numel(), inferred_task=stands_for, correct=correct))
+        outcomes.append(BatchOutcome(size=y.numel(), inferred_task=stands_for, correct=correct,
+                                     true_rank=inf.true_rank, in_shortlist=inf.in_shortlist))
     return score_task(task_id, outcomes)
 
 

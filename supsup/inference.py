@@ -21,19 +21,24 @@ and untrained masks of future task ids (NN detection, evaluation while a task tr
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from . import masks as M
+from .likelihood import layer_features
 from .model import SupermaskModel
 from .objectives import OBJECTIVES, exact_score
 from .registry import Registry
 
 __all__ = ["INFERENCE_METHODS", "REFINEMENTS", "InferenceError", "alpha_gradients", "alpha_gradients_reference",
-           "binary_keep", "candidate_extras", "default_objective", "exact_objectives", "float_stacks", "infer_task",
-           "infer_tasks", "num_inference_steps"]
+           "binary_keep", "candidate_extras", "default_method", "default_objective", "exact_objectives", "float_stacks", "infer_task",
+           "infer_tasks", "likelihood_candidates", "likelihood_scores", "num_inference_steps", "rank_tasks",
+           "TaskRanking"]
 
-#: by name: ``fn(model, x, k, *, objective, num_classes, log_base, packed, extra) -> (tasks (G,), steps)``
+#: by name: ``fn(model, x, k, *, objective, num_classes, log_base, packed, extra, keep) -> (order, steps)``:
+#: ``order`` ``(G, k)`` ranks every candidate of each group, best first; the first ``keep`` are the
+#: method's own shortlist (binary search stops there); ``steps`` counts gradient evaluations
 INFERENCE_METHODS: Registry = Registry("inference method")
 
 
@@ -254,41 +259,102 @@ def alpha_gradients_reference(model: SupermaskModel, x: torch.Tensor, alphas: to
 
 def _one_shot(model: SupermaskModel, x: torch.Tensor, k: int, *, objective: str, num_classes: int,
               log_base: float, packed, extra, keep: int = 1) -> tuple[torch.Tensor, int]:
-    """Paper Alg. 1: ``argmin_i d obj / d alpha_i`` at ``alpha = 1/k`` (one gradient). Returns the
-    ``keep`` best candidates per group, best first."""
+    """Paper Alg. 1: ``argmin_i d obj / d alpha_i`` at ``alpha = 1/k`` (one gradient). Returns every
+    candidate per group, best (most negative gradient) first."""
     alphas = torch.full((x.shape[0], k), 1.0 / k, dtype=x.dtype, device=x.device)
     grads = alpha_gradients(model, x, alphas, objective=objective, num_classes=num_classes,
                             packed=packed, extra=extra)
-    if keep == 1:
-        return grads.argmin(dim=1, keepdim=True), 1
-    return grads.topk(min(keep, k), dim=1, largest=False).indices, 1
+    return grads.argsort(dim=1, stable=True), 1  # stable: the first is argmin's (lowest index on a tie)
 
 
 def _binary(model: SupermaskModel, x: torch.Tensor, k: int, *, objective: str, num_classes: int,
             log_base: float, packed, extra, keep: int = 1) -> tuple[torch.Tensor, int]:
     """Paper Alg. 2: keep the best ``1/log_base`` of the candidates (most negative gradient),
-    put alpha uniform over the survivors, repeat until one is left (or ``keep``; returned best
-    first by the last gradient)."""
+    put alpha uniform over the survivors, repeat until one is left (or ``keep``). Returns every
+    candidate per group: the survivors by the last gradient, then the candidates of each step
+    back, later eliminations first, each step's by its gradient."""
     G = x.shape[0]
     alive = torch.ones(G, k, dtype=torch.bool, device=x.device)
     count, steps = k, 0  # every group starts from k and follows the same rule: one count for all
     order = torch.arange(k, device=x.device).expand(G, k)
+    eliminated: list[torch.Tensor] = []
     while count > keep:
         alphas = alive.to(x.dtype) / count
         grads = alpha_gradients(model, x, alphas, objective=objective, num_classes=num_classes,
                                 packed=packed, extra=extra)
         steps += 1
         grads = grads.masked_fill(~alive, math.inf)
-        count = max(keep, binary_keep(count, log_base))
+        before, count = count, max(keep, binary_keep(count, log_base))
         order = grads.argsort(dim=1, stable=True)
+        eliminated.append(order[:, count:before])
         ranks = torch.empty_like(order)
         ranks.scatter_(1, order, torch.arange(k, device=x.device).expand(G, k))
         alive = ranks < count
-    return order[:, :count], steps
+    return torch.cat([order[:, :count], *reversed(eliminated)], dim=1), steps
+
+
+def likelihood_candidates(model: SupermaskModel, packed: list[torch.Tensor] | None,
+                          extra: list[torch.Tensor] | None) -> list[int | None]:
+    """The task of each candidate mask (:func:`alpha_gradients`' ``packed`` then ``extra``) that
+    likelihood inference can score: banked tasks (``packed``: the bank or a prefix of it), then
+    the task in training if it is the first extra row and has statistics; None for a candidate
+    without statistics (an untrained mask), which is never chosen."""
+    bank = model.masked_layers[0].bank_rows
+    if packed is None:
+        n = model.num_banked_tasks
+    elif packed[0].shape[0] <= bank.shape[0] and (packed[0].shape[0] == 0 or packed[0].data_ptr() == bank.data_ptr()):
+        n = packed[0].shape[0]
+    else:
+        raise InferenceError("likelihood inference scores the banked tasks, or the bank's first n of them; "
+                             "it cannot score arbitrary packed masks")
+    out: list[int | None] = list(range(n))
+    rows = 0 if extra is None else extra[0].shape[0]
+    active = model.active_task
+    for j in range(rows):
+        first_is_active = j == 0 and active is not None and active >= model.num_banked_tasks
+        out.append(active if first_is_active and model.task_likelihood(active) is not None else None)
+    missing = [t for t in out[:n] if model.task_likelihood(t) is None]
+    if missing:
+        shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+        raise InferenceError(f"{len(missing)} banked tasks have no likelihood statistics (tasks {shown}): fit them "
+                             "with model.fit_likelihood(task, x, y) on the task's images, or `supsup calibrate DIR`")
+    return out
+
+
+@torch.no_grad()
+def likelihood_scores(model: SupermaskModel, x: torch.Tensor, tasks: list[int | None], *,
+                      chunk: int = 2048) -> torch.Tensor:
+    """``S_t(x)`` (:mod:`supsup.likelihood`) of every image ``x`` ``(N, ...)`` under each task of
+    ``tasks`` (its own mask, BatchNorm and likelihood statistics): ``(N, len(tasks))``, +inf for
+    a None entry. Each task's masked weights are formed once for all ``N`` images."""
+    _check_inputs(x)
+    out = torch.full((x.shape[0], len(tasks)), math.inf, dtype=torch.float32, device=x.device)
+    layers = model.feature_layers
+    for j, t in enumerate(tasks):
+        if t is None:
+            continue
+        stats = model.task_likelihood(t).to(x.device)
+        with model.use_task(t):
+            for start in range(0, x.shape[0], chunk):
+                feats = layer_features(model, layers, x[start: start + chunk])
+                out[start: start + chunk, j] = stats.nll(feats)
+    return out
+
+
+def _likelihood(model: SupermaskModel, x: torch.Tensor, k: int, *, objective: str, num_classes: int,
+                log_base: float, packed, extra, keep: int = 1) -> tuple[torch.Tensor, int]:
+    """Beyond the paper: each candidate scored by the likelihood of the images' features under
+    its own mask and banked statistics (:mod:`supsup.likelihood`), a group's images adding
+    their scores; every candidate, lowest score first. No gradient: ``steps`` is 0."""
+    G, n = x.shape[:2]
+    tasks = likelihood_candidates(model, packed, extra)
+    scores = likelihood_scores(model, x.reshape(G * n, *x.shape[2:]), tasks).view(G, n, -1).sum(1)
+    return scores.argsort(dim=1, stable=True), 0
 
 
 INFERENCE_METHODS.register("one_shot")(_one_shot)
 INFERENCE_METHODS.register("binary")(_binary)
+INFERENCE_METHODS.register("likelihood")(_likelihood)
 
 REFINEMENTS = ("none", "exact")  #: after the gradient's ranking: none (the paper) or exact (infer_tasks)
 
@@ -330,28 +396,53 @@ def exact_objectives(model: SupermaskModel, x: torch.Tensor, shortlist: torch.Te
     return out
 
 
-def infer_tasks(model: SupermaskModel, x: torch.Tensor, *, method: str = "one_shot", objective: str = "g",
-                num_classes: int | None = None, log_base: float = 2.0, refine: str = "none",
-                refine_candidates: int = 5, refine_temperature: float = 1.0, packed: list[torch.Tensor] | None = None,
-                extra: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
-    """Infer the task of each of ``G`` groups of images.
+@dataclass(frozen=True)
+class TaskRanking:
+    """Where task inference puts every candidate, per group.
+
+    Attributes:
+        order: ``(G, k)`` candidate indices, best first: ``order[:, 0]`` is the inferred task.
+        shortlist: how many of the first candidates the final decision compared (``k`` unless
+            a refinement scored a shortlist): the true task's rank below it means it was found
+            but lost, at or above it that the shortlist missed it.
+        steps: gradient evaluations used.
+    """
+
+    order: torch.Tensor
+    shortlist: int
+    steps: int
+
+    @property
+    def tasks(self) -> torch.Tensor:
+        """``(G,)``: the inferred candidate of each group."""
+        return self.order[:, 0]
+
+    def rank_of(self, candidate: int) -> torch.Tensor:
+        """``(G,)``: where ``candidate`` stands in each group's order (0: chosen)."""
+        return (self.order == candidate).int().argmax(dim=1)
+
+
+def rank_tasks(model: SupermaskModel, x: torch.Tensor, *, method: str = "one_shot", objective: str = "g",
+               num_classes: int | None = None, log_base: float = 2.0, refine: str = "none",
+               refine_candidates: int = 5, refine_temperature: float = 1.0, packed: list[torch.Tensor] | None = None,
+               extra: list[torch.Tensor] | None = None) -> TaskRanking:
+    """Rank every candidate mask for each of ``G`` groups of images (:func:`infer_tasks` is its
+    first column).
 
     Args:
         x: ``(G, n, ...)``.
-        method: a registered method (:data:`INFERENCE_METHODS`): ``one_shot`` or ``binary``.
-        objective: ``g`` or ``entropy`` (:data:`supsup.objectives.OBJECTIVES`).
+        method: a registered method (:data:`INFERENCE_METHODS`): ``one_shot``, ``binary`` (the
+            paper's gradients) or ``likelihood`` (every mask scored by its banked feature
+            statistics, :mod:`supsup.likelihood`).
+        objective: ``g`` or ``entropy`` (:data:`supsup.objectives.OBJECTIVES`; gradient methods).
         num_classes: real classes (default: the model's ``num_classes``).
-        refine: ``none`` (the paper: the gradient decides) or ``exact`` (beyond the paper: the
-            gradient shortlists ``refine_candidates`` masks, one-shot's best or binary search
-            stopped there, and the objective evaluated exactly under each of them alone picks
-            the task; :func:`exact_objectives`, at ``refine_temperature``: above 1, confident
-            images count too, where at 1 a batch's mean entropy follows its few uncertain ones).
+        refine: ``none`` or ``exact`` (beyond the paper: the method shortlists
+            ``refine_candidates`` masks, one-shot's best or binary search stopped there, and the
+            objective evaluated exactly under each of them alone reorders them;
+            :func:`exact_objectives`, at ``refine_temperature``: above 1, confident images count
+            too, where at 1 a batch's mean entropy follows its few uncertain ones).
         packed, extra: the candidate masks, as for :func:`alpha_gradients` (default: the
             bank's finished tasks).
-
-    Returns:
-        ``(tasks, steps)``: ``(G,)`` int64 indices into the candidates, and the number of gradient
-        evaluations used (one_shot 1; binary :func:`num_inference_steps`, ``ceil(log2 k)`` at base 2).
     """
     k = sum(r.shape[0] for r in _candidate_blocks(model, packed, extra)[0])
     G = x.shape[0]
@@ -362,16 +453,36 @@ def infer_tasks(model: SupermaskModel, x: torch.Tensor, *, method: str = "one_sh
     if refine not in REFINEMENTS:
         raise ValueError(f"unknown refine {refine!r}; known: {', '.join(REFINEMENTS)}")
     if k == 1:
-        return torch.zeros(G, dtype=torch.long, device=x.device), 0
+        return TaskRanking(torch.zeros(G, 1, dtype=torch.long, device=x.device), 1, 0)
     num_classes = model.num_classes if num_classes is None else num_classes
     keep = min(k, refine_candidates) if refine == "exact" else 1
-    shortlist, steps = INFERENCE_METHODS.get(method)(model, x, k, objective=objective, num_classes=num_classes,
-                                                     log_base=log_base, packed=packed, extra=extra, keep=keep)
+    order, steps = INFERENCE_METHODS.get(method)(model, x, k, objective=objective, num_classes=num_classes,
+                                                 log_base=log_base, packed=packed, extra=extra, keep=keep)
     if keep == 1:
-        return shortlist[:, 0], steps
+        return TaskRanking(order, k, steps)
+    shortlist = order[:, :keep]
     exact = exact_objectives(model, x, shortlist, objective=objective, num_classes=num_classes, packed=packed,
                              extra=extra, temperature=refine_temperature)
-    return shortlist.gather(1, exact.argmin(dim=1, keepdim=True)).squeeze(1), steps
+    reordered = shortlist.gather(1, exact.argsort(dim=1, stable=True))
+    return TaskRanking(torch.cat([reordered, order[:, keep:]], dim=1), keep, steps)
+
+
+def infer_tasks(model: SupermaskModel, x: torch.Tensor, *, method: str = "one_shot", objective: str = "g",
+                num_classes: int | None = None, log_base: float = 2.0, refine: str = "none",
+                refine_candidates: int = 5, refine_temperature: float = 1.0, packed: list[torch.Tensor] | None = None,
+                extra: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
+    """Infer the task of each of ``G`` groups of images ``x`` ``(G, n, ...)`` (arguments as for
+    :func:`rank_tasks`).
+
+    Returns:
+        ``(tasks, steps)``: ``(G,)`` int64 indices into the candidates, and the number of gradient
+        evaluations used (one_shot 1; binary :func:`num_inference_steps`, ``ceil(log2 k)`` at base 2;
+        likelihood 0).
+    """
+    ranking = rank_tasks(model, x, method=method, objective=objective, num_classes=num_classes, log_base=log_base,
+                         refine=refine, refine_candidates=refine_candidates, refine_temperature=refine_temperature,
+                         packed=packed, extra=extra)
+    return ranking.tasks, ranking.steps
 
 
 def default_objective(model: SupermaskModel) -> str:
@@ -380,21 +491,33 @@ def default_objective(model: SupermaskModel) -> str:
     return "g" if model.num_outputs > model.num_classes else "entropy"
 
 
-def infer_task(model: SupermaskModel, x: torch.Tensor, *, method: str = "one_shot", objective: str | None = None,
-               num_images: int | None = None, log_base: float = 2.0) -> int:
+def default_method(model: SupermaskModel) -> str:
+    """``likelihood`` when every banked task has likelihood statistics, else the paper's
+    ``one_shot``."""
+    have = all(model.task_likelihood(t) is not None for t in range(model.num_banked_tasks))
+    return "likelihood" if have and model.num_banked_tasks else "one_shot"
+
+
+def infer_task(model: SupermaskModel, x: torch.Tensor, *, method: str | None = None, objective: str | None = None,
+               num_images: int | None = None, log_base: float = 2.0, refine: str = "none",
+               refine_candidates: int = 5) -> int:
     """The task of one batch of images, among the model's banked tasks.
 
     Args:
         x: ``(B, ...)`` images of one task.
-        method: ``one_shot`` (one gradient) or ``binary`` (halve the candidates each step).
-        objective: ``g`` or ``entropy``; default :func:`default_objective`.
+        method: ``likelihood`` (each mask scored by its banked feature statistics),
+            ``one_shot`` (one gradient) or ``binary`` (halve the candidates each step);
+            default :func:`default_method`.
+        objective: ``g`` or ``entropy`` for the gradient methods; default :func:`default_objective`.
         num_images: infer from the first ``num_images`` images only (default: all ``B``).
+        refine: ``exact``: the gradient's ``refine_candidates`` best masks are scored by the
+            objective itself and the best of them is the task (:func:`infer_tasks`).
 
     Returns:
         The task id (an index into the bank).
     """
     n = x.shape[0] if num_images is None else min(num_images, x.shape[0])
-    tasks, _ = infer_tasks(model, x[:n].unsqueeze(0), method=method,
+    tasks, _ = infer_tasks(model, x[:n].unsqueeze(0), method=default_method(model) if method is None else method,
                            objective=default_objective(model) if objective is None else objective,
-                           log_base=log_base)
+                           log_base=log_base, refine=refine, refine_candidates=refine_candidates)
     return int(tasks[0])

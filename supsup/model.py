@@ -25,15 +25,30 @@ from torch import nn
 
 from . import masks as M
 from .backbones import create_backbone, init_weights
-from .bank import check_bank_state
+from .bank import LIKELIHOOD_PREFIX, check_bank_state, likelihood_state
 from .errors import CapacityError, ModeError
 from .layers import SupermaskLayer, wrap_backbone
+from .likelihood import (
+    DEFAULT_LIKELIHOOD,
+    LikelihoodSpec,
+    TaskLikelihood,
+    choose_rank,
+    fit_class_gaussians,
+    layer_features,
+    stats_nbytes,
+    unpack_likelihoods,
+)
 from .modelfile import ModelFile
 from .norm import NORMS, TaskBatchNorm
 from .prediction import Prediction
 from .rng import make_generator
 
-__all__ = ["Mode", "ModeError", "CapacityError", "SupermaskModel"]
+__all__ = ["MIN_CLASS_RANK", "Mode", "ModeError", "CapacityError", "SupermaskModel"]
+
+#: likelihood statistics are kept per class only when every class can keep this many directions
+#: (fewer per class ranked worse than one Gaussian per task at full rank: FC 1024, 50
+#: PermutedMNIST tasks, one image: 10 classes at rank 5, 0.979; one Gaussian at rank 32, 1.000)
+MIN_CLASS_RANK = 16
 
 
 class Mode(enum.Enum):
@@ -59,11 +74,15 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
         score_init: a registered score init (:data:`supsup.layers.SCORE_INITS`).
         norm: how non-affine BatchNorm layers keep statistics (:mod:`supsup.norm`):
             ``per_task`` (default), ``batch`` or ``shared``.
+        likelihood: what each task banks for task inference by likelihood
+            (:mod:`supsup.likelihood`): :func:`~supsup.training.learn_task` fits it on the
+            task's last training images when the task finishes; None banks nothing besides
+            the masks (the paper's gradient inference needs nothing else).
     """
 
     def __init__(self, backbone: nn.Module, *, num_tasks: int, num_classes: int | None = None, seed: int = 0,
                  mask_kind: str = "threshold", density: float = 0.5, score_init: str = "kaiming_uniform",
-                 norm: str = "per_task"):
+                 norm: str = "per_task", likelihood: LikelihoodSpec | None = DEFAULT_LIKELIHOOD):
         super().__init__()
         if num_tasks < 1:
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
@@ -83,6 +102,9 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
         self.density = density
         self.score_init = score_init
         self.norm = norm
+        self.likelihood = likelihood
+        #: task id -> its feature statistics (:meth:`fit_likelihood`)
+        self._likelihoods: dict[int, TaskLikelihood] = {}
         #: how :meth:`load` rebuilds the backbone (set by :meth:`from_name`; None for a module
         #: built by the caller, which :meth:`load` then needs to be given)
         self.spec: dict[str, Any] | None = None
@@ -98,13 +120,14 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
     def from_name(cls, backbone: str, *, num_tasks: int, num_outputs: int, num_classes: int | None = None,
                   seed: int = 0, input_shape: Sequence[int] = (1, 28, 28), weight_init: str = "signed_constant",
                   mask_kind: str = "threshold", density: float = 0.5, score_init: str = "kaiming_uniform",
-                  norm: str = "per_task", device: torch.device | str = "cpu") -> SupermaskModel:
+                  norm: str = "per_task", likelihood: LikelihoodSpec | None = DEFAULT_LIKELIHOOD,
+                  device: torch.device | str = "cpu") -> SupermaskModel:
         """Build a registered backbone (:data:`supsup.backbones.BACKBONES`) with ``num_outputs``
         outputs, its weights initialised from (seed, "backbone")."""
         net = create_backbone(backbone, input_shape=input_shape, num_outputs=num_outputs)
         init_weights(net, weight_init, make_generator(seed, "backbone"))
         model = cls(net, num_tasks=num_tasks, num_classes=num_classes, seed=seed, mask_kind=mask_kind,
-                    density=density, score_init=score_init, norm=norm)
+                    density=density, score_init=score_init, norm=norm, likelihood=likelihood)
         model.spec = {"backbone": backbone, "input_shape": [int(d) for d in input_shape],
                       "num_outputs": num_outputs, "weight_init": weight_init}
         return model.to(device)
@@ -151,8 +174,23 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
     @property
     def bank_bytes(self) -> int:
         """Bytes the packed bank holds in memory: ``<= num_tasks * (ceil(P/8) + 8 * num_layers)``
-        (each layer's rows are padded to whole 64-bit words)."""
-        return sum(layer.bank_nbytes() for layer in [*self.masked_layers, *self.norm_layers])
+        (each layer's rows are padded to whole 64-bit words), BatchNorm statistics and the tasks'
+        likelihood statistics (each at most its mask's bytes)."""
+        masks = sum(layer.bank_nbytes() for layer in [*self.masked_layers, *self.norm_layers])
+        return masks + sum(t.nbytes() for t in self._likelihoods.values())
+
+    @property
+    def mask_nbytes(self) -> int:
+        """Bytes of one task's packed mask (every layer's row): what a task's likelihood
+        statistics may take at most."""
+        return sum(layer.bank.shape[1] for layer in self.masked_layers)
+
+    @property
+    def feature_layers(self) -> list[SupermaskLayer]:
+        """The masked layers whose outputs the likelihood statistics model: all but the output
+        layer (the only one, for a backbone with one masked layer)."""
+        layers = self.masked_layers
+        return layers[:-1] if len(layers) > 1 else layers
 
     @property
     def cache_bytes(self) -> int:
@@ -216,6 +254,7 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
             layer.scores_from_mask(layer.stored_mask(task_id), magnitude)
         for bn in self.norm_layers:
             bn.load_stats(task_id)
+        self._likelihoods.pop(task_id, None)  # the mask will change: its statistics with it
         self._active_task = task_id
         self.train_mode()
 
@@ -275,7 +314,8 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
 
     def export_task(self) -> tuple[int, dict[str, torch.Tensor]]:
         """Take the task in training out without banking it: its id and its bank state rows
-        (``bank.<i>`` ``(1, nbytes)``, ``norm.<j>`` ``(1, 2, C)``), for :meth:`import_tasks`."""
+        (``bank.<i>`` ``(1, nbytes)``, ``norm.<j>`` ``(1, 2, C)``, its likelihood statistics if
+        fitted), for :meth:`import_tasks`."""
         task_id = self._active_task
         if task_id is None:
             raise ModeError("no task is being trained")
@@ -284,6 +324,8 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
         for j, bn in enumerate(self.norm_layers):
             if bn.keeps_stats:
                 state[f"norm.{j}"] = torch.stack([bn.running_mean, bn.running_var]).unsqueeze(0).cpu()
+        if task_id in self._likelihoods:  # fitted under the mask in training (fit_likelihood)
+            state.update(likelihood_state([self._likelihoods.pop(task_id)]))
         self.abandon_task()
         return task_id, state
 
@@ -302,12 +344,58 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
             if bn.keeps_stats:
                 for row in state[f"norm.{j}"]:
                     bn.append_stats(row, self.num_tasks)
+        likelihood = {key[len(LIKELIHOOD_PREFIX):]: v for key, v in state.items() if key.startswith(LIKELIHOOD_PREFIX)}
+        first = self.num_banked_tasks - k
+        for i, lk in enumerate(unpack_likelihoods(likelihood, k, [layer.weight.shape[0] for layer in self.feature_layers])):
+            if lk is not None:
+                self._likelihoods[first + i] = lk.to(self.device)
         self._num_learned = self.num_banked_tasks
     def task_masks(self, task_id: int) -> list[torch.Tensor]:
         """Boolean masks of a task, one per masked layer."""
         if task_id == self._active_task:
             return [layer.current_mask() for layer in self.masked_layers]
         return [layer.stored_mask(task_id) for layer in self.masked_layers]
+
+    # ------------------------------------------------------------ likelihood statistics
+    def task_likelihood(self, task_id: int) -> TaskLikelihood | None:
+        """Task ``task_id``'s feature statistics (:meth:`fit_likelihood`), or None."""
+        return self._likelihoods.get(task_id)
+
+    @torch.no_grad()
+    def fit_likelihood(self, task_id: int, x: torch.Tensor, y: torch.Tensor, *, chunk: int = 512) -> TaskLikelihood:
+        """Fit and bank task ``task_id``'s likelihood statistics (:mod:`supsup.likelihood`) from
+        images ``x`` ``(n, ...)`` of the task with labels ``y`` ``(n,)``: the features its own mask
+        (and BatchNorm statistics) compute, a probabilistic PCA Gaussian per feature layer, within
+        the mask's bytes. One Gaussian per class when every class can keep
+        ``min(16, likelihood.max_rank)`` directions or more (classes with a single image left
+        out), else one for the whole task at the largest rank that fits."""
+        if self.likelihood is None:
+            raise ModeError("this model keeps no likelihood statistics (likelihood=None)")
+        if x.shape[0] != y.shape[0] or x.shape[0] < 2:
+            raise ValueError(f"fit_likelihood needs at least 2 images with one label each, got {x.shape[0]} "
+                             f"images and {y.shape[0]} labels")
+        with self.use_task(task_id):
+            feats = [torch.cat(f) for f in zip(*(layer_features(self, self.feature_layers, xc)
+                                                 for xc in x.split(chunk)))]
+        labels = y.to(feats[0].device)
+        dims = [f.shape[1] for f in feats]
+        budget, spec = self.mask_nbytes, self.likelihood
+        classes, counts = labels.unique(return_counts=True)
+        enough = counts >= 2
+        rank = -1
+        if int(enough.sum()) > 1:
+            rank = choose_rank(budget, dims, int(enough.sum()), spec.max_rank, int(counts[enough].min()))
+        if rank >= min(MIN_CLASS_RANK, spec.max_rank):  # a Gaussian per class
+            keep = torch.isin(labels, classes[enough])
+        else:  # one Gaussian for the task: more directions than per class (measured: sharper)
+            labels, keep = torch.zeros_like(labels), torch.ones_like(labels, dtype=torch.bool)
+            rank = choose_rank(budget, dims, 1, spec.max_rank, labels.numel())
+            if rank < 0:
+                raise ValueError(f"task {task_id}'s likelihood statistics ({stats_nbytes(dims, 1, 0)} bytes at least) "
+                                 f"exceed its mask's {budget} bytes: use a model with fewer feature units")
+        fitted = TaskLikelihood([fit_class_gaussians(f[keep], labels[keep], rank) for f in feats])
+        self._likelihoods[task_id] = fitted
+        return fitted
 
     def set_task(self, task_id: int) -> None:
         """Run task ``task_id``'s mask (mode TASK); the active task uses its current scores."""
@@ -384,9 +472,11 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
         :func:`supsup.bank.check_bank_state`)."""
         if self._active_task is not None:
             raise ModeError("cannot load a bank while a task is being trained")
-        rows, norm_entries = check_bank_state(self.masked_layers, state, self.num_tasks, self.norm_layers)
+        rows, norm_entries, likelihoods = check_bank_state(self.masked_layers, state, self.num_tasks, self.norm_layers,
+                                                           [layer.weight.shape[0] for layer in self.feature_layers])
         for layer, t in zip(self.masked_layers, rows):
             layer.load_bank(t)
+        self._likelihoods = {t: lk.to(self.device) for t, lk in enumerate(likelihoods) if lk is not None}
         if "task_classes" in state:
             self.task_classes = {t: [int(c) for c in row if c >= 0] for t, row in enumerate(state["task_classes"].tolist())
                                  if any(c >= 0 for c in row)}

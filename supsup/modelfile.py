@@ -8,6 +8,7 @@ backbone from the recipe and refuses it if the weights' digest differs. Nothing 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from typing import Any
@@ -15,9 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bank import bank_sha256, bank_state
+from .bank import bank_entries, bank_sha256, bank_state, likelihood_state
 from .checkpoint import MODEL_MAGIC, CheckpointError, read_checksummed, write_checksummed
 from .errors import ModeError
+from .likelihood import DEFAULT_LIKELIHOOD, LikelihoodSpec
 from .version import __version__
 
 __all__ = ["ModelFile"]
@@ -48,11 +50,13 @@ class ModelFile:
                 if t < self.num_banked_tasks:
                     rows[t, : len(classes)] = torch.tensor(classes)
             state["task_classes"] = rows
+        state.update(likelihood_state([self.task_likelihood(t) for t in range(self.num_banked_tasks)]))
         return state
 
     def bank_sha256(self) -> str:
         """SHA-256 of the bank, task by task (:func:`supsup.bank.bank_sha256`)."""
-        return bank_sha256(self.masked_layers, norms=self.norm_layers)
+        return bank_sha256(self.masked_layers, norms=self.norm_layers,
+                           likelihoods=[self.task_likelihood(t) for t in range(self.num_banked_tasks)])
 
     def identity(self) -> dict[str, Any]:
         """What defines this model besides its masks: the backbone spec (if built by name), the
@@ -60,6 +64,7 @@ class ModelFile:
         return {"spec": self.spec, "num_outputs": self.num_outputs, "num_classes": self.num_classes,
                 "num_tasks": self.num_tasks, "seed": self.seed, "mask_kind": self.mask_kind,
                 "density": self.density, "score_init": self.score_init, "norm": self.norm,
+                "likelihood": None if self.likelihood is None else dataclasses.asdict(self.likelihood),
                 "num_masked_weights": self.num_masked_weights,
                 "layer_shapes": [list(layer.weight.shape) for layer in self.masked_layers],
                 "frozen_weights_sha256": self.frozen_weights_digest()}
@@ -93,7 +98,10 @@ class ModelFile:
         try:
             kwargs = {"num_tasks": ident["num_tasks"], "num_classes": ident["num_classes"], "seed": ident["seed"],
                       "mask_kind": ident["mask_kind"], "density": ident["density"],
-                      "score_init": ident["score_init"], "norm": ident.get("norm", "per_task")}
+                      "score_init": ident["score_init"], "norm": ident.get("norm", "per_task"),
+                      # files written before likelihood statistics existed get today's default
+                      "likelihood": (DEFAULT_LIKELIHOOD if "likelihood" not in ident else
+                                     None if ident["likelihood"] is None else LikelihoodSpec(**ident["likelihood"]))}
             spec = ident["spec"]
             if backbone is not None:
                 model = cls(backbone, **kwargs)
@@ -109,7 +117,7 @@ class ModelFile:
             raise CheckpointError(f"{path}: the rebuilt backbone's frozen weights differ from the saved model's "
                                   "(another torch version's initialisation, or another backbone module)")
         try:
-            model.load_bank_state({k: v for k, v in tensors.items() if k.startswith(("bank.", "norm", "task_classes"))})
+            model.load_bank_state(bank_entries(tensors))
         except ValueError as err:
             raise CheckpointError(f"{path} has an unusable mask bank: {err}") from None
         return model.to(device)

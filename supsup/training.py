@@ -19,7 +19,7 @@ from .config import PRECISIONS, TrainConfig
 from .model import SupermaskModel
 from .optim import OPTIMIZERS
 
-__all__ = ["TaskReport", "fit_active_task", "learn_task", "make_optimizer", "make_scheduler", "training_autocast", "train_loss",
+__all__ = ["CalibrationBuffer", "TaskReport", "fit_active_task", "fit_task_likelihood", "learn_task", "make_optimizer", "make_scheduler", "training_autocast", "train_loss",
            "train_steps", "train_task"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -115,13 +115,66 @@ def _steps(batches: Iterable, device: torch.device, epochs: int, max_steps: int 
             return
 
 
+class CalibrationBuffer:
+    """The last ``size`` training images of a task and their labels: what its likelihood
+    statistics are fitted on when it finishes (:meth:`SupermaskModel.fit_likelihood`). Keeps
+    references to the batches it is given (at most one batch more than ``size`` images)."""
+
+    def __init__(self, size: int):
+        if size < 1:
+            raise ValueError(f"a calibration buffer holds at least 1 image, got {size}")
+        self.size = size
+        self._batches: list[Batch] = []
+        self._count = 0
+
+    def __len__(self) -> int:
+        return min(self._count, self.size)
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self._batches.append((x.detach(), y.detach()))
+        self._count += x.shape[0]
+        while self._count - self._batches[0][0].shape[0] >= self.size:
+            self._count -= self._batches.pop(0)[0].shape[0]
+
+    def clear(self) -> None:
+        self._batches, self._count = [], 0
+
+    def tensors(self) -> Batch:
+        """``(x, y)``: the last ``len(self)`` images, oldest first."""
+        if not self._batches:
+            raise ValueError("the calibration buffer is empty")
+        x = torch.cat([b[0] for b in self._batches])
+        y = torch.cat([b[1] for b in self._batches])
+        return x[-self.size:], y[-self.size:]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Its images and labels as tensors (a checkpoint of a task still in training)."""
+        if not self._batches:
+            return {}
+        x, y = self.tensors()
+        return {"x": x.cpu(), "y": y.cpu()}
+
+    def load_state(self, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
+        self.clear()
+        if state:
+            self.add(state["x"].to(device), state["y"].to(device))
+
+
+def fit_task_likelihood(model: SupermaskModel, task_id: int, buffer: CalibrationBuffer | None) -> None:
+    """Fit task ``task_id``'s likelihood statistics on ``buffer`` when the model keeps them."""
+    if model.likelihood is not None and buffer is not None and len(buffer) >= 2:
+        model.fit_likelihood(task_id, *buffer.tensors())
+
+
 @dataclass(frozen=True)
 class TaskReport:
-    """What learning a task did: its id, the mean loss of its last 50 steps, its steps."""
+    """What learning a task did: its id, the mean loss of its last 50 steps, its steps, and its
+    last training images (when the model keeps likelihood statistics)."""
 
     task_id: int
     loss: float
     steps: int
+    calibration: CalibrationBuffer | None = None
 
 
 def train_task(model: SupermaskModel, batches: Iterable[Batch], config: TrainConfig | None = None, *,
@@ -158,6 +211,7 @@ def learn_task(model: SupermaskModel, batches: Iterable[Batch], config: TrainCon
         model.abandon_task()
         raise
     model.finish_task()
+    fit_task_likelihood(model, report.task_id, report.calibration)
     return report
 
 
@@ -169,10 +223,13 @@ def fit_active_task(model: SupermaskModel, batches: Iterable[Batch], cfg: TrainC
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     task_id = model.active_task
     counted = [0]
+    buffer = CalibrationBuffer(model.likelihood.images) if model.likelihood is not None else None
 
     def counting(stream):
         for batch in stream:
             counted[0] += 1
+            if buffer is not None:
+                buffer.add(*batch)
             yield batch
 
     optimizer = make_optimizer(model.trainable_parameters(), cfg)
@@ -180,4 +237,4 @@ def fit_active_task(model: SupermaskModel, batches: Iterable[Batch], cfg: TrainC
     loss = train_steps(model, optimizer, counting(_steps(batches, model.device, epochs, max_steps)), total=steps,
                        desc=f"task {task_id}", progress=progress, precision=cfg.precision,
                        scheduler=make_scheduler(optimizer, cfg, steps))
-    return TaskReport(task_id=task_id, loss=loss, steps=counted[0])
+    return TaskReport(task_id=task_id, loss=loss, steps=counted[0], calibration=buffer)

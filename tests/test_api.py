@@ -330,7 +330,10 @@ def test_a_model_file_written_by_0_2_0_still_loads(tmp_path):
     fresh.save(tmp_path / "today.supsup")
     new_tensors, new_meta = read_checksummed(tmp_path / "today.supsup", magic=MODEL_MAGIC)
     assert old_meta["format"] == new_meta["format"] == "supsup-model" and old_meta["supsup_version"] == "0.2.0"
-    assert new_meta.keys() == old_meta.keys() and new_meta["identity"] == old_meta["identity"]
+    assert new_meta.keys() == old_meta.keys()
+    # one key added since 0.2.0 (what a task banks for likelihood inference), none renamed or dropped
+    assert set(new_meta["identity"]) - set(old_meta["identity"]) == {"likelihood"}
+    assert {k: new_meta["identity"][k] for k in old_meta["identity"]} == old_meta["identity"]
     assert new_tensors.keys() == old_tensors.keys()
     assert all(torch.equal(new_tensors[k], old_tensors[k]) for k in old_tensors)
 

@@ -20,7 +20,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "supsup"
-MAX_LINES = 400
+#: a guard against a module growing into several concepts, not a budget to squeeze code into: a
+#: module near it should be split where its concepts part, not compressed
+MAX_LINES = 600
 
 LAYERS = {
     "supsup.training": 1, "supsup.evaluation": 1, "supsup.detection": 1,

@@ -93,14 +93,18 @@ def test_gn_counts_a_batch_with_a_wrong_task_as_all_wrong(permuted, monkeypatch)
     acc_given, per_batch = evaluate_given_task(model, batches, 1)
 
     def every_other_wrong(model, x, **kw):
-        return torch.tensor([1 if i % 2 == 0 else 3 for i in range(x.shape[0])]), 1
+        first = torch.tensor([1 if i % 2 == 0 else 3 for i in range(x.shape[0])])
+        rest = torch.tensor([[t for t in (1, 0, 2, 3) if t != f] for f in first.tolist()])  # task 1 second
+        return inference.TaskRanking(torch.cat([first.unsqueeze(1), rest], dim=1), NUM_TASKS, 1)
 
-    monkeypatch.setattr(evaluation, "infer_tasks", every_other_wrong)
+    monkeypatch.setattr(evaluation, "rank_tasks", every_other_wrong)
     total = sum(n for _, n in per_batch)
     for given in (per_batch, None):  # the right batches scored from the GG counts, or again
         res = evaluate_inferred(model, batches, 1, InferenceConfig(group_size=128), per_batch_given=given)
         assert res.task_inference_acc == 0.5
         assert res.acc_inferred == sum(c for c, _ in per_batch[0::2]) / total
+        # where the batch's own task stood: chosen, or second behind the wrong one
+        assert res.true_rank_counts == {0: 3, 1: 3} and res.shortlist_recall == 1.0
     assert acc_given == sum(c for c, _ in per_batch) / total
     assert 0.3 < res.acc_inferred < acc_given - 0.3  # wrong batches score nothing
 
@@ -135,13 +139,13 @@ def test_gn_infers_every_batch_from_its_own_first_images(mnist_data, monkeypatch
         model.add_task()
         model.finish_task()
     seen: list[int] = []
-    real = evaluation.infer_tasks
+    real = evaluation.rank_tasks
 
     def spy(model, x, **kw):
         seen.extend([x.shape[1]] * x.shape[0])
         return real(model, x, **kw)
 
-    monkeypatch.setattr(evaluation, "infer_tasks", spy)
+    monkeypatch.setattr(evaluation, "rank_tasks", spy)
     batches = list(stream.test_batches(1, 128))
     evaluate_inferred(model, batches, 1, InferenceConfig(num_images=128, group_size=32))
     sizes = [min(128, x.shape[0]) for x, _ in batches]
@@ -166,13 +170,13 @@ def test_groups_shrink_to_fit_the_activation_memory(mnist_data, monkeypatch):
     assert forwards == []
     hook.remove()
     passes: list[int] = []
-    real = evaluation.infer_tasks
+    real = evaluation.rank_tasks
 
     def spy(model, x, **kw):
         passes.append(x.shape[0] * x.shape[1])
         return real(model, x, **kw)
 
-    monkeypatch.setattr(evaluation, "infer_tasks", spy)
+    monkeypatch.setattr(evaluation, "rank_tasks", spy)
     batches = list(stream.test_batches(1, 128, 6))
     budget = 3 * per_image * 300 / 2**20  # room for 300 images: two batches of 128 per pass
     small = evaluate_inferred(model, batches, 1, InferenceConfig(num_images=128, objective="entropy",

@@ -102,7 +102,10 @@ def test_statistics_are_banked_and_counted_in_bank_bytes():
     # the task with inputs shifted by 2 has the larger mean before normalisation
     per_task = (sum(packed_nbytes(layer.num_weights) for layer in model.masked_layers)
                 + sum(8 * b.num_features for b in model.norm_layers))
-    assert model.bank_bytes == 2 * per_task
+    # and the likelihood statistics each task banked, each within its mask's bytes
+    likelihood = [model.task_likelihood(t).nbytes() for t in range(2)]
+    assert all(0 < b <= model.mask_nbytes for b in likelihood)
+    assert model.bank_bytes == 2 * per_task + sum(likelihood)
 
 
 def test_batch_norm_mode_keeps_no_statistics():
@@ -114,7 +117,8 @@ def test_batch_norm_mode_keeps_no_statistics():
     with model.use_task(0):
         full, half = model(x), model(x[:8])
     assert not torch.allclose(full[:8], half)  # each batch normalised with its own statistics
-    assert set(model.bank_state()) == {f"bank.{i}" for i in range(len(model.masked_layers))}
+    masks = {k for k in model.bank_state() if not k.startswith("likelihood.")}  # likelihood statistics aside
+    assert masks == {f"bank.{i}" for i in range(len(model.masked_layers))}
     other = _model("conv4_bn", norm="batch")  # a batch-statistics bank has no BatchNorm entries to load
     other.load_bank_state(model.bank_state())
     with model.use_task(0), other.use_task(0):

@@ -196,7 +196,7 @@ class TrainConfig:
 class InferenceConfig:
     """Task inference (GN/NN evaluation)."""
 
-    method: str = field(default="one_shot", metadata={"help": "one_shot | binary (supsup.inference.INFERENCE_METHODS)"})
+    method: str = field(default="one_shot", metadata={"help": "one_shot | binary (the paper's gradients) | likelihood (beyond the paper: every mask scored by the likelihood of the images' features under the statistics its task banked; supsup.inference.INFERENCE_METHODS)"})
     objective: str = field(default="g", metadata={"help": "entropy (H) | g (G, superfluous neurons)"})
     num_images: int = field(default=1, metadata={"help": "images of each test batch used to infer its task"})
     log_base: float = field(default=2.0, metadata={"help": "binary: keep the best 1/log_base of the candidates each step"})
@@ -207,6 +207,8 @@ class InferenceConfig:
     refine: str = field(default="none", metadata={"help": "none (the paper: the gradient decides) | exact (beyond the paper: the objective evaluated exactly under each of the gradient's refine_candidates best masks picks the task)"})
     refine_candidates: int = field(default=5, metadata={"help": "refine exact: masks the gradient shortlists"})
     refine_temperature: float = field(default=1.0, metadata={"help": "refine exact: the exact objective is taken of the logits / this (above 1, a batch's confident images count too; choose it on validation data: benchmarks/refine_temperature.py)"})
+    likelihood_images: int = field(default=1024, metadata={"help": "likelihood: each task's statistics are fitted on its last this many training images"})
+    likelihood_rank: int = field(default=32, metadata={"help": "likelihood: principal directions per class and feature layer at most (fewer when a task's statistics would exceed its mask's bytes)"})
 
     def __post_init__(self) -> None:
         from ..inference import INFERENCE_METHODS, REFINEMENTS
@@ -221,6 +223,8 @@ class InferenceConfig:
         check_choice("inference.refine", self.refine, REFINEMENTS)
         check_range("inference.refine_candidates", self.refine_candidates, 2)
         check_range("inference.refine_temperature", self.refine_temperature, 0.0, lo_open=True)
+        check_range("inference.likelihood_images", self.likelihood_images, 2)
+        check_range("inference.likelihood_rank", self.likelihood_rank, 0)
 
 
 @dataclass

@@ -112,6 +112,7 @@ def run_supsup(cfg: RunConfig, out_dir, *, resume: bool = False) -> RunResults:
                     scores = score_task(task_id, strategy.outcomes[exp.current_experience])
                     row.inferred = InferredScores(scores.acc_inferred, scores.task_inference_acc)
                     row.inferred_counts = scores.inferred_counts
+                    row.shortlist_recall, row.true_rank_counts = scores.shortlist_recall, scores.true_rank_counts
                 rows.append(row)
             return rows
 
@@ -129,7 +130,7 @@ def run_supsup(cfg: RunConfig, out_dir, *, resume: bool = False) -> RunResults:
                                          inferred=inferred))
                 results.eval_seconds += seconds
         if model.active_task is not None:  # NN: the last mask is still being trained
-            model.finish_task()
+            strategy.detector.finish()
         t0 = time.perf_counter()
         results.tasks = evaluate(len(bench.train))
         if cfg.benchmark.labels == "global":  # class-incremental: also the task of each image alone

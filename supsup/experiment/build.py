@@ -8,9 +8,10 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, RunConfig
+from ..likelihood import LikelihoodSpec
 from ..model import SupermaskModel
 
-__all__ = ["build_model", "build_stream", "resolve_device"]
+__all__ = ["build_model", "build_stream", "likelihood_spec", "resolve_device"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,6 +41,14 @@ def build_stream(cfg: RunConfig, device: torch.device, *, progress: bool = True)
                          device=device, **kwargs)
 
 
+def likelihood_spec(cfg: RunConfig) -> LikelihoodSpec | None:
+    """What each task banks for ``inference.method: likelihood`` (None for the gradient methods:
+    their banks hold the masks alone)."""
+    if cfg.inference.method != "likelihood":
+        return None
+    return LikelihoodSpec(images=cfg.inference.likelihood_images, max_rank=cfg.inference.likelihood_rank)
+
+
 def build_model(cfg: RunConfig, device: torch.device, input_shape: Sequence[int] | None = None,
                 num_classes: int | None = None) -> SupermaskModel:
     """The model of ``cfg``: its backbone for the stream's inputs, ``cfg.capacity`` masks, the
@@ -53,7 +62,7 @@ def build_model(cfg: RunConfig, device: torch.device, input_shape: Sequence[int]
         num_classes=cfg.benchmark.num_classes if num_classes is None else num_classes,
         seed=cfg.seed, input_shape=input_shape, weight_init=cfg.model.weight_init,
         mask_kind=cfg.mask.kind, density=cfg.mask.density, score_init=cfg.model.score_init, norm=cfg.model.norm,
-        device=device)
+        likelihood=likelihood_spec(cfg), device=device)
     if cfg.train.layer_lr is not None and len(cfg.train.layer_lr) != len(model.masked_layers):
         # before any training, not at the first optimizer (a resumed run would fail after loading)
         raise ConfigError("train.layer_lr", f"has {len(cfg.train.layer_lr)} multipliers, but {cfg.model.backbone} has "

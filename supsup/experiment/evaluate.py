@@ -12,14 +12,24 @@ import time
 
 import torch
 
-from ..config import RunConfig, Scenario
-from ..evaluation import evaluate_given_task, evaluate_inferred, evaluate_per_image
+from ..config import InferenceConfig, RunConfig, Scenario
+from ..evaluation import (
+    evaluate_given_task,
+    evaluate_inferred,
+    evaluate_per_image,
+    likelihood_table,
+)
 from ..inference import candidate_extras
 from ..model import SupermaskModel
 from .results import AccuracyMatrix, CurvePoint, InferredScores, RunResults, Summary, TaskRow
 
-__all__ = ["MATRIX_EVERY_TASK_MAX", "accuracy_matrix", "curve_point", "evaluate_task", "final_evaluation",
-           "matrix_points", "objectives", "sampled_tasks"]
+__all__ = ["MASK_INDEPENDENT_METHODS", "MATRIX_EVERY_TASK_MAX", "EvaluationCache", "accuracy_matrix", "curve_point",
+           "deferred_evaluation", "defers_curve", "evaluate_task", "final_evaluation", "matrix_points", "objectives",
+           "sampled_tasks"]
+
+#: inference methods whose score of a mask ignores the other candidates: one pass over the bank
+#: gives the inference over every prefix of it (every accuracy-matrix row)
+MASK_INDEPENDENT_METHODS = ("likelihood",)
 
 #: streams up to this many tasks get an accuracy-matrix row after every task (longer ones at
 #: ``eval.at_tasks`` only)
@@ -65,25 +75,72 @@ def sampled_tasks(num_learned: int, sample: int | None) -> list[int]:
     return sorted({round(i * (num_learned - 1) / (sample - 1)) for i in range(sample)})
 
 
+class EvaluationCache:
+    """What the evaluations of one fixed bank share (a run's accuracy-vs-tasks points and its
+    final evaluation): each task's GG count per test batch (a banked mask never changes) and,
+    for a :data:`MASK_INDEPENDENT_METHODS` inference, the score of every test batch under every
+    banked mask, computed in one pass over the bank for all the tasks :meth:`prepare` names (a
+    point after ``n`` tasks reads the first ``n`` columns)."""
+
+    def __init__(self, cfg: RunConfig, model: SupermaskModel, stream):
+        self.cfg, self.model, self.stream = cfg, model, stream
+        self._given: dict[int, tuple[float, list[tuple[int, int]]]] = {}
+        self._tables: dict[int, torch.Tensor] = {}
+        self._wanted: set[int] = set()
+        self._bank_size = model.num_banked_tasks
+
+    def given(self, task_id: int, batches) -> tuple[float, list[tuple[int, int]]]:
+        """GG accuracy and per-batch counts of a task with its own mask."""
+        if task_id not in self._given:
+            self._given[task_id] = evaluate_given_task(self.model, batches, task_id)
+        return self._given[task_id]
+
+    def prepare(self, tasks) -> None:
+        """Tasks whose test batches the next table computation should cover (all in one pass)."""
+        self._wanted.update(tasks)
+
+    def table(self, task_id: int, inf: InferenceConfig) -> torch.Tensor | None:
+        """``(batches, k)`` scores of the task's test batches under every banked mask, or None when
+        the method's scores depend on the candidate set."""
+        if inf.method not in MASK_INDEPENDENT_METHODS or self.model.num_banked_tasks != self._bank_size:
+            return None
+        if task_id not in self._tables:
+            tasks = sorted((self._wanted | {task_id}) - set(self._tables))
+            images, owner = [], []
+            for t in tasks:
+                for x, _ in self.stream.test_batches(t, self.cfg.eval.batch_size, self.cfg.eval.max_batches):
+                    images.append(x[: inf.num_images])
+                    owner.append(t)
+            scores = likelihood_table(self.model, images, inf)
+            owners = torch.tensor(owner)
+            for t in tasks:
+                self._tables[t] = scores[owners == t]
+        return self._tables[task_id]
+
+
 def evaluate_task(cfg: RunConfig, model: SupermaskModel, stream, task_id: int,
                   mask_to_task: dict[int, int] | None, *, inferred: bool = True,
-                  packed: list[torch.Tensor] | None = None) -> TaskRow:
+                  packed: list[torch.Tensor] | None = None, cache: EvaluationCache | None = None) -> TaskRow:
     """One task's row: GG accuracy, and in GN/NN (if ``inferred``) the task-inferred accuracy
     per objective, over the candidate masks ``packed`` (default: the bank and the mask in
-    training). ``mask_to_task`` (NN) maps detected masks to the true tasks they stand for."""
+    training). ``mask_to_task`` (NN) maps detected masks to the true tasks they stand for.
+    ``cache``: what evaluations of the same bank share (GG counts, mask-independent scores)."""
     row = TaskRow(task_id)
     batches = list(stream.test_batches(task_id, cfg.eval.batch_size, cfg.eval.max_batches))
     per_batch = None
     task_map = None
+    true_mask = task_id
     if mask_to_task is not None:  # NN: masks are numbered in detection order
         task_to_mask: dict[int, int] = {}
         for m, t in sorted(mask_to_task.items()):
             task_to_mask.setdefault(t, m)
-        mask = task_to_mask.get(task_id)
-        if mask is not None:
-            row.acc_given_task, _ = evaluate_given_task(model, batches, mask)
+        true_mask = task_to_mask.get(task_id)
+        if true_mask is not None:
+            row.acc_given_task, _ = evaluate_given_task(model, batches, true_mask)
         def task_map(mask: int) -> int:
             return mask_to_task.get(mask, -1)
+    elif cache is not None:
+        row.acc_given_task, per_batch = cache.given(task_id, batches)
     else:
         row.acc_given_task, per_batch = evaluate_given_task(model, batches, task_id)
     if cfg.scenario is Scenario.GG or not inferred:
@@ -91,12 +148,17 @@ def evaluate_task(cfg: RunConfig, model: SupermaskModel, stream, task_id: int,
     extra = candidate_extras(model, include_active=True) if model.active_task is not None else None
     for i, objective in enumerate(objectives(cfg)):
         inf = dataclasses.replace(cfg.inference, objective=objective)
+        table = cache.table(task_id, inf) if cache is not None and extra is None and mask_to_task is None else None
+        if table is not None and packed is not None:
+            table = table[:, : packed[0].shape[0]]  # the bank's first n masks: the state after n tasks
         res = evaluate_inferred(model, batches, task_id, inf, per_batch_given=per_batch, task_map=task_map,
-                                packed=packed, extra=extra)
+                                packed=packed, extra=extra, true_mask=true_mask, table=table)
         scores = InferredScores(res.acc_inferred, res.task_inference_acc)
         if i == 0:
             row.inferred = scores
             row.inferred_counts = res.inferred_counts
+            row.shortlist_recall = res.shortlist_recall
+            row.true_rank_counts = res.true_rank_counts
             if cfg.benchmark.labels == "global":  # class-incremental: also the task of each image alone
                 row.acc_inferred_per_image = evaluate_per_image(model, batches, inf, packed=packed, extra=extra)
         else:
@@ -105,7 +167,8 @@ def evaluate_task(cfg: RunConfig, model: SupermaskModel, stream, task_id: int,
 
 
 def curve_point(cfg: RunConfig, model: SupermaskModel, stream, num_learned: int,
-                mask_to_task: dict[int, int] | None = None, *, bank_prefix: bool = False) -> CurvePoint:
+                mask_to_task: dict[int, int] | None = None, *, bank_prefix: bool = False,
+                cache: EvaluationCache | None = None) -> CurvePoint:
     """Accuracy over the tasks learned so far (a sample of them if ``eval.sample_tasks``).
     With ``bank_prefix`` the candidates are the bank's first ``num_learned`` masks: the state
     after ``num_learned`` tasks, recomputed from a later bank (GG/GN masks never change once
@@ -113,7 +176,7 @@ def curve_point(cfg: RunConfig, model: SupermaskModel, stream, num_learned: int,
     t0 = time.perf_counter()
     tasks = sampled_tasks(num_learned, cfg.eval.sample_tasks)
     packed = [layer.bank_rows[:num_learned] for layer in model.masked_layers] if bank_prefix else None
-    rows = [evaluate_task(cfg, model, stream, t, mask_to_task, packed=packed) for t in tasks]
+    rows = [evaluate_task(cfg, model, stream, t, mask_to_task, packed=packed, cache=cache) for t in tasks]
     inferred = not cfg.scenario.task_given_at_test
     point = CurvePoint(num_tasks_learned=num_learned, tasks_evaluated=tasks, summary=Summary.of(rows, inferred=inferred),
                        seconds=time.perf_counter() - t0, rows=rows, inferred=inferred)
@@ -121,8 +184,29 @@ def curve_point(cfg: RunConfig, model: SupermaskModel, stream, num_learned: int,
     return point
 
 
+def defers_curve(cfg: RunConfig) -> bool:
+    """Whether a GN run takes its accuracy-vs-tasks points after training, from the final bank
+    (:class:`EvaluationCache`: one inference pass for every point) instead of after each task:
+    when its inference method scores masks independently of each other."""
+    return cfg.scenario is Scenario.GN and cfg.inference.method in MASK_INDEPENDENT_METHODS
+
+
+def deferred_evaluation(cfg: RunConfig, model: SupermaskModel, stream, results: RunResults) -> None:
+    """The accuracy-vs-tasks points a GG/GN run still lacks (from bank prefixes) and the final
+    evaluation, sharing one :class:`EvaluationCache`."""
+    cache = EvaluationCache(cfg, model, stream)
+    done = {p.num_tasks_learned for p in results.curve}
+    missing = sorted(n for n in matrix_points(cfg) - done if n < cfg.benchmark.num_tasks)
+    for n in missing:
+        cache.prepare(sampled_tasks(n, cfg.eval.sample_tasks))
+    cache.prepare(sampled_tasks(cfg.benchmark.num_tasks, cfg.eval.sample_tasks))
+    results.curve += [curve_point(cfg, model, stream, n, bank_prefix=True, cache=cache) for n in missing]
+    results.curve.sort(key=lambda p: p.num_tasks_learned)
+    final_evaluation(cfg, model, stream, results, cache=cache)
+
+
 def final_evaluation(cfg: RunConfig, model: SupermaskModel, stream, results: RunResults, *,
-                     reuse_curve: bool = True) -> None:
+                     reuse_curve: bool = True, cache: EvaluationCache | None = None) -> None:
     """GG accuracy of every task with the final bank; GN/NN task-inferred accuracy of every
     task, or of ``eval.sample_tasks`` of them. A GG/GN curve point taken after the last task
     already holds those rows (same bank, same tasks, same settings): with ``reuse_curve`` they
@@ -141,12 +225,13 @@ def final_evaluation(cfg: RunConfig, model: SupermaskModel, stream, results: Run
     rows = []
     for task_id in range(num_tasks):
         row = evaluate_task(cfg, model, stream, task_id, mask_to_task,
-                            inferred=task_id in inferred_tasks and task_id not in reuse)
+                            inferred=task_id in inferred_tasks and task_id not in reuse, cache=cache)
         if task_id in reuse:
             old_row = reuse[task_id]
             row.inferred, row.by_objective = old_row.inferred, dict(old_row.by_objective)
             row.inferred_counts = dict(old_row.inferred_counts)
             row.acc_inferred_per_image = old_row.acc_inferred_per_image
+            row.shortlist_recall, row.true_rank_counts = old_row.shortlist_recall, dict(old_row.true_rank_counts)
         if task_id in old and old[task_id].acc_given_task is not None and cfg.scenario is not Scenario.NN:
             # Accuracy right after learning the task, to show that later tasks changed nothing.
             row.acc_given_task_when_learned = old[task_id].acc_given_task

@@ -27,7 +27,14 @@ from ..training import learn_task, make_optimizer
 from .backends import BACKENDS
 from .build import build_model, build_stream, resolve_device
 from .distributed import Distributed
-from .evaluate import accuracy_matrix, curve_point, final_evaluation, matrix_points
+from .evaluate import (
+    accuracy_matrix,
+    curve_point,
+    deferred_evaluation,
+    defers_curve,
+    final_evaluation,
+    matrix_points,
+)
 from .loggers import RunLogger
 from .parallel import evaluate_parallel, run_labeled_parallel
 from .report import write_report
@@ -88,7 +95,7 @@ def _run_labeled(cfg: RunConfig, out: Path, model: SupermaskModel, stream, resul
                                      task_id)
         results.tasks.append(TaskRow(task_id, acc_given_task=acc))
         point = None
-        if task_id + 1 in matrix_points(cfg):
+        if task_id + 1 in matrix_points(cfg) and not defers_curve(cfg):
             point = curve_point(cfg, model, stream, task_id + 1)
             results.curve.append(point)
         eval_s = time.perf_counter() - t0
@@ -108,6 +115,9 @@ def _run_unlabeled(cfg: RunConfig, out: Path, model: SupermaskModel, stream, res
         optimizer.load_state_dict(tensors["optimizer"])
         if "sampler" in tensors:  # a sampled mask kind: where its mask samples had got to
             model.sampler().set_state(tensors["sampler"])
+        if detector.calibration is not None:  # the mask's last batches, for its likelihood statistics
+            detector.calibration.load_state({k[len("calibration."):]: v for k, v in tensors.items()
+                                             if k.startswith("calibration.")}, model.device)
     for true_task in range(loop["next_task"], cfg.benchmark.num_tasks):
         t0 = time.perf_counter()
         optimizer, loss = train_unlabeled(detector, stream.train_batches(true_task, cfg.train.iterations,
@@ -132,9 +142,11 @@ def _run_unlabeled(cfg: RunConfig, out: Path, model: SupermaskModel, stream, res
         extra["optimizer"] = optimizer.state_dict()
         if model.sampler() is not None:
             extra["sampler"] = model.sampler().get_state()
+        if detector.calibration is not None:
+            extra.update({f"calibration.{k}": v for k, v in detector.calibration.state().items()})
         write_checkpoint(out, cfg, model, results, loop, extra)
     if model.active_task is not None:
-        model.finish_task()
+        detector.finish()
     results.nn = nn_report(model, detector.state, cfg.nn.check_every)
 
 
@@ -212,12 +224,10 @@ def _run(cfg: RunConfig, out: Path, resume: bool, device, dist: Distributed) -> 
         evaluate_parallel(cfg, model, stream, results, dist)
     else:
         t0 = time.perf_counter()
-        if cfg.scenario is not Scenario.NN:  # points a run resumed from several processes lacks
-            done = {p.num_tasks_learned for p in results.curve}
-            results.curve += [curve_point(cfg, model, stream, n, bank_prefix=True)
-                              for n in sorted(matrix_points(cfg) - done) if n < cfg.benchmark.num_tasks]
-            results.curve.sort(key=lambda p: p.num_tasks_learned)
-        final_evaluation(cfg, model, stream, results)
+        if cfg.scenario is not Scenario.NN:  # points still missing (deferred, or resumed from several processes)
+            deferred_evaluation(cfg, model, stream, results)
+        else:
+            final_evaluation(cfg, model, stream, results)
         results.eval_seconds += time.perf_counter() - t0
     results.accuracy_matrix = accuracy_matrix(cfg, results)
     results.bank_bytes = model.bank_bytes

@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 
 from .._faults import maybe_crash
+from ..bank import LIKELIHOOD_PREFIX
 from ..config import RunConfig
 from ..evaluation import evaluate_given_task
 from ..model import SupermaskModel
-from ..training import fit_active_task
+from ..training import fit_active_task, fit_task_likelihood
 from .distributed import Distributed
 from .evaluate import evaluate_task, matrix_points, sampled_tasks
 from .loggers import RunLogger
@@ -45,7 +46,7 @@ def run_labeled_parallel(cfg: RunConfig, out: Path, model: SupermaskModel, strea
     for start in range(loop["next_task"], T, dist.world):
         maybe_crash("parallel_round")  # fault injection for the tests (inactive unless asked)
         task = start + dist.rank
-        rows, loss, train_s = None, None, 0.0
+        rows, stats, loss, train_s = None, None, None, 0.0
         if task < T:
             t0 = time.perf_counter()
             model.add_task(task)
@@ -55,14 +56,22 @@ def run_labeled_parallel(cfg: RunConfig, out: Path, model: SupermaskModel, strea
             except BaseException:
                 model.abandon_task()
                 raise
+            fit_task_likelihood(model, task, report.calibration)  # under the mask in training
             _, rows = model.export_task()
+            stats = {k: v for k, v in rows.items() if k.startswith(LIKELIHOOD_PREFIX)}
+            rows = {k: v for k, v in rows.items() if k in like}
             loss, train_s = report.loss, time.perf_counter() - t0
         t0 = time.perf_counter()
         gathered = [g for g in dist.gather_task_rows(rows, like) if g is not None]
         results.extra["communication_seconds"] = results.extra.get("communication_seconds", 0.0) + (
             time.perf_counter() - t0)
         results.extra["communication_bytes_per_task"] = 1 + sum(v.numel() * v.element_size() for v in like.values())
-        model.import_tasks({k: torch.cat([g[k] for g in gathered]) for k in like})
+        state = {k: torch.cat([g[k] for g in gathered]) for k in like}
+        # likelihood statistics differ in shape from task to task: sent as objects, in rank order
+        round_stats = [g for g in dist.gather(stats) if g is not None]
+        if round_stats and all(round_stats):
+            state.update({k: torch.cat([g[k] for g in round_stats]) for k in round_stats[0]})
+        model.import_tasks(state)
         if cfg.benchmark.labels == "global":  # class-incremental: every task answers among its own classes
             for t in range(start, min(start + dist.world, T)):
                 model.set_task_classes(t, stream.task_classes(t))

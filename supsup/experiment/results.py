@@ -50,6 +50,15 @@ class TaskRow:
     acc_inferred_per_image: float | None = None
     #: batches of this task inferred as each task (GN/NN; the rows of ``task_confusion``)
     inferred_counts: dict[int, int] = field(default_factory=dict)
+    #: GN/NN: fraction of batches whose own task was among the candidates the decision compared
+    shortlist_recall: float | None = None
+    #: GN/NN: batches per rank of their own task in the inference's ranking (0: inferred right)
+    true_rank_counts: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def mean_true_rank(self) -> float | None:
+        n = sum(self.true_rank_counts.values())
+        return sum(r * c for r, c in self.true_rank_counts.items()) / n if n else None
 
     @property
     def acc_inferred(self) -> float | None:
@@ -72,6 +81,10 @@ class TaskRow:
             d["acc_inferred_per_image"] = self.acc_inferred_per_image
         if self.inferred_counts:
             d["inferred_counts"] = {str(t): c for t, c in sorted(self.inferred_counts.items())}
+        if self.shortlist_recall is not None:
+            d["shortlist_recall"] = self.shortlist_recall
+        if self.true_rank_counts:
+            d["true_rank_counts"] = {str(r): c for r, c in sorted(self.true_rank_counts.items())}
         return d
 
     @classmethod
@@ -82,7 +95,8 @@ class TaskRow:
                    inferred=InferredScores(d.get("acc_inferred"), d.get("task_inference_acc")),
                    by_objective=by_obj, acc_given_task_when_learned=d.get("acc_given_task_when_learned"),
                    inferred_counts={int(t): int(c) for t, c in d.get("inferred_counts", {}).items()},
-                   acc_inferred_per_image=d.get("acc_inferred_per_image"))
+                   acc_inferred_per_image=d.get("acc_inferred_per_image"), shortlist_recall=d.get("shortlist_recall"),
+                   true_rank_counts={int(r): int(c) for r, c in d.get("true_rank_counts", {}).items()})
 
 
 @dataclass
@@ -95,12 +109,19 @@ class Summary:
     inferred: InferredScores = field(default_factory=InferredScores)
     by_objective: dict[str, InferredScores] = field(default_factory=dict)
     mean_acc_inferred_per_image: float | None = None
+    #: over every task-inferred batch: its own task among the compared candidates / its mean rank
+    shortlist_recall: float | None = None
+    mean_true_rank: float | None = None
 
     @classmethod
     def of(cls, rows: list[TaskRow], *, inferred: bool) -> Summary:
         """Means of ``rows`` (the inferred keys only when ``inferred``)."""
+        ranked = [(r.mean_true_rank, sum(r.true_rank_counts.values())) for r in rows if r.true_rank_counts]
+        batches = sum(n for _, n in ranked)
         out = cls(mean_acc_given_task=safe_mean(r.acc_given_task for r in rows),
-                  mean_acc_inferred_per_image=safe_mean(r.acc_inferred_per_image for r in rows))
+                  mean_acc_inferred_per_image=safe_mean(r.acc_inferred_per_image for r in rows),
+                  shortlist_recall=safe_mean(r.shortlist_recall for r in rows),
+                  mean_true_rank=sum(m * n for m, n in ranked) / batches if batches else None)
         if inferred:
             out.inferred = InferredScores(safe_mean(r.acc_inferred for r in rows),
                                           safe_mean(r.task_inference_acc for r in rows))
@@ -121,6 +142,10 @@ class Summary:
             d[f"task_inference_acc_{obj}"] = s.task_inference_acc
         if self.mean_acc_inferred_per_image is not None:
             d["mean_acc_inferred_per_image"] = self.mean_acc_inferred_per_image
+        if self.shortlist_recall is not None:
+            d["shortlist_recall"] = self.shortlist_recall
+        if self.mean_true_rank is not None:
+            d["mean_true_rank"] = self.mean_true_rank
         return d
 
     @classmethod
@@ -129,7 +154,8 @@ class Summary:
                   for k, v in d.items() if k.startswith("mean_acc_inferred_") and k != "mean_acc_inferred_per_image"}
         return cls(mean_acc_given_task=d.get("mean_acc_given_task"),
                    inferred=InferredScores(d.get("mean_acc_inferred"), d.get("task_inference_acc")),
-                   by_objective=by_obj, mean_acc_inferred_per_image=d.get("mean_acc_inferred_per_image"))
+                   by_objective=by_obj, mean_acc_inferred_per_image=d.get("mean_acc_inferred_per_image"),
+                   shortlist_recall=d.get("shortlist_recall"), mean_true_rank=d.get("mean_true_rank"))
 
 
 @dataclass
@@ -307,6 +333,10 @@ class RunResults:
         if self.curve:
             d["curve"] = [p.to_dict() for p in self.curve]
         d.update({k: v for k, v in summary.items() if k not in d})  # further objectives' means
+        if not self.scenario.task_given_at_test:
+            # the class-incremental reading: each test image's task inferred from it alone
+            # (mean over tasks; None where the run did not measure it)
+            d["acc_inferred_per_image"] = self.summary.mean_acc_inferred_per_image
         if self.tasks_inferred is not None:
             d["tasks_inferred"] = self.tasks_inferred
         if self.peak_rss_bytes is not None:
@@ -329,7 +359,8 @@ class RunResults:
                                    "num_masked_weights", "supsup_version", "bank_sha256", "curve",
                                    "tasks_inferred", "peak_rss_bytes", "nn_allocations", "mask_to_task",
                                    "nn_counts", "nn_shared_masks", "accuracy_matrix", "task_confusion",
-                                   "average_accuracy", "bwt", "forgetting", "fwt"}
+                                   "average_accuracy", "bwt", "forgetting", "fwt", "acc_inferred_per_image",
+                                   "shortlist_recall", "mean_true_rank"}
         known |= {k for k in d if k.startswith(("mean_acc_inferred_", "task_inference_acc_"))}
         return cls(scenario=Scenario(d["scenario"]), benchmark=d["benchmark"], num_tasks=int(d["num_tasks"]),
                    backend=d.get("backend", "native"), method=d.get("method", "supsup"), backbone=d.get("backbone", ""),

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..bank import bank_entries
 from ..checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
 from ..config import RunConfig, config_to_dict
 from ..fileio import atomic_write_text
@@ -111,7 +112,7 @@ def restore_checkpoint(out: Path, cfg: RunConfig, model: SupermaskModel, *,
         if saved_id.get(key) != now_id[key]:
             raise CheckpointError(f"checkpoint in {out} does not match this model: {key} is {saved_id.get(key)!r} "
                                   f"in the checkpoint, {now_id[key]!r} here")
-    bank = {k: v for k, v in tensors.items() if k.startswith(("bank.", "norm", "task_classes"))}
+    bank = bank_entries(tensors)
     try:
         # The learned-task count is the bank's row count: a mask still in training (NN) has
         # no row and is re-created by the NN loop. Checkpoints up to 0.1.0 saved a count that

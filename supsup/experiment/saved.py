@@ -11,7 +11,7 @@ from pathlib import Path
 from ..checkpoint import CheckpointError, load_checkpoint
 from ..config import ConfigError, Scenario, apply_overrides, config_from_dict
 from .build import build_model, build_stream, resolve_device
-from .evaluate import curve_point, final_evaluation
+from .evaluate import EvaluationCache, curve_point, final_evaluation, sampled_tasks
 from .results import RunResults
 from .runstate import restore_active_task, restore_checkpoint
 
@@ -50,7 +50,9 @@ def evaluate_saved(out_dir: str | os.PathLike, *, overrides: list[str] = (), sce
     restored = dataclasses.replace(cfg, scenario=base.scenario, eval=base.eval, inference=base.inference)
     tensors, results, loop = restore_checkpoint(out, restored, model)
     if restore_active_task(out, model, loop, tensors):  # NN ends by banking the mask it trains
-        model.finish_task()
+        task = model.finish_task()
+        if model.likelihood is not None and "calibration.x" in tensors:  # its last batches, kept for this
+            model.fit_likelihood(task, tensors["calibration.x"].to(device), tensors["calibration.y"].to(device))
     if model.active_task is None and model.num_banked_tasks < cfg.benchmark.num_tasks and cfg.scenario is not Scenario.NN:
         log.warning("the bank holds %d of %d tasks; evaluating those", model.num_banked_tasks, cfg.benchmark.num_tasks)
     results.scenario = cfg.scenario
@@ -62,15 +64,21 @@ def evaluate_saved(out_dir: str | os.PathLike, *, overrides: list[str] = (), sce
                                   eval=dataclasses.replace(cfg.eval, at_tasks=at))
     t0 = time.perf_counter()
     reuse = False  # the saved curve may come from other settings
+    cache = EvaluationCache(cfg, model, stream) if cfg.scenario is not Scenario.NN else None
+    if cache is not None:
+        for n in sorted(set(cfg.eval.at_tasks or [])) if curve else []:
+            cache.prepare(sampled_tasks(n, cfg.eval.sample_tasks))
+        cache.prepare(sampled_tasks(learned, cfg.eval.sample_tasks))
     if curve:
         if cfg.scenario is Scenario.NN:
             raise CheckpointError("--curve needs GG or GN: NN retrains masks, so a later bank does not hold "
                                   "the state after n tasks")
         if not cfg.eval.at_tasks:
             raise ConfigError("eval.at_tasks", "--curve needs the task counts to evaluate, e.g. --set 'eval.at_tasks=[10,50]'")
-        results.curve = [curve_point(cfg, model, stream, n, bank_prefix=True) for n in sorted(set(cfg.eval.at_tasks))]
+        results.curve = [curve_point(cfg, model, stream, n, bank_prefix=True, cache=cache)
+                         for n in sorted(set(cfg.eval.at_tasks))]
         reuse = True
-    final_evaluation(cfg, model, stream, results, reuse_curve=reuse)
+    final_evaluation(cfg, model, stream, results, reuse_curve=reuse, cache=cache)
     results.eval_seconds = time.perf_counter() - t0
     results.bank_bytes = model.bank_bytes
     results.num_masked_weights = model.num_masked_weights

@@ -7,6 +7,7 @@ task inference :func:`supsup.evaluation.infer_batch_masks`, scoring the GN proto
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,11 +20,11 @@ from avalanche.training.templates import SupervisedTemplate
 
 from ...config import EvalConfig, InferenceConfig, NNConfig, Scenario, TrainConfig
 from ...detection import NNDetector
-from ...evaluation import BatchOutcome, infer_batch_masks
+from ...evaluation import BatchOutcome, infer_batch_masks, infer_batches
 from ...inference import candidate_extras
 from ...model import SupermaskModel
 from ...rng import make_generator
-from ...training import make_optimizer, training_autocast
+from ...training import CalibrationBuffer, fit_task_likelihood, make_optimizer, training_autocast
 from .data import CachedBatches, ExperienceCache
 
 __all__ = ["SupSupStrategy", "TaskInferenceAccuracy"]
@@ -77,6 +78,10 @@ class SupSupStrategy(SupervisedTemplate):
         optimizer: any optimizer, built over any parameters (its parameter list is replaced
             by the active scores before every experience; new scores start with fresh state);
             default: ``train_config``'s, via :func:`supsup.training.make_optimizer`.
+        per_image: with the task inferred, infer it for every image of a minibatch from that
+            image alone and classify the image with its own inferred mask (the class-incremental
+            reading: a test image need not come with others of its task); each image is then
+            one :class:`~supsup.evaluation.BatchOutcome` of size 1.
         device, plugins, evaluator, eval_every: as for any ``SupervisedTemplate``.
     """
 
@@ -86,7 +91,7 @@ class SupSupStrategy(SupervisedTemplate):
                  task_id_source: str = "experience", seed: int | None = None,
                  optimizer: torch.optim.Optimizer | None = None, device: torch.device | str = "cpu",
                  plugins: Sequence[Any] | None = None, evaluator: Any = default_evaluator,
-                 eval_every: int = -1, cache_batch_size: int = 4096):
+                 eval_every: int = -1, cache_batch_size: int = 4096, per_image: bool = False):
         if not isinstance(model, SupermaskModel):
             raise TypeError(f"SupSupStrategy trains a SupermaskModel, got {type(model).__name__}")
         try:
@@ -101,11 +106,14 @@ class SupSupStrategy(SupervisedTemplate):
         self.task_id_source = task_id_source
         self.seed = model.seed if seed is None else seed
         self.eval_task = "given" if self.scenario.task_given_at_test else "inferred"
+        self.per_image = per_image
         self.detector = NNDetector(model, nn_config if nn_config is not None else NNConfig())
         self.last_inferred_task: int | None = None
+        self._last_inference = None
         #: per eval experience index, the GN outcome of each minibatch evaluated with the task inferred
         self.outcomes: dict[int, list[BatchOutcome]] = {}
         self.steps_in_experience = 0
+        self.calibration: CalibrationBuffer | None = None
         self.data_cache = ExperienceCache(device=device, batch_size=cache_batch_size)
         if optimizer is None:
             # One empty group for now: make_optimizer fills it with the active scores.
@@ -210,6 +218,9 @@ class SupSupStrategy(SupervisedTemplate):
 
     def _before_training_exp(self, **kwargs):
         self.steps_in_experience = 0
+        if self.scenario is not Scenario.NN and self.model.likelihood is not None:
+            # the experience's last training images: its task's likelihood statistics
+            self.calibration = CalibrationBuffer(self.model.likelihood.images)
         super()._before_training_exp(**kwargs)
 
     def _before_training_iteration(self, **kwargs):
@@ -222,12 +233,15 @@ class SupSupStrategy(SupervisedTemplate):
         if self.scenario is Scenario.NN:
             # the true task for reporting only; the logits for the calibrated rule's statistics
             self.detector.after_step(true_task=self.task_id_of(self.experience), logits=self.mb_output,
-                                    x=self.mb_x)
+                                    x=self.mb_x, y=self.mb_y)
+        elif self.calibration is not None:
+            self.calibration.add(self.mb_x, self.mb_y)
         super()._after_training_iteration(**kwargs)
 
     def _after_training_exp(self, **kwargs):
         if self.scenario is not Scenario.NN:
             task_id = self.model.finish_task()  # NN keeps its active mask across experience boundaries
+            fit_task_likelihood(self.model, task_id, self.calibration)
             classes = sorted(int(c) for c in getattr(self.experience, "classes_in_this_experience", None) or [])
             if classes and len(classes) < self.model.num_classes:  # class-incremental: the task's own classes
                 self.model.set_task_classes(task_id, classes)
@@ -249,6 +263,9 @@ class SupSupStrategy(SupervisedTemplate):
     def _eval_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, num_classes)`` of one eval minibatch ``x`` ``(B, ...)``."""
         self.last_inferred_task = None
+        self._last_inference = None
+        if self.eval_task == "inferred" and self.per_image and self.model.num_learned_tasks:
+            return self._per_image_forward(x)
         mask = self._given_mask() if self.eval_task == "given" else self._inferred_mask(x)
         if mask is None:
             logits = x.new_zeros(x.shape[0], self.num_classes)  # no mask: uniform, chance level
@@ -260,8 +277,32 @@ class SupSupStrategy(SupervisedTemplate):
         if self.eval_task == "inferred":
             stands_for = -1 if mask is None else self.mask_to_task().get(mask, -1)
             correct = int((logits.argmax(dim=1) == self.mb_y).sum())
+            ranked = self._last_inference
             self.outcomes[self.experience.current_experience].append(
-                BatchOutcome(size=x.shape[0], inferred_task=stands_for, correct=correct))
+                BatchOutcome(size=x.shape[0], inferred_task=stands_for, correct=correct,
+                             true_rank=None if ranked is None else ranked.true_rank,
+                             in_shortlist=None if ranked is None else ranked.in_shortlist))
+        return logits
+
+    def _per_image_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, num_classes)``: each image's task inferred from it alone, the image
+        classified with that mask; one outcome of size 1 per image."""
+        model = self.model
+        extra = candidate_extras(model, include_active=True)
+        masks = infer_batch_masks(model, list(x.unsqueeze(1)), dataclasses.replace(self.inference_config, num_images=1),
+                                  extra=extra)
+        logits = x.new_zeros(x.shape[0], self.num_classes)
+        masks_t = torch.tensor(masks, device=x.device)
+        for mask in sorted(set(masks)):
+            rows = masks_t == mask
+            with model.use_task(mask):
+                logits[rows] = model.class_logits(x[rows]).clamp_min(-1e4)
+        task_of = self.mask_to_task()
+        outcomes = self.outcomes[self.experience.current_experience]
+        right = logits.argmax(dim=1) == self.mb_y
+        for mask, ok in zip(masks, right.tolist()):
+            outcomes.append(BatchOutcome(size=1, inferred_task=task_of.get(mask, -1), correct=int(ok)))
+        self.last_inferred_task = max(set(masks), key=masks.count)  # the minibatch's most inferred mask
         return logits
 
     def _given_mask(self) -> int | None:
@@ -277,7 +318,9 @@ class SupSupStrategy(SupervisedTemplate):
         # Finished masks, plus the one being trained (evaluation during training, or NN):
         # candidate i is mask i.
         extra = candidate_extras(model, include_active=True)
-        (self.last_inferred_task,) = infer_batch_masks(model, [x], self.inference_config, extra=extra)
+        own = self.task_to_mask().get(self.task_id_of(self.experience))  # where it ranks: reporting only
+        (self._last_inference,) = infer_batches(model, [x], self.inference_config, extra=extra, true_masks=[own])
+        self.last_inferred_task = self._last_inference.mask
         return self.last_inferred_task
 
 
