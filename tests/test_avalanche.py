@@ -150,6 +150,36 @@ def test_strategy_gn_accuracy_matches_gg_and_infers_every_task(trained_gn):
     assert all(abs(gn[e] - gg[e]) < 1e-9 for e in gg)
 
 
+def test_strategy_infers_the_task_of_each_image_alone(trained_gn, permuted2):
+    """``per_image``: every test image's task inferred from it alone and the image classified
+    with that mask (the class-incremental reading), one outcome per image; Avalanche's accuracy
+    then equals the native per-image protocol on the same batches."""
+    from supsup.evaluation import evaluate_per_image
+    from supsup.integrations.avalanche import CachedBatches
+
+    strategy = SupSupStrategy(model=trained_gn["strategy"].model, scenario="GN", per_image=True,
+                              eval_config=EvalConfig(batch_size=128, max_batches=2),
+                              evaluator=EvaluationPlugin(accuracy_metrics(experience=True)))
+    acc = per_experience(strategy.eval(permuted2.test_stream), "Top1_Acc_Exp")
+    for exp in permuted2.test_stream:
+        outcomes = strategy.outcomes[exp.current_experience]
+        batches = list(CachedBatches.evaluation(strategy.data_cache.get(exp.dataset, "eval"), batch_size=128,
+                                                max_batches=2))
+        assert len(outcomes) == sum(len(b[1]) for b in batches) and all(o.size == 1 for o in outcomes)
+        native = evaluate_per_image(strategy.model, [(b[0], b[1]) for b in batches], strategy.inference_config)
+        assert acc[exp.current_experience] == pytest.approx(native, abs=1e-9)
+        assert sum(o.correct for o in outcomes) / len(outcomes) == pytest.approx(native, abs=1e-9)
+        assert native > 0.7
+    # a minibatch mixing both tasks' images, alternately: each image gets its own task
+    cache = ExperienceCache()
+    parts = [cache.get(exp.dataset, "eval").tensors(torch.arange(32)) for exp in permuted2.test_stream]
+    x = torch.stack([parts[i % 2].x[i // 2] for i in range(64)])
+    y = torch.stack([parts[i % 2].y[i // 2] for i in range(64)])
+    mixed = tensors_benchmark(train_tensors=[(x, y)], test_tensors=[(x, y)], task_labels=[0])
+    strategy.eval(mixed.test_stream)
+    assert [o.inferred_task for o in strategy.outcomes[0]] == [i % 2 for i in range(64)]
+
+
 def test_strategy_evaluates_unlearned_experiences_honestly(trained_gn):
     """After task 0 only mask 0 exists: GN classifies experience 1 with it (chance level on
     permuted pixels) and reports its task inference as wrong."""
@@ -319,6 +349,8 @@ def _split_cfg(*extra):
     # Bernoulli masks, sampled in every training forward from a per-task generator: the same
     # samples, masks and task inference through either backend
     ("GN", ["mask.kind=bernoulli", "train.lr=0.3", "inference.num_images=8", "inference.objective=entropy"]),
+    # likelihood statistics fitted on the same last images of each experience
+    ("GN", ["inference.method=likelihood", "inference.num_images=1"]),
 ])
 def test_avalanche_backend_reproduces_native_runner(tmp_path, mnist_data, scenario, extra):
     """Same data, order, init and optimizer: the Avalanche backend's masks classify exactly
@@ -333,8 +365,8 @@ def test_avalanche_backend_reproduces_native_runner(tmp_path, mnist_data, scenar
     assert saved["backend"] == "avalanche" and saved["tasks"] == aval["tasks"]
     assert (tmp_path / "aval" / "config.yaml").is_file() and (tmp_path / "aval" / "accuracy.png").is_file()
     if scenario != "GG":
-        for key in ("acc_inferred", "task_inference_acc"):
-            assert [r[key] for r in aval["tasks"]] == [r[key] for r in native["tasks"]], key
+        for key in ("acc_inferred", "task_inference_acc", "true_rank_counts", "shortlist_recall"):
+            assert [r.get(key) for r in aval["tasks"]] == [r.get(key) for r in native["tasks"]], key
         assert aval["task_confusion"] == native["task_confusion"]
     # the accuracy matrix (a row after each task) and its metrics, computed by both backends
     assert aval["accuracy_matrix"] == native["accuracy_matrix"]

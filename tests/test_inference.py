@@ -38,7 +38,7 @@ def _groups(stream, task_id: int, groups: int, images: int) -> torch.Tensor:
     return x.view(groups, images, *x.shape[1:])
 
 
-@pytest.mark.parametrize("method", ["one_shot", "binary"])
+@pytest.mark.parametrize("method", ["one_shot", "binary", "likelihood"])
 @pytest.mark.parametrize("objective", ["entropy", "g"])
 @pytest.mark.parametrize("images", [1, 8])
 def test_infer_tasks_finds_the_task_of_every_group(permuted, method, objective, images):
@@ -49,7 +49,7 @@ def test_infer_tasks_finds_the_task_of_every_group(permuted, method, objective, 
         tasks, steps = inference.infer_tasks(model, _groups(stream, t, 12, images), method=method,
                                              objective=objective, num_classes=10)
         assert tasks.tolist() == [t] * 12, (t, tasks.tolist())
-        assert steps == (1 if method == "one_shot" else 2)  # binary: log2(4) halvings
+        assert steps == {"one_shot": 1, "binary": 2, "likelihood": 0}[method]  # binary: log2(4) halvings
 
 
 def test_infer_task_defaults_to_one_shot_g_and_finds_the_task(permuted):

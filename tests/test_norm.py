@@ -12,6 +12,7 @@ from torch import nn
 from supsup import SupermaskModel, TrainConfig, train_task
 from supsup.backbones import BACKBONES, has_batchnorm
 from supsup.inference import alpha_gradients, alpha_gradients_reference
+from supsup.likelihood import LikelihoodSpec
 from supsup.masks import packed_nbytes
 from supsup.model import CapacityError, Mode, ModeError
 from supsup.norm import TaskBatchNorm
@@ -316,3 +317,32 @@ def test_an_exported_task_imported_elsewhere_banks_as_if_finished_there():
     a.import_tasks(rows)
     with pytest.raises(CapacityError, match="1 more tasks do not fit: 2 of 2 are banked"):
         a.import_tasks(rows)
+
+
+def test_likelihood_features_are_each_conv_maps_channel_means_with_the_tasks_own_statistics():
+    """A conv layer's likelihood features are its output channels averaged over space, computed
+    with the task's own mask and banked BatchNorm statistics; a task scores its own images as
+    more likely than another task's (inputs shifted and scaled per task)."""
+    from supsup.inference import likelihood_scores
+
+    model = _model("conv4_bn", num_tasks=2, likelihood=LikelihoodSpec(images=64, max_rank=4))
+    _train(model, 0)
+    _train(model, 1)
+    x, y = (torch.cat(v) for v in zip(*_batches(1, n=4, seed=5)))
+    stats = model.fit_likelihood(1, x, y)
+    maps = []
+    hooks = [layer.register_forward_hook(lambda m, a, o: maps.append(o)) for layer in model.feature_layers]
+    with torch.no_grad(), model.use_task(1):
+        model(x)
+    for h in hooks:
+        h.remove()
+    for g, m in zip(stats.layers, maps):
+        feats = m.mean(dim=(2, 3)) if m.dim() == 4 else m  # conv maps; linear layers as they are
+        classes = y.unique().tolist()
+        assert g.num_classes == len(classes) == 4  # four classes, each with its 4 directions
+        for i, c in enumerate(classes):
+            assert torch.allclose(g.means[i], feats[y == c].mean(0), atol=1e-5)
+    x0, _ = _batches(0, n=1, seed=9)[0]
+    x1, _ = _batches(1, n=1, seed=9)[0]
+    scores = likelihood_scores(model, torch.cat([x0, x1]), [0, 1])
+    assert (scores[:16].argmin(1) == 0).all() and (scores[16:].argmin(1) == 1).all()

@@ -16,6 +16,7 @@ import torch
 from supsup.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from supsup.cli import main
 from supsup.config import load_config
+from supsup.experiment import evaluate_saved
 from supsup.experiment import run_experiment as _run_experiment
 
 SMALL = ["model.backbone=lenet_300_100", "model.num_outputs=100", "train.iterations=150",
@@ -32,8 +33,9 @@ def _cfg(*extra, config="configs/permuted_mnist_gn.yaml"):
 
 
 def _bank(out: Path) -> dict[str, torch.Tensor]:
+    """The masks and the likelihood statistics of a run's checkpoint."""
     tensors, _ = load_checkpoint(out)
-    return {k: v for k, v in tensors.items() if k.startswith("bank.")}
+    return {k: v for k, v in tensors.items() if k.startswith(("bank.", "likelihood."))}
 
 
 def _same_results(a: dict, b: dict) -> bool:
@@ -195,10 +197,13 @@ def test_sigkill_during_checkpoint_write_keeps_previous_checkpoint(mnist_data, u
     assert all(torch.equal(full[k], resumed[k]) for k in full)
 
 
-def test_nn_sigkill_then_resume_is_bitwise_identical(mnist_data, tmp_path):
+@pytest.mark.parametrize("method", ["one_shot", "likelihood"])
+def test_nn_sigkill_then_resume_is_bitwise_identical(mnist_data, tmp_path, method):
     """Regression: an NN checkpoint counted the mask in training as learned, so on resume
-    add_task() gave it the next id (one past its bank row) and later masks were misnumbered."""
-    sets = [*SMALL, "benchmark.num_tasks=3", "train.iterations=300"]
+    add_task() gave it the next id (one past its bank row) and later masks were misnumbered.
+    With likelihood statistics, the checkpoint also holds the last images of the mask in
+    training, on which its statistics are fitted when it is banked."""
+    sets = [*SMALL, "benchmark.num_tasks=3", "train.iterations=300", f"inference.method={method}"]
     full = tmp_path / "full"
     run_experiment(load_config("configs/permuted_mnist_nn.yaml", sets), full)
     out = tmp_path / "run"
@@ -210,10 +215,30 @@ def test_nn_sigkill_then_resume_is_bitwise_identical(mnist_data, tmp_path):
     r = _cli(["run", "--resume", str(out)])
     assert r.returncode == 0, r.stderr
     a, b = _bank(full), _bank(out)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.startswith("likelihood.") for k in a) == (method == "likelihood")
     ra, rb = (json.loads((d / "results.json").read_text()) for d in (full, out))
     for key in ("num_detected_tasks", "mask_to_task", "nn_counts", "nn_allocations", "mean_acc_inferred"):
         assert ra[key] == rb[key], key
+    if method == "likelihood":  # every detected mask banked its statistics, and they find the tasks
+        assert ra["num_detected_tasks"] == 3 and ra["task_inference_acc"] > 0.9
+
+
+def test_calibrate_gives_a_saved_bank_the_statistics_a_likelihood_run_banks(mnist_data, tmp_path, capsys):
+    """``supsup calibrate`` replays each task's training order and fits its last images: the same
+    statistics as a run that banked them while training, and the same GN results."""
+    sets = ["benchmark.num_tasks=2", "inference.num_images=1"]
+    run_experiment(_cfg(*sets, "inference.method=likelihood"), tmp_path / "live")
+    run_experiment(_cfg(*sets), tmp_path / "later")
+    assert not [k for k in _bank(tmp_path / "later") if k.startswith("likelihood.")]
+    assert main(["calibrate", str(tmp_path / "later")]) == 0
+    assert "fitted for 2 of 2 tasks" in capsys.readouterr().out
+    live, later = _bank(tmp_path / "live"), _bank(tmp_path / "later")
+    assert live.keys() == later.keys() and all(torch.equal(live[k], later[k]) for k in live)
+    res = [json.loads((tmp_path / "live" / "results.json").read_text()),
+           evaluate_saved(tmp_path / "later", overrides=["inference.method=likelihood"]).to_dict()]
+    assert _same_results(*res) and res[0]["shortlist_recall"] == 1.0
+    assert main(["calibrate", str(tmp_path / "later"), "--set", "train.lr=1"]) == 2  # not a calibration key
 
 
 class _Crash(Exception):
