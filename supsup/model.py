@@ -399,7 +399,7 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
 
     def set_task(self, task_id: int) -> None:
         """Run task ``task_id``'s mask (mode TASK); the active task uses its current scores."""
-        if not 0 <= task_id < self._num_learned:
+        if not (0 <= task_id < self._num_learned or task_id == self._active_task):  # a later task in training too
             raise IndexError(f"task {task_id} is not learned; learned tasks: 0..{self._num_learned - 1}")
         for layer, mask in zip(self.masked_layers, self.task_masks(task_id)):
             layer.set_mode("task", task_mask=mask)
