@@ -17,6 +17,7 @@ scenario changed; every run uses ``--backbone`` and ``--iterations``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -58,9 +59,13 @@ def run_overrides(benchmark: str, method: str, args) -> tuple[str, list[str]]:
 
 
 def finished_run(run_dir: Path, cfg) -> dict | None:
-    """results.json of a finished run in ``run_dir`` made with exactly ``cfg``, else None."""
+    """results.json of a finished run in ``run_dir`` made with exactly ``cfg``, else None. A
+    baseline never reads SupSup's ``inference.*`` keys: those may differ."""
     try:
-        if load_config(run_dir / "config.yaml") != cfg:
+        saved = load_config(run_dir / "config.yaml")
+        if cfg.method != "supsup":
+            saved = dataclasses.replace(saved, inference=cfg.inference)
+        if saved != cfg:
             return None
         return json.loads((run_dir / "results.json").read_text())
     except (OSError, ValueError):  # missing, unreadable, or an old config that no longer validates

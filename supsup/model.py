@@ -361,6 +361,17 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
         """Task ``task_id``'s feature statistics (:meth:`fit_likelihood`), or None."""
         return self._likelihoods.get(task_id)
 
+    def set_task_likelihood(self, task_id: int, stats: TaskLikelihood) -> None:
+        """Bank ``stats`` as task ``task_id``'s likelihood statistics (fitted elsewhere: another
+        process, or :meth:`fit_likelihood`), checked against the feature layers' widths."""
+        if not 0 <= task_id < self.num_learned_tasks:
+            raise IndexError(f"task {task_id} is not learned; learned tasks: 0..{self.num_learned_tasks - 1}")
+        dims = [layer.weight.shape[0] for layer in self.feature_layers]
+        if [g.means.shape[1] for g in stats.layers] != dims:
+            raise ValueError(f"statistics over features of widths {[g.means.shape[1] for g in stats.layers]}, "
+                             f"the model's feature layers have {dims}")
+        self._likelihoods[task_id] = stats.to(self.device)
+
     @torch.no_grad()
     def fit_likelihood(self, task_id: int, x: torch.Tensor, y: torch.Tensor, *, chunk: int = 512) -> TaskLikelihood:
         """Fit and bank task ``task_id``'s likelihood statistics (:mod:`supsup.likelihood`) from
