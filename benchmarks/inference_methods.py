@@ -91,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, kw in METHODS.items():
             if kw.get("refine_candidates", 0) >= k:
                 continue
-            one = time_call(lambda: infer_tasks(model, x[:1], num_classes=10, objective="g", **kw), args.reps)
-            many = time_call(lambda: infer_tasks(model, x, num_classes=10, objective="g", **kw), max(1, args.reps // 2))
+            one = time_call(lambda m=model, kw=kw: infer_tasks(m, x[:1], num_classes=10, objective="g", **kw), args.reps)
+            many = time_call(lambda m=model, kw=kw: infer_tasks(m, x, num_classes=10, objective="g", **kw),
+                             max(1, args.reps // 2))
             rows.append({"k": k, "method": name, "ms_one": 1e3 * one, "ms_amortised": 1e3 * many / args.group})
             print(f"k={k:4d} {name:28s} one {1e3 * one:9.1f} ms   amortised over {args.group}: "
                   f"{1e3 * many / args.group:8.2f} ms", flush=True)

@@ -27,7 +27,8 @@ from .layers import SupermaskLayer
 from .likelihood import TaskLikelihood, pack_likelihoods, unpack_likelihoods
 from .norm import TaskBatchNorm
 
-__all__ = ["LIKELIHOOD_PREFIX", "bank_entries", "bank_sha256", "bank_state", "check_bank_state", "likelihood_state"]
+__all__ = ["LIKELIHOOD_PREFIX", "bank_entries", "bank_sha256", "bank_state", "check_bank_state", "likelihood_state",
+           "task_sha256"]
 
 LIKELIHOOD_PREFIX = "likelihood."
 
@@ -69,6 +70,18 @@ def bank_sha256(layers: Sequence[SupermaskLayer], num_tasks: int | None = None,
             for g in likelihoods[t].layers:
                 for v in (g.means, g.basis, g.eigvals, g.noise):
                     h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def task_sha256(layers: Sequence[SupermaskLayer], task_id: int, norms: Sequence[TaskBatchNorm] = ()) -> str:
+    """SHA-256 of what one banked task classifies with: its mask rows and BatchNorm statistics
+    (equal digests: bitwise the same outputs with the task given)."""
+    h = hashlib.sha256()
+    for layer in layers:
+        h.update(layer.bank_rows[task_id].detach().cpu().numpy().tobytes())
+    for bn in norms:
+        if bn.keeps_stats:
+            h.update(bn.stats_rows()[task_id].detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 

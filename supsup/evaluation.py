@@ -33,7 +33,7 @@ from .inference import infer_tasks, likelihood_candidates, likelihood_scores, ra
 from .model import SupermaskModel
 
 __all__ = ["BatchInference", "BatchOutcome", "TaskScores", "classify", "evaluate_given_task", "evaluate_inferred",
-           "evaluate_per_image", "infer_batch_masks", "infer_batches", "activation_bytes_per_image",
+           "evaluate_from_table", "evaluate_per_image", "infer_batch_masks", "infer_batches", "activation_bytes_per_image",
            "likelihood_table", "score_task"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -178,12 +178,16 @@ def infer_batch_masks(model: SupermaskModel, images: Sequence[torch.Tensor], cfg
     return [b.mask for b in infer_batches(model, images, cfg, packed=packed, extra=extra)]
 
 
-def likelihood_table(model: SupermaskModel, images: Sequence[torch.Tensor], cfg: InferenceConfig) -> torch.Tensor:
+def likelihood_table(model: SupermaskModel, images: Sequence[torch.Tensor], cfg: InferenceConfig, *,
+                     candidates: Sequence[int] | None = None) -> torch.Tensor:
     """``(len(images), k)``: each test batch's likelihood score (:mod:`supsup.likelihood`) under
-    every banked mask, from its first ``cfg.num_images`` images; one pass over the bank for all
-    batches. A mask's score ignores the other candidates, so the columns of any prefix of the
-    bank give the inference over that prefix (:func:`evaluate_inferred`'s ``table``)."""
+    every banked mask (or the banked tasks ``candidates``), from its first ``cfg.num_images``
+    images; one pass over the masks for all batches. A mask's score ignores the other
+    candidates, so the columns of any prefix of the bank give the inference over that prefix
+    (:func:`evaluate_from_table`)."""
     tasks = likelihood_candidates(model, None, None)
+    if candidates is not None:
+        tasks = [tasks[t] for t in candidates]
     n = [min(cfg.num_images, x.shape[0]) for x in images]
     x = torch.cat([img[:m] for img, m in zip(images, n)])
     scores = likelihood_scores(model, x, tasks)
@@ -238,6 +242,20 @@ def evaluate_inferred(model: SupermaskModel, batches: Sequence[Batch], task_id: 
         else:
             correct = classify(model, x, y, mask)
         outcomes.append(BatchOutcome(size=y.numel(), inferred_task=stands_for, correct=correct,
+                                     true_rank=inf.true_rank, in_shortlist=inf.in_shortlist))
+    return score_task(task_id, outcomes)
+
+
+def evaluate_from_table(task_id: int, table: torch.Tensor, per_batch_given: Sequence[tuple[int, int]]) -> TaskScores:
+    """The GN protocol for task ``task_id`` when every test batch's score under every candidate is
+    known (``table`` ``(batches, k)``, lowest best; candidate ``i`` is task ``i``) and so is each
+    batch's GG count with the task's own mask (``per_batch_given``, ``(correct, size)``): a batch
+    inferred right scores its GG count, the others nothing; no forward pass."""
+    k = table.shape[1]
+    outcomes = []
+    for order, (correct, size) in zip(table.argsort(dim=1, stable=True), per_batch_given):
+        inf = _batch_inference(order, k, task_id)
+        outcomes.append(BatchOutcome(size=size, inferred_task=inf.mask, correct=correct if inf.mask == task_id else 0,
                                      true_rank=inf.true_rank, in_shortlist=inf.in_shortlist))
     return score_task(task_id, outcomes)
 

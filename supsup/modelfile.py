@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bank import bank_entries, bank_sha256, bank_state, likelihood_state
+from .bank import bank_entries, bank_sha256, bank_state, likelihood_state, task_sha256
 from .checkpoint import MODEL_MAGIC, CheckpointError, read_checksummed, write_checksummed
 from .errors import ModeError
 from .likelihood import DEFAULT_LIKELIHOOD, LikelihoodSpec
@@ -57,6 +57,10 @@ class ModelFile:
         """SHA-256 of the bank, task by task (:func:`supsup.bank.bank_sha256`)."""
         return bank_sha256(self.masked_layers, norms=self.norm_layers,
                            likelihoods=[self.task_likelihood(t) for t in range(self.num_banked_tasks)])
+
+    def task_sha256(self, task_id: int) -> str:
+        """SHA-256 of a banked task's mask and BatchNorm statistics (:func:`supsup.bank.task_sha256`)."""
+        return task_sha256(self.masked_layers, task_id, self.norm_layers)
 
     def identity(self) -> dict[str, Any]:
         """What defines this model besides its masks: the backbone spec (if built by name), the

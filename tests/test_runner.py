@@ -59,7 +59,8 @@ def test_cli_run_gn_writes_everything_and_infers_tasks(mnist_data, tmp_path, cap
     assert res["task_inference_acc"] == 1.0  # a 3-task run infers every batch's task
     assert res["mean_acc_given_task"] > 0.85
     assert abs(res["mean_acc_inferred"] - res["mean_acc_given_task"]) < 1e-9
-    assert res["bank_bytes"] <= 3 * ((res["num_masked_weights"] + 7) // 8 + 3 * 7)  # + word padding
+    # masks (+ word padding), and likelihood statistics at most the masks' bytes again
+    assert res["bank_bytes"] <= 2 * 3 * ((res["num_masked_weights"] + 7) // 8 + 3 * 7)
     assert len(res["bank_sha256"]) == 64
     # the resolved config reloads to the same config
     assert load_config(out / "config.yaml") == _cfg("benchmark.num_tasks=3")
@@ -229,8 +230,10 @@ def test_calibrate_gives_a_saved_bank_the_statistics_a_likelihood_run_banks(mnis
     statistics as a run that banked them while training, and the same GN results."""
     sets = ["benchmark.num_tasks=2", "inference.num_images=1"]
     run_experiment(_cfg(*sets, "inference.method=likelihood"), tmp_path / "live")
-    run_experiment(_cfg(*sets), tmp_path / "later")
+    run_experiment(_cfg(*sets, "inference.method=one_shot"), tmp_path / "later")
     assert not [k for k in _bank(tmp_path / "later") if k.startswith("likelihood.")]
+    with pytest.raises(CheckpointError, match="2 of the 2 banked tasks .* have no likelihood statistics"):
+        evaluate_saved(tmp_path / "later", overrides=["inference.method=likelihood"])
     assert main(["calibrate", str(tmp_path / "later")]) == 0
     assert "fitted for 2 of 2 tasks" in capsys.readouterr().out
     live, later = _bank(tmp_path / "live"), _bank(tmp_path / "later")

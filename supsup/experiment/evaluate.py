@@ -9,11 +9,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from ..config import InferenceConfig, RunConfig, Scenario
 from ..evaluation import (
+    evaluate_from_table,
     evaluate_given_task,
     evaluate_inferred,
     evaluate_per_image,
@@ -23,8 +26,8 @@ from ..inference import candidate_extras
 from ..model import SupermaskModel
 from .results import AccuracyMatrix, CurvePoint, InferredScores, RunResults, Summary, TaskRow
 
-__all__ = ["MASK_INDEPENDENT_METHODS", "MATRIX_EVERY_TASK_MAX", "EvaluationCache", "accuracy_matrix", "curve_point",
-           "deferred_evaluation", "defers_curve", "evaluate_task", "final_evaluation", "matrix_points", "objectives",
+__all__ = ["MASK_INDEPENDENT_METHODS", "MATRIX_EVERY_TASK_MAX", "EvaluationCache", "GivenCounts", "accuracy_matrix", "curve_point",
+           "deferred_evaluation", "evaluate_task", "final_evaluation", "matrix_points", "objectives",
            "sampled_tasks"]
 
 #: inference methods whose score of a mask ignores the other candidates: one pass over the bank
@@ -75,47 +78,67 @@ def sampled_tasks(num_learned: int, sample: int | None) -> list[int]:
     return sorted({round(i * (num_learned - 1) / (sample - 1)) for i in range(sample)})
 
 
+@dataclass(frozen=True)
+class GivenCounts:
+    """A task's GG evaluation: accuracy, ``(correct, size)`` per test batch, and the digest of
+    the mask and statistics it was measured with (:meth:`SupermaskModel.task_sha256`)."""
+
+    acc: float
+    per_batch: list[tuple[int, int]]
+    task_sha256: str
+
+
 class EvaluationCache:
-    """What the evaluations of one fixed bank share (a run's accuracy-vs-tasks points and its
-    final evaluation): each task's GG count per test batch (a banked mask never changes) and,
-    for a :data:`MASK_INDEPENDENT_METHODS` inference, the score of every test batch under every
-    banked mask, computed in one pass over the bank for all the tasks :meth:`prepare` names (a
-    point after ``n`` tasks reads the first ``n`` columns)."""
+    """What the evaluations of a GG/GN run share while its bank grows (a banked mask never
+    changes): each task's GG count per test batch (counts measured right after the task was
+    learned, ``learned``, are reused while the task's digest is the same), and, for a
+    :data:`MASK_INDEPENDENT_METHODS` inference, the score of every test batch of the tasks
+    :meth:`prepare` named under every banked mask. A mask's score ignores the other masks, so
+    the table only grows: a point after ``n`` tasks computes the scores of the masks banked
+    since the last point and of the tasks new to it, and reads the first ``n`` columns; the whole
+    run costs one pass of each mask over each task's inference images."""
 
-    def __init__(self, cfg: RunConfig, model: SupermaskModel, stream):
+    def __init__(self, cfg: RunConfig, model: SupermaskModel, stream, learned: dict[int, GivenCounts] | None = None):
         self.cfg, self.model, self.stream = cfg, model, stream
-        self._given: dict[int, tuple[float, list[tuple[int, int]]]] = {}
-        self._tables: dict[int, torch.Tensor] = {}
+        self._given: dict[int, GivenCounts] = {}
+        self._learned = learned if learned is not None else {}  # shared: the run adds tasks as it learns them
+        self._images: dict[int, list[torch.Tensor]] = {}  # task -> each test batch's inference images
+        self._tables: dict[int, torch.Tensor] = {}  # task -> (batches, masks scored so far)
         self._wanted: set[int] = set()
-        self._bank_size = model.num_banked_tasks
 
-    def given(self, task_id: int, batches) -> tuple[float, list[tuple[int, int]]]:
-        """GG accuracy and per-batch counts of a task with its own mask."""
-        if task_id not in self._given:
-            self._given[task_id] = evaluate_given_task(self.model, batches, task_id)
+    def given(self, task_id: int, batches: Callable[[], list]) -> GivenCounts:
+        """GG accuracy and per-batch counts of a task with its own mask (``batches``: its test
+        batches, loaded only if they must be evaluated)."""
+        digest = self.model.task_sha256(task_id)
+        for known in (self._given.get(task_id), self._learned.get(task_id)):
+            if known is not None and known.task_sha256 == digest:
+                return known
+        acc, per_batch = evaluate_given_task(self.model, batches(), task_id)
+        self._given[task_id] = GivenCounts(acc, per_batch, digest)
         return self._given[task_id]
 
     def prepare(self, tasks) -> None:
         """Tasks whose test batches the next table computation should cover (all in one pass)."""
         self._wanted.update(tasks)
 
-    def table(self, task_id: int, inf: InferenceConfig) -> torch.Tensor | None:
-        """``(batches, k)`` scores of the task's test batches under every banked mask, or None when
-        the method's scores depend on the candidate set."""
-        if inf.method not in MASK_INDEPENDENT_METHODS or self.model.num_banked_tasks != self._bank_size:
+    def table(self, task_id: int, inf: InferenceConfig, k: int) -> torch.Tensor | None:
+        """``(batches, k)``: the scores of the task's test batches under the first ``k`` banked
+        masks, or None when the method's scores depend on the candidate set."""
+        if inf.method not in MASK_INDEPENDENT_METHODS:
             return None
-        if task_id not in self._tables:
-            tasks = sorted((self._wanted | {task_id}) - set(self._tables))
-            images, owner = [], []
-            for t in tasks:
-                for x, _ in self.stream.test_batches(t, self.cfg.eval.batch_size, self.cfg.eval.max_batches):
-                    images.append(x[: inf.num_images])
-                    owner.append(t)
-            scores = likelihood_table(self.model, images, inf)
-            owners = torch.tensor(owner)
-            for t in tasks:
-                self._tables[t] = scores[owners == t]
-        return self._tables[task_id]
+        for t in sorted(self._wanted | {task_id}):
+            if t not in self._images:
+                self._images[t] = [x[: inf.num_images] for x, _ in
+                                   self.stream.test_batches(t, self.cfg.eval.batch_size, self.cfg.eval.max_batches)]
+                self._tables[t] = torch.zeros(len(self._images[t]), 0)
+        short = {t: self._tables[t].shape[1] for t in self._wanted | {task_id} if self._tables[t].shape[1] < k}
+        for first in sorted(set(short.values())):  # the tasks that lack the same masks: one pass for them
+            tasks = sorted(t for t, c in short.items() if c == first)
+            images = [x for t in tasks for x in self._images[t]]
+            scores = likelihood_table(self.model, images, inf, candidates=list(range(first, k))).cpu()
+            for t, part in zip(tasks, scores.split([len(self._images[t]) for t in tasks])):
+                self._tables[t] = torch.cat([self._tables[t], part], dim=1)
+        return self._tables[task_id][:, :k]
 
 
 def evaluate_task(cfg: RunConfig, model: SupermaskModel, stream, task_id: int,
@@ -124,9 +147,16 @@ def evaluate_task(cfg: RunConfig, model: SupermaskModel, stream, task_id: int,
     """One task's row: GG accuracy, and in GN/NN (if ``inferred``) the task-inferred accuracy
     per objective, over the candidate masks ``packed`` (default: the bank and the mask in
     training). ``mask_to_task`` (NN) maps detected masks to the true tasks they stand for.
-    ``cache``: what evaluations of the same bank share (GG counts, mask-independent scores)."""
+    ``cache``: what evaluations of the same bank share (GG counts, mask-independent scores);
+    with both cached, the task's test set is not even loaded."""
     row = TaskRow(task_id)
-    batches = list(stream.test_batches(task_id, cfg.eval.batch_size, cfg.eval.max_batches))
+    loaded: list = []
+
+    def batches() -> list:
+        if not loaded:
+            loaded.append(list(stream.test_batches(task_id, cfg.eval.batch_size, cfg.eval.max_batches)))
+        return loaded[0]
+
     per_batch = None
     task_map = None
     true_mask = task_id
@@ -136,23 +166,26 @@ def evaluate_task(cfg: RunConfig, model: SupermaskModel, stream, task_id: int,
             task_to_mask.setdefault(t, m)
         true_mask = task_to_mask.get(task_id)
         if true_mask is not None:
-            row.acc_given_task, _ = evaluate_given_task(model, batches, true_mask)
+            row.acc_given_task, _ = evaluate_given_task(model, batches(), true_mask)
         def task_map(mask: int) -> int:
             return mask_to_task.get(mask, -1)
     elif cache is not None:
-        row.acc_given_task, per_batch = cache.given(task_id, batches)
+        given = cache.given(task_id, batches)
+        row.acc_given_task, per_batch = given.acc, given.per_batch
     else:
-        row.acc_given_task, per_batch = evaluate_given_task(model, batches, task_id)
+        row.acc_given_task, per_batch = evaluate_given_task(model, batches(), task_id)
     if cfg.scenario is Scenario.GG or not inferred:
         return row
     extra = candidate_extras(model, include_active=True) if model.active_task is not None else None
     for i, objective in enumerate(objectives(cfg)):
         inf = dataclasses.replace(cfg.inference, objective=objective)
-        table = cache.table(task_id, inf) if cache is not None and extra is None and mask_to_task is None else None
-        if table is not None and packed is not None:
-            table = table[:, : packed[0].shape[0]]  # the bank's first n masks: the state after n tasks
-        res = evaluate_inferred(model, batches, task_id, inf, per_batch_given=per_batch, task_map=task_map,
-                                packed=packed, extra=extra, true_mask=true_mask, table=table)
+        k = model.num_banked_tasks if packed is None else packed[0].shape[0]  # a prefix: the state after k tasks
+        table = cache.table(task_id, inf, k) if cache is not None and extra is None and mask_to_task is None else None
+        if table is not None:
+            res = evaluate_from_table(task_id, table, per_batch)
+        else:
+            res = evaluate_inferred(model, batches(), task_id, inf, per_batch_given=per_batch, task_map=task_map,
+                                    packed=packed, extra=extra, true_mask=true_mask)
         scores = InferredScores(res.acc_inferred, res.task_inference_acc)
         if i == 0:
             row.inferred = scores
@@ -160,7 +193,7 @@ def evaluate_task(cfg: RunConfig, model: SupermaskModel, stream, task_id: int,
             row.shortlist_recall = res.shortlist_recall
             row.true_rank_counts = res.true_rank_counts
             if cfg.benchmark.labels == "global":  # class-incremental: also the task of each image alone
-                row.acc_inferred_per_image = evaluate_per_image(model, batches, inf, packed=packed, extra=extra)
+                row.acc_inferred_per_image = evaluate_per_image(model, batches(), inf, packed=packed, extra=extra)
         else:
             row.by_objective[objective] = scores
     return row
@@ -184,17 +217,12 @@ def curve_point(cfg: RunConfig, model: SupermaskModel, stream, num_learned: int,
     return point
 
 
-def defers_curve(cfg: RunConfig) -> bool:
-    """Whether a GN run takes its accuracy-vs-tasks points after training, from the final bank
-    (:class:`EvaluationCache`: one inference pass for every point) instead of after each task:
-    when its inference method scores masks independently of each other."""
-    return cfg.scenario is Scenario.GN and cfg.inference.method in MASK_INDEPENDENT_METHODS
-
-
-def deferred_evaluation(cfg: RunConfig, model: SupermaskModel, stream, results: RunResults) -> None:
-    """The accuracy-vs-tasks points a GG/GN run still lacks (from bank prefixes) and the final
-    evaluation, sharing one :class:`EvaluationCache`."""
-    cache = EvaluationCache(cfg, model, stream)
+def deferred_evaluation(cfg: RunConfig, model: SupermaskModel, stream, results: RunResults,
+                        cache: EvaluationCache | None = None) -> None:
+    """The accuracy-vs-tasks points a GG/GN run still lacks (from bank prefixes: a run resumed
+    from several processes) and the final evaluation, sharing ``cache`` (the run's own, or a
+    new one)."""
+    cache = cache if cache is not None else EvaluationCache(cfg, model, stream)
     done = {p.num_tasks_learned for p in results.curve}
     missing = sorted(n for n in matrix_points(cfg) - done if n < cfg.benchmark.num_tasks)
     for n in missing:

@@ -28,12 +28,14 @@ from .backends import BACKENDS
 from .build import build_model, build_stream, resolve_device
 from .distributed import Distributed
 from .evaluate import (
+    EvaluationCache,
+    GivenCounts,
     accuracy_matrix,
     curve_point,
     deferred_evaluation,
-    defers_curve,
     final_evaluation,
     matrix_points,
+    sampled_tasks,
 )
 from .loggers import RunLogger
 from .parallel import evaluate_parallel, run_labeled_parallel
@@ -78,8 +80,10 @@ def _log_row(task: int, loss: float, acc: float | None, point, train_s: float, e
 
 
 def _run_labeled(cfg: RunConfig, out: Path, model: SupermaskModel, stream, results: RunResults, loop: dict,
-                 logger: RunLogger) -> None:
-    """GG/GN: learn each task with its id, checkpoint after each."""
+                 logger: RunLogger, learned: dict[int, GivenCounts], cache: EvaluationCache) -> None:
+    """GG/GN: learn each task with its id, checkpoint after each; ``learned`` collects each
+    task's GG counts right after it was learned, which the points and the final evaluation
+    (sharing ``cache``) reuse."""
     for task_id in range(loop["next_task"], cfg.benchmark.num_tasks):
         t0 = time.perf_counter()
         report = learn_task(model, stream.train_batches(task_id, cfg.train.iterations, cfg.train.batch_size),
@@ -91,12 +95,14 @@ def _run_labeled(cfg: RunConfig, out: Path, model: SupermaskModel, stream, resul
         train_s = time.perf_counter() - t0
         results.train_seconds += train_s
         t0 = time.perf_counter()
-        acc, _ = evaluate_given_task(model, stream.test_batches(task_id, cfg.eval.batch_size, cfg.eval.max_batches),
-                                     task_id)
+        acc, per_batch = evaluate_given_task(model, stream.test_batches(task_id, cfg.eval.batch_size,
+                                                                        cfg.eval.max_batches), task_id)
+        learned[task_id] = GivenCounts(acc, per_batch, model.task_sha256(task_id))
         results.tasks.append(TaskRow(task_id, acc_given_task=acc))
         point = None
-        if task_id + 1 in matrix_points(cfg) and not defers_curve(cfg):
-            point = curve_point(cfg, model, stream, task_id + 1)
+        if task_id + 1 in matrix_points(cfg):
+            cache.prepare(sampled_tasks(task_id + 1, cfg.eval.sample_tasks))
+            point = curve_point(cfg, model, stream, task_id + 1, cache=cache)
             results.curve.append(point)
         eval_s = time.perf_counter() - t0
         results.eval_seconds += eval_s
@@ -211,13 +217,15 @@ def _run(cfg: RunConfig, out: Path, resume: bool, device, dist: Distributed) -> 
     if dist.is_main:
         atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     logger = RunLogger(cfg, out, resume_from_task=loop["next_task"], enabled=dist.is_main)
+    learned: dict[int, GivenCounts] = {}
+    cache = EvaluationCache(cfg, model, stream, learned)
     try:
         if cfg.scenario is Scenario.NN:
             _run_unlabeled(cfg, out, model, stream, results, loop, tensors, logger)
         elif dist.enabled:
             run_labeled_parallel(cfg, out, model, stream, results, loop, logger, dist)
         else:
-            _run_labeled(cfg, out, model, stream, results, loop, logger)
+            _run_labeled(cfg, out, model, stream, results, loop, logger, learned, cache)
     finally:
         logger.close()
     if dist.enabled:
@@ -225,7 +233,7 @@ def _run(cfg: RunConfig, out: Path, resume: bool, device, dist: Distributed) -> 
     else:
         t0 = time.perf_counter()
         if cfg.scenario is not Scenario.NN:  # points still missing (deferred, or resumed from several processes)
-            deferred_evaluation(cfg, model, stream, results)
+            deferred_evaluation(cfg, model, stream, results, cache)
         else:
             final_evaluation(cfg, model, stream, results)
         results.eval_seconds += time.perf_counter() - t0

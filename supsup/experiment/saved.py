@@ -55,6 +55,11 @@ def evaluate_saved(out_dir: str | os.PathLike, *, overrides: list[str] = (), sce
             model.fit_likelihood(task, tensors["calibration.x"].to(device), tensors["calibration.y"].to(device))
     if model.active_task is None and model.num_banked_tasks < cfg.benchmark.num_tasks and cfg.scenario is not Scenario.NN:
         log.warning("the bank holds %d of %d tasks; evaluating those", model.num_banked_tasks, cfg.benchmark.num_tasks)
+    missing = [t for t in range(model.num_banked_tasks) if model.task_likelihood(t) is None]
+    if cfg.inference.method == "likelihood" and cfg.scenario is not Scenario.GG and missing:
+        raise CheckpointError(f"{len(missing)} of the {model.num_banked_tasks} banked tasks in {out} have no "
+                              f"likelihood statistics (the run used inference.method={base.inference.method}): "
+                              f"run `supsup calibrate {out}` first")
     results.scenario = cfg.scenario
     learned = model.num_banked_tasks
     results.tasks = [r for r in results.tasks if r.task_id < learned]
