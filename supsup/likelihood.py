@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 __all__ = ["DEFAULT_LIKELIHOOD", "ClassGaussians", "LikelihoodSpec", "TaskLikelihood", "choose_rank", "class_gaussian_nll",
-           "fit_class_gaussians", "layer_features", "pack_likelihoods", "stats_nbytes", "unpack_likelihoods"]
+           "fit_class_gaussians", "layer_features", "layer_rank", "pack_likelihoods", "stats_nbytes", "unpack_likelihoods"]
 
 #: bytes of one stored value: fp32 means, variances; fp16 principal directions
 _F32, _F16 = 4, 2
@@ -95,15 +95,22 @@ class ClassGaussians:
         return ClassGaussians(*(t.to(device) for t in (self.means, self.basis, self.eigvals, self.noise)))
 
 
+def layer_rank(rank: int, d: int) -> int:
+    """The directions a feature layer of width ``d`` keeps for a task of rank ``rank``: fewer
+    than its width (a ResNet's 20-channel stem keeps 19 while its wider layers keep ``rank``)."""
+    return min(rank, d - 1)
+
+
 def stats_nbytes(dims: Sequence[int], groups: int, rank: int) -> int:
     """Bytes of one task's :class:`ClassGaussians` over feature layers of ``dims``."""
-    return sum(groups * (d * _F32 + rank * d * _F16 + rank * _F32 + _F32) for d in dims)
+    return sum(groups * (d * _F32 + layer_rank(rank, d) * (d * _F16 + _F32) + _F32) for d in dims)
 
 
 def choose_rank(budget: int, dims: Sequence[int], groups: int, max_rank: int, min_group_size: int) -> int:
-    """The most principal directions (<= ``max_rank``, < ``min_group_size``, < every ``d``) that
-    keep a task's statistics within ``budget`` bytes; -1 if not even the means fit."""
-    r = min(max_rank, min_group_size - 1, min(dims) - 1)
+    """The most principal directions (<= ``max_rank``, < ``min_group_size``; each layer fewer than
+    its width, :func:`layer_rank`) that keep a task's statistics within ``budget`` bytes; -1 if
+    not even the means fit."""
+    r = min(max_rank, min_group_size - 1)
     while r >= 0 and stats_nbytes(dims, groups, r) > budget:
         r -= 1
     return r
@@ -239,7 +246,7 @@ def pack_likelihoods(tasks: Sequence[TaskLikelihood | None]) -> dict[str, torch.
     if not present:
         return {}
     num_layers = len(present[0].layers)
-    out = {"rank": torch.tensor([-1 if t is None else t.layers[0].rank for t in tasks], dtype=torch.int64),
+    out = {"rank": torch.tensor([-1 if t is None else max(g.rank for g in t.layers) for t in tasks], dtype=torch.int64),
            "groups": torch.tensor([0 if t is None else t.layers[0].num_classes for t in tasks], dtype=torch.int64)}
     for li in range(num_layers):
         gs = [t.layers[li] for t in present]
@@ -268,9 +275,9 @@ def unpack_likelihoods(state: dict[str, torch.Tensor], num_tasks: int,
         raise ValueError("likelihood.rank / groups: a task with statistics needs rank >= 0 and at least one class")
     have = rank >= 0
     n_groups = int(groups[have].sum())
-    n_dirs = int((groups * rank.clamp_min(0))[have].sum())
     layers: list[list[ClassGaussians]] = [[] for _ in range(num_tasks)]
     for li, d in enumerate(dims):
+        n_dirs = sum(int(groups[t]) * layer_rank(int(rank[t]), d) for t in range(num_tasks) if have[t])
         shapes = {"means": ((n_groups, d), torch.float32), "basis": ((n_dirs, d), torch.float16),
                   "eigvals": ((n_dirs,), torch.float32), "noise": ((n_groups,), torch.float32)}
         for f, (shape, dtype) in shapes.items():
@@ -281,7 +288,7 @@ def unpack_likelihoods(state: dict[str, torch.Tensor], num_tasks: int,
         for task in range(num_tasks):
             if not have[task]:
                 continue
-            c, r = int(groups[task]), int(rank[task])
+            c, r = int(groups[task]), layer_rank(int(rank[task]), d)
             layers[task].append(ClassGaussians(
                 means=state[f"{li}.means"][g0: g0 + c].clone(),
                 basis=state[f"{li}.basis"][r0: r0 + c * r].reshape(c, r, d).clone(),

@@ -35,6 +35,7 @@ from .likelihood import (
     choose_rank,
     fit_class_gaussians,
     layer_features,
+    layer_rank,
     stats_nbytes,
     unpack_likelihoods,
 )
@@ -404,7 +405,7 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
             if rank < 0:
                 raise ValueError(f"task {task_id}'s likelihood statistics ({stats_nbytes(dims, 1, 0)} bytes at least) "
                                  f"exceed its mask's {budget} bytes: use a model with fewer feature units")
-        fitted = TaskLikelihood([fit_class_gaussians(f[keep], labels[keep], rank) for f in feats])
+        fitted = TaskLikelihood([fit_class_gaussians(f[keep], labels[keep], layer_rank(rank, f.shape[1])) for f in feats])
         self._likelihoods[task_id] = fitted
         return fitted
 

@@ -82,11 +82,14 @@ def test_choose_rank_is_the_largest_that_fits_the_budget():
     assert choose_rank(10**9, dims, 1, max_rank=8, min_group_size=1000) == 8  # the cap
     assert choose_rank(10**9, dims, 1, max_rank=64, min_group_size=5) == 4  # fewer directions than images
     assert choose_rank(10, dims, 1, max_rank=8, min_group_size=100) == -1  # not even the means
+    # a narrow layer keeps fewer directions than its width, the others the task's rank
+    assert choose_rank(10**9, [100, 10], 1, max_rank=32, min_group_size=1000) == 32
+    assert stats_nbytes([100, 10], 1, 32) == (100 * 4 + 32 * (100 * 2 + 4) + 4) + (10 * 4 + 9 * (10 * 2 + 4) + 4)
 
 
 def test_packed_statistics_round_trip_and_are_checked():
     tasks = [TaskLikelihood([_random_gaussians(2, 3, 5, 0), _random_gaussians(2, 3, 4, 1)]), None,
-             TaskLikelihood([_random_gaussians(1, 4, 5, 2), _random_gaussians(1, 4, 4, 3)])]
+             TaskLikelihood([_random_gaussians(1, 4, 5, 2), _random_gaussians(1, 3, 4, 3)])]  # rank 4: 3 in width 4
     state = pack_likelihoods(tasks)
     back = unpack_likelihoods(state, 3, [5, 4])
     assert back[1] is None
