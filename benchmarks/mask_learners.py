@@ -45,7 +45,7 @@ PUBLISHED = {"large_final_same_sign (Zhou et al.)": {"single": 0.80}, "signed co
              "SupSup paper, GG upper bound": {"permuted": 0.967}}
 
 
-def _cfg(kind: str, stream: str, tasks: int, quick: bool):
+def _cfg(kind: str, stream: str, tasks: int, quick: bool, extra: tuple[str, ...] = ()):
     from supsup.config import load_config
 
     sets = ["scenario=GG", f"benchmark.name={stream}", f"benchmark.num_tasks={tasks}", *KINDS[kind],
@@ -54,12 +54,14 @@ def _cfg(kind: str, stream: str, tasks: int, quick: bool):
         sets.append("benchmark.angles=[0]")
     if quick:
         sets += ["train.iterations=50", "train.lr=1e-3", "eval.max_batches=2"]
+    sets += list(extra)  # last: they win
     return load_config(ROOT / "configs" / "permuted_mnist_gg.yaml", sets)
 
 
-def learn(kind: str, stream: str, tasks: int, quick: bool, samples: int = 5) -> dict:
+def learn(kind: str, stream: str, tasks: int, quick: bool, samples: int = 5, extra: tuple[str, ...] = ()) -> dict:
     """Train ``tasks`` tasks of ``stream`` with masks of ``kind``; accuracy of each task right
-    after learning it (and, for a sampled kind, the mean accuracy of ``samples`` sampled masks)."""
+    after learning it (and, for a sampled kind, the mean accuracy of ``samples`` sampled masks);
+    ``extra`` config overrides go last."""
     import torch
 
     from supsup.evaluation import evaluate_given_task
@@ -67,7 +69,7 @@ def learn(kind: str, stream: str, tasks: int, quick: bool, samples: int = 5) -> 
     from supsup.masks import SAMPLED_KINDS
     from supsup.training import fit_active_task
 
-    cfg = _cfg(kind, stream, tasks, quick)
+    cfg = _cfg(kind, stream, tasks, quick, extra)
     device = torch.device("cpu")
     model, data = build_model(cfg, device), build_stream(cfg, device, progress=False)
     acc, sampled, seconds = [], [], []

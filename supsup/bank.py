@@ -27,15 +27,63 @@ from .layers import SupermaskLayer
 from .likelihood import TaskLikelihood, pack_likelihoods, unpack_likelihoods
 from .norm import TaskBatchNorm
 
-__all__ = ["LIKELIHOOD_PREFIX", "bank_entries", "bank_sha256", "bank_state", "check_bank_state", "likelihood_state",
-           "task_sha256"]
+__all__ = ["LIKELIHOOD_PREFIX", "TASK_CLASSES_KEY", "bank_entries", "bank_sha256", "bank_size", "bank_state",
+           "check_bank_state", "likelihood_state", "mask_key", "norm_key", "norm_running_key", "task_classes_state",
+           "task_rows", "task_sha256"]
 
+# The key format: spelled out here and nowhere else.
 LIKELIHOOD_PREFIX = "likelihood."
+TASK_CLASSES_KEY = "task_classes"
+
+
+def mask_key(i: int) -> str:
+    """The key of masked layer ``i``'s packed rows."""
+    return f"bank.{i}"
+
+
+def norm_key(j: int) -> str:
+    """The key of BatchNorm layer ``j``'s per-task statistics."""
+    return f"norm.{j}"
+
+
+def norm_running_key(j: int) -> str:
+    """The key of BatchNorm layer ``j``'s running statistics."""
+    return f"norm_running.{j}"
+
+
+def bank_size(state: dict[str, torch.Tensor]) -> int:
+    """How many tasks a bank mapping (or a file's tensors holding one) banks; 0 if none."""
+    first = state.get(mask_key(0))
+    return 0 if first is None else int(first.shape[0])
+
+
+def task_rows(masks: Sequence[torch.Tensor], norms: Sequence[TaskBatchNorm] = ()) -> dict[str, torch.Tensor]:
+    """One task's bank entries, on the CPU: ``masks`` (one bool tensor per masked layer) packed
+    to ``(1, nbytes)`` rows, and the running statistics of the BatchNorm layers that keep
+    per-task statistics as ``(1, 2, C)``."""
+    state = {mask_key(i): M.pack_bits(m).unsqueeze(0).cpu() for i, m in enumerate(masks)}
+    for j, bn in enumerate(norms):
+        if bn.keeps_stats:
+            state[norm_key(j)] = torch.stack([bn.running_mean, bn.running_var]).unsqueeze(0).cpu()
+    return state
+
+
+def task_classes_state(task_classes: dict[int, list[int]], num_tasks: int) -> dict[str, torch.Tensor]:
+    """Each task's classes as ``{TASK_CLASSES_KEY: (k, c)}`` int64, -1 padded; ``{}`` if no task has any."""
+    if not task_classes:
+        return {}
+    width = max(len(c) for c in task_classes.values())
+    rows = torch.full((num_tasks, width), -1, dtype=torch.int64)
+    for t, classes in task_classes.items():
+        if t < num_tasks:
+            rows[t, : len(classes)] = torch.tensor(classes, dtype=torch.int64)
+    return {TASK_CLASSES_KEY: rows}
 
 
 def bank_entries(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The bank's entries among a file's tensors (a checkpoint also holds other state)."""
-    return {k: v for k, v in tensors.items() if k.startswith(("bank.", "norm", "task_classes", LIKELIHOOD_PREFIX))}
+    prefixes = (mask_key(0)[:-1], norm_key(0)[:-1], norm_running_key(0)[:-1], TASK_CLASSES_KEY, LIKELIHOOD_PREFIX)
+    return {k: v for k, v in tensors.items() if k.startswith(prefixes)}
 
 
 def likelihood_state(tasks: Sequence[TaskLikelihood | None]) -> dict[str, torch.Tensor]:
@@ -45,12 +93,12 @@ def likelihood_state(tasks: Sequence[TaskLikelihood | None]) -> dict[str, torch.
 
 def bank_state(layers: Sequence[SupermaskLayer], norms: Sequence[TaskBatchNorm] = ()) -> dict[str, torch.Tensor]:
     """Packed bank rows per layer (exactly the banked masks) and BatchNorm statistics, on the CPU."""
-    out = {f"bank.{i}": layer.bank_rows.detach().cpu().clone() for i, layer in enumerate(layers)}
+    out = {mask_key(i): layer.bank_rows.detach().cpu().clone() for i, layer in enumerate(layers)}
     for j, bn in enumerate(norms):
         if bn.keeps_stats:
-            out[f"norm.{j}"] = bn.stats_rows().detach().cpu().clone()
+            out[norm_key(j)] = bn.stats_rows().detach().cpu().clone()
         if bn.norm != "batch":
-            out[f"norm_running.{j}"] = torch.stack([bn.running_mean, bn.running_var]).detach().cpu().clone()
+            out[norm_running_key(j)] = torch.stack([bn.running_mean, bn.running_var]).detach().cpu().clone()
     return out
 
 
@@ -99,17 +147,17 @@ def check_bank_state(layers: Sequence[SupermaskLayer], state: dict[str, torch.Te
     """
     likelihood = {k[len(LIKELIHOOD_PREFIX):]: v for k, v in state.items() if k.startswith(LIKELIHOOD_PREFIX)}
     state = {k: v for k, v in state.items() if not k.startswith(LIKELIHOOD_PREFIX)}
-    expected = {f"bank.{i}" for i in range(len(layers))}
-    if "task_classes" in state:  # optional: each task's classes (class-incremental streams)
-        expected.add("task_classes")
+    expected = {mask_key(i) for i in range(len(layers))}
+    if TASK_CLASSES_KEY in state:  # optional: each task's classes (class-incremental streams)
+        expected.add(TASK_CLASSES_KEY)
     for j, bn in enumerate(norms):
         if bn.keeps_stats:
-            expected.add(f"norm.{j}")
+            expected.add(norm_key(j))
         if bn.norm != "batch":
-            expected.add(f"norm_running.{j}")
+            expected.add(norm_running_key(j))
     if set(state) != expected:
         raise ValueError(f"bank state has keys {sorted(state)}, expected {sorted(expected)}")
-    counts = {state[f"bank.{i}"].shape[0] for i in range(len(layers))}
+    counts = {state[mask_key(i)].shape[0] for i in range(len(layers))}
     if len(counts) != 1:
         raise ValueError(f"bank layers hold different numbers of masks: {sorted(counts)}")
     (k,) = counts
@@ -117,7 +165,7 @@ def check_bank_state(layers: Sequence[SupermaskLayer], state: dict[str, torch.Te
         raise ValueError(f"bank holds {k} masks, more than the model's capacity {capacity}")
     out = []
     for i, layer in enumerate(layers):
-        t = state[f"bank.{i}"]
+        t = state[mask_key(i)]
         want = (k, M.packed_nbytes(layer.num_weights))
         legacy = (layer.num_weights + 7) // 8
         if t.dtype == torch.uint8 and t.dim() == 2 and t.shape[0] == k and t.shape[1] == legacy != want[1]:
@@ -125,11 +173,11 @@ def check_bank_state(layers: Sequence[SupermaskLayer], state: dict[str, torch.Te
             # words. The padding bits are zero, so the masks are unchanged.
             t = torch.nn.functional.pad(t, (0, want[1] - legacy))
         if t.dtype != torch.uint8 or tuple(t.shape) != want:
-            raise ValueError(f"bank.{i}: expected uint8 {want}, got {t.dtype} {tuple(t.shape)}")
+            raise ValueError(f"{mask_key(i)}: expected uint8 {want}, got {t.dtype} {tuple(t.shape)}")
         out.append(t)
     norm_entries = {}
     for j, bn in enumerate(norms):
-        for key, want in ((f"norm.{j}", (k, 2, bn.num_features)), (f"norm_running.{j}", (2, bn.num_features))):
+        for key, want in ((norm_key(j), (k, 2, bn.num_features)), (norm_running_key(j), (2, bn.num_features))):
             if key in expected:
                 t = state[key]
                 if t.dtype != torch.float32 or tuple(t.shape) != want:

@@ -7,7 +7,9 @@
     supsup report DIR
     supsup data mnist [--root DIR]
 
-Mistakes in a config or a command are one line on stderr and exit code 2, no traceback.
+Mistakes in a config, a command or a path (a bad argument, a missing or unwritable file, a
+directory that is not a run, missing data) are one line on stderr and exit code 2, no
+traceback; ``-v`` adds the details where there are more (e.g. how to place MNIST by hand).
 """
 
 from __future__ import annotations
@@ -23,8 +25,17 @@ from pathlib import Path
 __all__ = ["main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block): ``supsup: error: ...``, exit code 2."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("supsup").strip()
+        hint = f"supsup {command} --help" if command else "supsup --help"
+        raise SystemExit(_fail(f"{message} (see `{hint}`)"))
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="supsup", description="Supermasks in Superposition: continual learning with 1-bit masks.")
+    p = _Parser(prog="supsup", description="Supermasks in Superposition: continual learning with 1-bit masks.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -73,6 +84,23 @@ def _parser() -> argparse.ArgumentParser:
 def _fail(message: str, code: int = 2) -> int:
     print(f"supsup: error: {message}", file=sys.stderr)
     return code
+
+
+def _one_line(err: Exception, verbose: bool) -> str:
+    """An error's message as one line: its first line, the rest with ``-v`` (printed before)."""
+    lines = str(err).strip().splitlines() or [type(err).__name__]
+    if len(lines) > 1:
+        if verbose:
+            print("\n".join(lines[1:]), file=sys.stderr)
+        else:
+            return f"{lines[0]} (supsup -v ... for the details)"
+    return lines[0]
+
+
+def _path_error(err: OSError) -> str:
+    """``PATH: reason`` for an OS error on a file the user named (or that a command needs there)."""
+    where = err.filename if err.filename2 is None else f"{err.filename} -> {err.filename2}"
+    return f"{where}: {err.strerror or type(err).__name__}"
 
 
 def _cmd_run(args) -> int:
@@ -127,6 +155,8 @@ def _cmd_eval(args) -> int:
     from .experiment import evaluate_saved, format_table
     from .fileio import atomic_write_text
 
+    if args.json and Path(args.json).is_dir():  # found before the evaluation, not after it
+        return _fail(f"--json {args.json} is a directory; give a file path")
     if args.threads is not None:
         _set_threads(args.threads)
     results = evaluate_saved(args.dir, overrides=args.overrides, scenario=args.scenario, curve=args.curve)
@@ -169,8 +199,7 @@ def _cmd_data(args) -> int:
     try:
         root = ensure_mnist(args.root, progress=True)
     except MNISTUnavailableError as err:
-        print(f"supsup: error: {err}", file=sys.stderr)
-        return 1
+        return _fail(_one_line(err, args.verbose))
     print(f"MNIST ready in {root / 'MNIST' / 'raw'} ({time.perf_counter() - t0:.2f} s)")
     return 0
 
@@ -201,7 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, DataUnavailableError) as err:
         if int(os.environ.get("RANK", "0")) != 0:  # several processes: every rank has the same error
             return 2
-        return _fail(str(err))
+        return _fail(_one_line(err, args.verbose))
+    except OSError as err:
+        if err.filename is None:  # not about a path the user gave: a fault of ours, with its traceback
+            raise
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 2
+        return _fail(_path_error(err))
     except KeyboardInterrupt:
         return _fail("interrupted (the last checkpoint is intact; continue with --resume)", 130)
 

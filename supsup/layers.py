@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import masks as M
-from .norm import LAYER_MODES, TaskBatchNorm
+from .modes import Mode, as_mode
+from .norm import TaskBatchNorm
 from .registry import Registry
 
 __all__ = ["SCORE_INITS", "SupermaskLayer", "MaskedLinear", "MaskedConv2d", "wrap_backbone", "wrap_layer",
@@ -92,7 +93,7 @@ class SupermaskLayer(nn.Module):
         self.sampler: torch.Generator | None = None
         self.register_buffer("bank", torch.zeros(0, M.packed_nbytes(weight.numel()), dtype=torch.uint8, device=weight.device))
         self.num_masks = 0
-        self._mode = "idle"
+        self._mode = Mode.IDLE
         self._task_mask: torch.Tensor | None = None  # bool, for mode "task"
         self._cached_weight: torch.Tensor | None = None
         self._alphas: torch.Tensor | None = None
@@ -241,12 +242,10 @@ class SupermaskLayer(nn.Module):
         self.scores = None
 
     # ------------------------------------------------------------------------ modes
-    def set_mode(self, mode: str, *, task_mask: torch.Tensor | None = None,
+    def set_mode(self, mode: Mode | str, *, task_mask: torch.Tensor | None = None,
                   alphas: torch.Tensor | None = None, packed: torch.Tensor | None = None,
                   coef: torch.Tensor | None = None) -> None:
-        if mode not in LAYER_MODES:
-            raise ValueError(f"unknown mode {mode!r}; known: {', '.join(LAYER_MODES)}")
-        self._mode = mode
+        self._mode = as_mode(mode)
         self._task_mask = task_mask
         self._cached_weight = None
         self._alphas = alphas
@@ -256,16 +255,16 @@ class SupermaskLayer(nn.Module):
     def effective_weight(self) -> torch.Tensor:
         """The weight the current mode uses; shape of ``W``."""
         mode = self._mode
-        if mode == "train":
+        if mode is Mode.TRAIN:
             if self.scores is None:
                 raise RuntimeError("train mode without active scores")
             return M.masked_weight(self.weight, self.scores, self.mask_kind, self.density, self.sampler)
-        if mode == "task":
+        if mode is Mode.TASK:
             if self._cached_weight is None:
                 # Same product as in training, so a banked mask gives bitwise-identical outputs.
                 self._cached_weight = self.weight * self._task_mask
             return self._cached_weight
-        if mode == "superpose":
+        if mode is Mode.SUPERPOSE:
             if self._coef is not None:
                 return self.weight * self._coef
             coef = _SuperposedMask.apply(self._alphas, self._packed, self.num_weights)
@@ -273,7 +272,7 @@ class SupermaskLayer(nn.Module):
         raise RuntimeError("the layer has no task to run: call add_task, set_task or superpose on the model")
 
     def extra_repr(self) -> str:
-        return f"mask_kind={self.mask_kind!r}, num_masks={self.num_masks}, mode={self._mode!r}"
+        return f"mask_kind={self.mask_kind!r}, num_masks={self.num_masks}, mode={self._mode.value!r}"
 
 
 class MaskedLinear(SupermaskLayer):

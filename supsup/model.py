@@ -16,7 +16,6 @@ weights are rebuilt (and checked against their digest).
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,7 +24,17 @@ from torch import nn
 
 from . import masks as M
 from .backbones import create_backbone, init_weights
-from .bank import LIKELIHOOD_PREFIX, check_bank_state, likelihood_state
+from .bank import (
+    LIKELIHOOD_PREFIX,
+    TASK_CLASSES_KEY,
+    bank_size,
+    check_bank_state,
+    likelihood_state,
+    mask_key,
+    norm_key,
+    norm_running_key,
+    task_rows,
+)
 from .errors import CapacityError, ModeError
 from .layers import SupermaskLayer, wrap_backbone
 from .likelihood import (
@@ -40,6 +49,7 @@ from .likelihood import (
     unpack_likelihoods,
 )
 from .modelfile import ModelFile
+from .modes import Mode
 from .norm import NORMS, TaskBatchNorm
 from .prediction import Prediction
 from .rng import make_generator
@@ -50,13 +60,6 @@ __all__ = ["MIN_CLASS_RANK", "Mode", "ModeError", "CapacityError", "SupermaskMod
 #: (fewer per class ranked worse than one Gaussian per task at full rank: FC 1024, 50
 #: PermutedMNIST tasks, one image: 10 classes at rank 5, 0.979; one Gaussian at rank 32, 1.000)
 MIN_CLASS_RANK = 16
-
-
-class Mode(enum.Enum):
-    IDLE = "idle"  # no task selected: forward raises
-    TRAIN = "train"  # active scores, straight-through gradients
-    TASK = "task"  # one mask (from the bank or the active scores)
-    SUPERPOSE = "superpose"  # weighted sum of several masks
 
 
 class SupermaskModel(ModelFile, Prediction, nn.Module):
@@ -208,7 +211,7 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
         return [layer.scores for layer in self.masked_layers if layer.scores is not None]
 
     # ------------------------------------------------------------------------ task bank
-    def _set_layers(self, mode: str) -> None:
+    def _set_layers(self, mode: Mode) -> None:
         for layer in [*self.masked_layers, *self.norm_layers]:
             layer.set_mode(mode)
 
@@ -273,7 +276,7 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
             gen = make_generator(self.seed, "mask_samples", self._active_task)
             for layer in self.masked_layers:
                 layer.sampler = gen
-        self._set_layers("train")
+        self._set_layers(Mode.TRAIN)
         self._mode = Mode.TRAIN
         self._current_task = self._active_task
 
@@ -293,7 +296,7 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
         for bn in self.norm_layers:
             bn.bank_stats(task_id, self.num_tasks)
         self._active_task = None
-        self._set_layers("idle")
+        self._set_layers(Mode.IDLE)
         self._mode = Mode.IDLE
         self._current_task = None
         return task_id
@@ -320,11 +323,7 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
         task_id = self._active_task
         if task_id is None:
             raise ModeError("no task is being trained")
-        state = {f"bank.{i}": M.pack_bits(layer.current_mask()).unsqueeze(0).cpu()
-                 for i, layer in enumerate(self.masked_layers)}
-        for j, bn in enumerate(self.norm_layers):
-            if bn.keeps_stats:
-                state[f"norm.{j}"] = torch.stack([bn.running_mean, bn.running_var]).unsqueeze(0).cpu()
+        state = task_rows([layer.current_mask() for layer in self.masked_layers], self.norm_layers)
         if task_id in self._likelihoods:  # fitted under the mask in training (fit_likelihood)
             state.update(likelihood_state([self._likelihoods.pop(task_id)]))
         self.abandon_task()
@@ -334,16 +333,16 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
         """Bank the next tasks from bank state rows (``bank.<i>`` ``(k, nbytes)``, ...), in order."""
         if self._active_task is not None:
             raise ModeError("cannot bank tasks while a task is being trained")
-        k = state["bank.0"].shape[0]
+        k = bank_size(state)
         if self.num_banked_tasks + k > self.num_tasks:
             raise CapacityError(f"{k} more tasks do not fit: {self.num_banked_tasks} of {self.num_tasks} are banked")
         for i, layer in enumerate(self.masked_layers):
-            rows = state[f"bank.{i}"].to(layer.weight.device)
+            rows = state[mask_key(i)].to(layer.weight.device)
             for r in rows:
                 layer.append_mask(M.unpack_bits(r, layer.num_weights).view_as(layer.weight), capacity_hint=self.num_tasks)
         for j, bn in enumerate(self.norm_layers):
             if bn.keeps_stats:
-                for row in state[f"norm.{j}"]:
+                for row in state[norm_key(j)]:
                     bn.append_stats(row, self.num_tasks)
         likelihood = {key[len(LIKELIHOOD_PREFIX):]: v for key, v in state.items() if key.startswith(LIKELIHOOD_PREFIX)}
         first = self.num_banked_tasks - k
@@ -414,9 +413,9 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
         if not (0 <= task_id < self._num_learned or task_id == self._active_task):  # a later task in training too
             raise IndexError(f"task {task_id} is not learned; learned tasks: 0..{self._num_learned - 1}")
         for layer, mask in zip(self.masked_layers, self.task_masks(task_id)):
-            layer.set_mode("task", task_mask=mask)
+            layer.set_mode(Mode.TASK, task_mask=mask)
         for bn in self.norm_layers:
-            bn.set_mode("task", stats=bn.task_stats(None if task_id == self._active_task else task_id))
+            bn.set_mode(Mode.TASK, stats=bn.task_stats(None if task_id == self._active_task else task_id))
         self._mode = Mode.TASK
         self._current_task = task_id
 
@@ -438,10 +437,10 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
         if alphas.shape != (n,):
             raise ValueError(f"alphas must have shape ({n},), got {tuple(alphas.shape)}")
         for layer, p in zip(self.masked_layers, packed):
-            layer.set_mode("superpose", alphas=alphas, packed=p)
+            layer.set_mode(Mode.SUPERPOSE, alphas=alphas, packed=p)
         for i, bn in enumerate(self.norm_layers):
             weighted = norm_stats is not None
-            bn.set_mode("superpose", alphas=alphas.unsqueeze(0) if weighted else None,
+            bn.set_mode(Mode.SUPERPOSE, alphas=alphas.unsqueeze(0) if weighted else None,
                         candidates=norm_stats[i] if weighted else None)
         self._mode = Mode.SUPERPOSE
         self._current_task = None
@@ -454,12 +453,12 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
         ``groups`` equal parts of a batch (one inference each) with its own statistics, or,
         with ``norm_task``, with that banked task's (a single mask evaluated as itself)."""
         for layer, c in zip(self.masked_layers, coefs):
-            layer.set_mode("superpose", coef=c)
+            layer.set_mode(Mode.SUPERPOSE, coef=c)
         for bn in self.norm_layers:
             if norm_task is not None and bn.keeps_stats:
-                bn.set_mode("task", stats=bn.task_stats(norm_task))
+                bn.set_mode(Mode.TASK, stats=bn.task_stats(norm_task))
             else:
-                bn.set_mode("superpose", groups=groups)
+                bn.set_mode(Mode.SUPERPOSE, groups=groups)
         self._mode = Mode.SUPERPOSE
         self._current_task = None
 
@@ -468,7 +467,7 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
         if self._active_task is not None:
             self.train_mode()
         else:
-            self._set_layers("idle")
+            self._set_layers(Mode.IDLE)
             self._mode = Mode.IDLE
             self._current_task = None
 
@@ -489,14 +488,14 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
         for layer, t in zip(self.masked_layers, rows):
             layer.load_bank(t)
         self._likelihoods = {t: lk.to(self.device) for t, lk in enumerate(likelihoods) if lk is not None}
-        if "task_classes" in state:
-            self.task_classes = {t: [int(c) for c in row if c >= 0] for t, row in enumerate(state["task_classes"].tolist())
+        if TASK_CLASSES_KEY in state:
+            self.task_classes = {t: [int(c) for c in row if c >= 0] for t, row in enumerate(state[TASK_CLASSES_KEY].tolist())
                                  if any(c >= 0 for c in row)}
         for j, bn in enumerate(self.norm_layers):
-            if f"norm.{j}" in norm_entries:
-                bn.load_bank(norm_entries[f"norm.{j}"])
-            if f"norm_running.{j}" in norm_entries:
-                bn.running_mean.copy_(norm_entries[f"norm_running.{j}"][0])
-                bn.running_var.copy_(norm_entries[f"norm_running.{j}"][1])
+            if norm_key(j) in norm_entries:
+                bn.load_bank(norm_entries[norm_key(j)])
+            if norm_running_key(j) in norm_entries:
+                bn.running_mean.copy_(norm_entries[norm_running_key(j)][0])
+                bn.running_var.copy_(norm_entries[norm_running_key(j)][1])
         self._num_learned = rows[0].shape[0] if num_learned is None else num_learned
         self.restore_mode()

@@ -16,7 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bank import bank_entries, bank_sha256, bank_state, likelihood_state, task_sha256
+from .bank import (
+    bank_entries,
+    bank_sha256,
+    bank_state,
+    likelihood_state,
+    task_classes_state,
+    task_sha256,
+)
 from .checkpoint import MODEL_MAGIC, CheckpointError, read_checksummed, write_checksummed
 from .errors import ModeError
 from .likelihood import DEFAULT_LIKELIHOOD, LikelihoodSpec
@@ -43,13 +50,7 @@ class ModelFile:
         """Packed bank rows per layer (exactly ``num_banked_tasks`` rows each) and BatchNorm
         statistics, on the CPU (:func:`supsup.bank.bank_state`)."""
         state = bank_state(self.masked_layers, self.norm_layers)
-        if self.task_classes:  # (k, c) int64, -1 padded: each task's classes (class-incremental)
-            width = max(len(c) for c in self.task_classes.values())
-            rows = torch.full((self.num_banked_tasks, width), -1, dtype=torch.int64)
-            for t, classes in self.task_classes.items():
-                if t < self.num_banked_tasks:
-                    rows[t, : len(classes)] = torch.tensor(classes)
-            state["task_classes"] = rows
+        state.update(task_classes_state(self.task_classes, self.num_banked_tasks))  # class-incremental
         state.update(likelihood_state([self.task_likelihood(t) for t in range(self.num_banked_tasks)]))
         return state
 

@@ -29,12 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .modes import Mode, as_mode
+
 __all__ = ["NORMS", "SUPERPOSED_NORMS", "TaskBatchNorm", "group_batch_norm"]
 
 NORMS = ("per_task", "batch", "shared")
 SUPERPOSED_NORMS = ("batch", "weighted")
 #: what a wrapped layer can be set to run (the model's Mode values, set on every layer)
-LAYER_MODES = ("train", "task", "superpose", "idle")
 
 
 def group_batch_norm(x: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
@@ -80,7 +81,7 @@ class TaskBatchNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(c))
         self.register_buffer("bank", torch.zeros(0, 2, c))
         self.num_stats = 0
-        self._mode = "idle"
+        self._mode = Mode.IDLE
         self._stats: tuple[torch.Tensor, torch.Tensor] | None = None  # (mean, var) for "task"
         self._alphas: torch.Tensor | None = None
         self._candidates: torch.Tensor | None = None  # (k, 2, C) for weighted superposition
@@ -145,15 +146,13 @@ class TaskBatchNorm(nn.Module):
         return self.bank[task_id, 0], self.bank[task_id, 1]
 
     # ------------------------------------------------------------------------ modes
-    def set_mode(self, mode: str, *, stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+    def set_mode(self, mode: Mode | str, *, stats: tuple[torch.Tensor, torch.Tensor] | None = None,
                  alphas: torch.Tensor | None = None, candidates: torch.Tensor | None = None,
                  groups: int = 1) -> None:
         """``train``; ``task`` with ``stats``; ``superpose`` with per-group batch statistics
         (``groups``) or, given ``alphas`` ``(G, k)`` and ``candidates`` ``(k, 2, C)``, the
         alpha-weighted ones; ``idle``."""
-        if mode not in LAYER_MODES:
-            raise ValueError(f"unknown mode {mode!r}; known: {', '.join(LAYER_MODES)}")
-        self._mode = mode
+        self._mode = as_mode(mode)
         self._stats = stats
         self._alphas = alphas
         self._candidates = candidates
@@ -161,17 +160,17 @@ class TaskBatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode = self._mode
-        if mode == "train":
+        if mode is Mode.TRAIN:
             if self.norm == "batch":
                 return F.batch_norm(x, None, None, training=True, eps=self.eps)
             return F.batch_norm(x, self.running_mean, self.running_var, training=True, momentum=self.momentum,
                                 eps=self.eps)
-        if self.norm == "batch" or (mode == "superpose" and self._alphas is None):
-            return group_batch_norm(x, self._groups if mode == "superpose" else 1, self.eps)
-        if mode == "task":
+        if self.norm == "batch" or (mode is Mode.SUPERPOSE and self._alphas is None):
+            return group_batch_norm(x, self._groups if mode is Mode.SUPERPOSE else 1, self.eps)
+        if mode is Mode.TASK:
             mean, var = self._stats
             return F.batch_norm(x, mean, var, training=False, eps=self.eps)
-        if mode == "superpose":
+        if mode is Mode.SUPERPOSE:
             if not self.keeps_stats:  # shared statistics: the same for every candidate
                 return F.batch_norm(x, self.running_mean, self.running_var, training=False, eps=self.eps)
             stats = torch.einsum("gk,ksc->gsc", self._alphas, self._candidates)  # (G, 2, C)
@@ -182,4 +181,4 @@ class TaskBatchNorm(nn.Module):
         raise RuntimeError("the layer has no task to run: call add_task, set_task or superpose on the model")
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, norm={self.norm!r}, num_stats={self.num_stats}, mode={self._mode!r}"
+        return f"{self.num_features}, norm={self.norm!r}, num_stats={self.num_stats}, mode={self._mode.value!r}"

@@ -10,6 +10,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from .modes import Mode
+
 __all__ = ["Prediction"]
 
 
@@ -38,7 +40,7 @@ class Prediction:
         """Logits ``(B, num_classes)`` of the real classes in the current mode; a task with its
         own classes (:meth:`set_task_classes`) gets ``-inf`` for the others."""
         logits = self(x)[:, : self.num_classes]
-        classes = self.task_classes.get(self.current_task) if self.mode.value == "task" else None
+        classes = self.task_classes.get(self.current_task) if self.mode is Mode.TASK else None
         if classes is None:
             return logits
         allowed = torch.zeros(self.num_classes, dtype=torch.bool, device=logits.device)

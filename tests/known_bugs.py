@@ -1,22 +1,41 @@
-"""Put known, plausible bugs into the code one at a time and check that the suite catches each.
+"""Put known, plausible bugs into a copy of the code one at a time and check that the suite catches each.
 
-    .venv/bin/python tests/known_bugs.py [name-fragment ...]
+    .venv/bin/python tests/known_bugs.py [name-fragment ...]      (or: make check)
 
 Each entry is a small edit of the kind a refactor introduces (a boundary, a forgotten reset,
-a sign); for each, the relevant test files run with the bug in place, and the edit is undone
-whatever happens. Every line must read CAUGHT. Not collected by pytest (the file name does not
-start with ``test_``); ``make mutate`` runs the systematic version of the same idea (mutmut).
+a sign) and the test that must catch it. The edit is made in a temporary copy of the
+repository, never in the sources, and the named test runs there (``PYTHONPATH`` points every
+process, subprocesses too, at the copy). Each line reads one of:
+
+* ``CAUGHT``: the test failed on an assertion (``assert``, ``pytest.raises`` not raising, ...);
+* ``ERROR``: the test failed because the bug raised an exception inside it (caught, but by
+  accident rather than by an invariant);
+* ``BROKEN``: the bugged copy could not even be imported or collected (the entry is wrong);
+* ``MISSED``: the test passed with the bug in place;
+* ``STALE``: the original text is no longer in the file (the entry needs updating).
+
+Exit status 0 only when every entry reads ``CAUGHT`` or ``ERROR``. Not collected by pytest (the
+file name does not start with ``test_``); ``make mutate`` runs the systematic version of the
+same idea (mutmut).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: (name, file, original text, buggy text, test files)
+#: what the copy leaves out: environments, caches, history, run outputs
+_IGNORE = shutil.ignore_patterns(".venv", ".git", "runs", "mutants", "__pycache__", ".pytest_cache",
+                                 ".hypothesis", "*.egg-info", ".ruff_cache")
+
+#: (name, file, original text, buggy text, the test that must catch it)
 BUGS = [
     ("threshold > instead of >=", "supsup/masks.py", "return scores >= 0", "return scores > 0",
      "tests/test_masks.py"),
@@ -45,35 +64,87 @@ BUGS = [
      "self.log_base, 1.0", "tests/test_config.py"),
     ("the strategy ignores task_id_source task_label", "supsup/integrations/avalanche/strategy.py",
      "if self.task_id_source == \"experience\":", "if True:", "tests/test_avalanche.py"),
-    ("one-shot argmax", "supsup/inference.py", "return grads.argmin(dim=1, keepdim=True), 1",
-     "return grads.argmax(dim=1, keepdim=True), 1",
+    ("one-shot argmax", "supsup/inference.py", "return grads.argsort(dim=1, stable=True), 1",
+     "return grads.argsort(dim=1, descending=True, stable=True), 1",
      "tests/test_inference.py"),
     ("checksum mismatch reported under another message", "supsup/checkpoint.py",
      "its SHA-256 checksum does not match", "bad", "tests/test_runner.py tests/test_checkpoint.py"),
+    ("likelihood: a class's Gaussian uses the whole task's images", "supsup/likelihood.py",
+     "        fc = f[labels == c]\n", "        fc = f\n", "tests/test_likelihood.py"),
+    ("likelihood: the rest variance is the largest discarded eigenvalue", "supsup/likelihood.py",
+     "s2 = (rest[rank:].sum() / (d - rank)).clamp_min(floor)", "s2 = rest[rank:].max().clamp_min(floor)",
+     "tests/test_likelihood.py"),
+    ("argparse prints its usage block again", "supsup/cli.py", "    p = _Parser(", "    p = argparse.ArgumentParser(",
+     "tests/test_runner.py::test_user_caused_cli_failures_are_one_line_exit_2"),
+    ("a path error escapes as a traceback", "supsup/cli.py", "    except OSError as err:\n        if err.filename is None:",
+     "    except ZeroDivisionError as err:\n        if err.filename is None:",
+     "tests/test_runner.py::test_user_caused_cli_failures_are_one_line_exit_2"),
 ]
+
+#: failure messages that mean "an assertion of the test failed" rather than "an exception escaped"
+_ASSERTION = ("AssertionError", "assert ", "Failed: DID NOT RAISE", "Failed: DID NOT WARN", "AssertionError:",
+              "Regex pattern did not match", "Failed:")
+
+
+def classify(report: Path, returncode: int) -> tuple[str, str]:
+    """``(verdict, first failing test)`` from a pytest JUnit XML report."""
+    if not report.is_file():
+        return "BROKEN", f"pytest exited {returncode} without a report"
+    suites = ET.parse(report).getroot()
+    verdict, where = "MISSED", ""
+    for case in suites.iter("testcase"):
+        name = f"{case.get('classname', '')}::{case.get('name', '')}"
+        failure, error = case.find("failure"), case.find("error")
+        if error is not None and not case.get("name"):
+            return "BROKEN", error.get("message", "")[:200]  # a collection error
+        if failure is not None:
+            message = failure.get("message", "")
+            if message.startswith(_ASSERTION) or "AssertionError" in message.split("\n")[0]:
+                return "CAUGHT", name
+            verdict, where = "ERROR", f"{name}: {message.splitlines()[0][:160] if message else ''}"
+        elif error is not None:
+            return "BROKEN", f"{name}: {error.get('message', '')[:200]}"
+    if verdict == "MISSED" and returncode not in (0, 1):
+        return "BROKEN", f"pytest exited {returncode}"
+    return verdict, where
+
+
+def run_bug(copy: Path, name: str, path: str, old: str, new: str, tests: str) -> tuple[str, str]:
+    """Apply one bug to ``copy``, run its tests there, undo it; ``(verdict, detail)``."""
+    file = copy / path
+    src = file.read_text()
+    if src.count(old) != 1:
+        return "STALE", f"the original text is not in {path} exactly once; update this list"
+    file.write_text(src.replace(old, new))
+    report = copy / ".known_bug.xml"
+    report.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
+    try:
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider",
+                            f"--junitxml={report}", *tests.split()], cwd=copy, env=env, capture_output=True, text=True)
+        return classify(report, r.returncode)
+    finally:
+        file.write_text(src)
 
 
 def main(only: list[str]) -> int:
-    missed = 0
-    for name, path, old, new, tests in BUGS:
-        if only and not any(o in name for o in only):
-            continue
-        file = ROOT / path
-        src = file.read_text()
-        if src.count(old) != 1:
-            print(f"STALE : {name}: the original text is not in {path} exactly once; update this list")
-            missed += 1
-            continue
-        file.write_text(src.replace(old, new))
-        try:
-            r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider",
-                                *tests.split()], cwd=ROOT, capture_output=True, text=True)
-        finally:
-            file.write_text(src)
-        failed = [line.split(" ")[1] for line in r.stdout.splitlines() if line.startswith("FAILED")]
-        missed += r.returncode == 0
-        print(f"{'CAUGHT' if r.returncode else 'MISSED'}: {name}" + (f" ({failed[0]})" if failed else ""), flush=True)
-    return 1 if missed else 0
+    bad = 0
+    with tempfile.TemporaryDirectory(prefix="supsup-known-bugs-") as tmp:
+        copy = Path(tmp) / "repo"
+        shutil.copytree(ROOT, copy, ignore=_IGNORE)
+        env = {**os.environ, "PYTHONPATH": str(copy)}
+        found = subprocess.run([sys.executable, "-c", "import supsup; print(supsup.__file__)"], cwd=Path(tmp), env=env,
+                               capture_output=True, text=True).stdout.strip()
+        if not found.startswith(str(copy)):  # the bugs would go into a copy nobody imports
+            print(f"BROKEN: the copy's supsup is not the one imported ({found or 'no supsup'})")
+            return 1
+        for name, path, old, new, tests in BUGS:
+            if only and not any(o in name for o in only):
+                continue
+            verdict, detail = run_bug(copy, name, path, old, new, tests)
+            bad += verdict not in ("CAUGHT", "ERROR")
+            print(f"{verdict:<6}: {name}" + (f" ({detail})" if detail else ""), flush=True)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -143,7 +143,7 @@ def test_modules_stay_small(module):
 def test_every_package_is_installed():
     """pyproject.toml lists the packages by hand (configs/ is mapped into supsup.configs): a new
     subpackage must be added there, or an installed supsup would lack it."""
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    import tomllib
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {m for m, p in MODULES.items() if p.name == "__init__.py"} | {"supsup.configs"}
     assert listed == found

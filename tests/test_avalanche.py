@@ -8,19 +8,16 @@ import math
 
 import pytest
 import torch
+from avalanche.benchmarks import tensors_benchmark
+from avalanche.evaluation.metrics import accuracy_metrics, loss_metrics
+from avalanche.logging import CSVLogger, InteractiveLogger, TensorboardLogger, TextLogger
+from avalanche.training.plugins import EvaluationPlugin
 
-pytest.importorskip("avalanche")
-
-from avalanche.benchmarks import tensors_benchmark  # noqa: E402
-from avalanche.evaluation.metrics import accuracy_metrics, loss_metrics  # noqa: E402
-from avalanche.logging import CSVLogger, InteractiveLogger, TensorboardLogger, TextLogger  # noqa: E402
-from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
-
-from supsup.checkpoint import CheckpointError  # noqa: E402
-from supsup.config import ConfigError, EvalConfig, InferenceConfig, TrainConfig, load_config  # noqa: E402
-from supsup.data.streams import create_stream  # noqa: E402
-from supsup.experiment import run_experiment as _run_experiment  # noqa: E402
-from supsup.integrations.avalanche import (  # noqa: E402
+from supsup.checkpoint import CheckpointError
+from supsup.config import ConfigError, EvalConfig, InferenceConfig, TrainConfig, load_config
+from supsup.data.streams import create_stream
+from supsup.experiment import run_experiment as _run_experiment
+from supsup.integrations.avalanche import (
     ExperienceCache,
     SupSupStrategy,
     TaskInferenceAccuracy,
@@ -30,7 +27,7 @@ from supsup.integrations.avalanche import (  # noqa: E402
     per_experience,
     supsup_model_for_benchmark,
 )
-from supsup.integrations.baselines import (  # noqa: E402
+from supsup.integrations.baselines import (
     BASELINES,
     GEMPluginFix,
     MultiHeadClassifierFix,
@@ -38,7 +35,7 @@ from supsup.integrations.baselines import (  # noqa: E402
     make_baseline_strategy,
     packnet_model,
 )
-from supsup.model import SupermaskModel  # noqa: E402
+from supsup.model import SupermaskModel
 
 ITERATIONS = 60
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -20,6 +21,9 @@ from supsup.config import (
     config_to_dict,
     load_config,
 )
+
+#: the shipped configs, found from this file (pytest may run from any directory)
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
 
 def test_defaults_and_round_trip(tmp_path):
@@ -63,23 +67,42 @@ def test_a_config_is_a_file_or_a_shipped_name():
 
 def test_shipped_configs_are_the_repositorys_by_name():
     names = C.shipped_configs()
-    assert set(names) == {p.stem for p in __import__("pathlib").Path("configs").glob("*.yaml")}
+    assert set(names) == {p.stem for p in SHIPPED}
     assert names["demo"].name == "demo.yaml" and C.resolve_config("demo") == names["demo"]
 
 
-@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path("configs").glob("*.yaml")))
+def test_shipped_configs_are_found_from_any_directory():
+    assert len(SHIPPED) >= 10 and Path(__file__).resolve().parents[1] / "configs" / "demo.yaml" in SHIPPED
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_shipped_configs_are_valid(path):
-    load_config(path)
+    """Every shipped config loads, and its YAML says exactly what the loaded config holds (no key
+    is dropped or defaulted silently on the way)."""
+    cfg = load_config(path)
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+    written = yaml.safe_load(path.read_text())
+    data = config_to_dict(cfg)
+
+    def same(node, ref, where):
+        for k, v in node.items():
+            assert k in ref, f"{path.name}: {where}{k} is not a config field"
+            if isinstance(v, dict):
+                same(v, ref[k], f"{where}{k}.")
+    same(written, data, "")
 
 
 def test_required_key_names_exist():
-    data = config_to_dict(RunConfig())
+    """The keys a YAML file uses are the dataclass fields, at the documented paths."""
+    cfg = RunConfig()
+    data = config_to_dict(cfg)
     for key in ["seed", "scenario", "benchmark.name", "benchmark.num_tasks", "model.backbone", "model.num_outputs",
                 "model.weight_init", "mask.kind", "mask.density", "train.iterations", "train.batch_size",
                 "train.lr", "train.optimizer"]:
-        node = data
+        node, obj = data, cfg
         for part in key.split("."):
-            node = node[part]
+            node, obj = node[part], getattr(obj, part)
+        assert node == (obj.value if hasattr(obj, "value") else obj), key
 
 
 @pytest.mark.parametrize("key, registry", [

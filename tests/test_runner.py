@@ -413,3 +413,39 @@ def test_cli_errors_are_one_line_exit_2(args, fragment, tmp_path):
     assert r.returncode == 2
     assert fragment in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_user_caused_cli_failures_are_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    """Paths, permissions, directories that are not runs, argparse mistakes, missing data: one
+    line on stderr, exit 2, no traceback, nothing written."""
+    from supsup.cli import main
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    not_a_run = tmp_path / "not_a_run"
+    not_a_run.mkdir()
+    (not_a_run / "results.json").write_text("{}")
+    monkeypatch.setenv("SUPSUP_MNIST_WHEEL", str(tmp_path / "absent.whl"))
+    cases = [
+        (["run", "demo", "--out", str(blocker / "run")], "a_file/run: Not a directory"),
+        (["report", str(tmp_path)], "has no results.json"),
+        (["report", str(not_a_run)], "is not a supsup results file"),
+        (["eval", str(tmp_path), "--json", str(tmp_path)], "is a directory"),
+        (["eval", str(tmp_path)], "no checkpoint"),
+        (["calibrate", str(not_a_run)], "no checkpoint"),
+        (["run", "demo", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+        (["eval"], "required: dir (see `supsup eval --help`)"),
+        (["bogus"], "invalid choice: 'bogus'"),
+        (["run", "demo", "--threads", "0"], "--threads must be >= 1"),
+        (["data", "mnist", "--root", str(tmp_path / "mnist")], "MNIST is not available"),
+    ]
+    for argv, fragment in cases:
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse
+            code = exc.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2, argv
+        assert err and err[-1].startswith("supsup: error: ") and fragment in err[-1], (argv, err)
+        assert not any(line.startswith(("Traceback", "usage:")) for line in err), argv
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "not_a_run"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .._faults import maybe_crash
-from ..bank import LIKELIHOOD_PREFIX
+from ..bank import LIKELIHOOD_PREFIX, mask_key, norm_key
 from ..config import RunConfig
 from ..evaluation import evaluate_given_task
 from ..model import SupermaskModel
@@ -29,11 +29,11 @@ log = logging.getLogger(__name__)
 
 def _row_shapes(model: SupermaskModel) -> dict[str, torch.Tensor]:
     """Empty tensors shaped like one task's bank rows (what a rank sends per task)."""
-    like = {f"bank.{i}": torch.zeros(1, layer.bank.shape[1], dtype=torch.uint8)
+    like = {mask_key(i): torch.zeros(1, layer.bank.shape[1], dtype=torch.uint8)
             for i, layer in enumerate(model.masked_layers)}
     for j, bn in enumerate(model.norm_layers):
         if bn.keeps_stats:
-            like[f"norm.{j}"] = torch.zeros(1, 2, bn.num_features)
+            like[norm_key(j)] = torch.zeros(1, 2, bn.num_features)
     return like
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..bank import bank_size, mask_key
 from ..checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from ..fileio import atomic_write_text
 from .evaluate import sampled_tasks
@@ -37,7 +38,7 @@ def _ones(rows: torch.Tensor) -> torch.Tensor:
 
 def mask_densities(bank: dict[str, torch.Tensor], shapes: list[list[int]], tasks: list[int]) -> dict[str, np.ndarray]:
     """Per masked layer, each of ``tasks``' mask density (kept fraction), from the packed rows."""
-    return {_layer_name(i, shape): (_ones(bank[f"bank.{i}"][tasks]).double() / int(np.prod(shape))).numpy()
+    return {_layer_name(i, shape): (_ones(bank[mask_key(i)][tasks]).double() / int(np.prod(shape))).numpy()
             for i, shape in enumerate(shapes)}
 
 
@@ -51,7 +52,7 @@ def mask_statistics(bank: dict[str, torch.Tensor], shapes: list[list[int]], task
     pair and each mask's density, counted on the packed rows (padding bits are zero)."""
     jaccard, density = {}, {}
     for i, shape in enumerate(shapes):
-        rows = bank[f"bank.{i}"][tasks]
+        rows = bank[mask_key(i)][tasks]
         name = _layer_name(i, shape)
         ones = _ones(rows)
         density[name] = (ones.double() / int(np.prod(shape))).numpy()
@@ -139,7 +140,7 @@ def _mask_sections(out: Path, title: str, max_tasks: int) -> list[str]:
                 "repository): the mask overlap and density figures need the bank.", ""]
     tensors, meta = load_checkpoint(out)
     shapes = meta.get("model", {}).get("layer_shapes")
-    k = int(tensors["bank.0"].shape[0]) if "bank.0" in tensors else 0
+    k = bank_size(tensors)
     if not shapes or k == 0:
         return ["## Masks", "", "The checkpoint holds no banked mask yet.", ""]
     tasks = sampled_tasks(k, max_tasks)
