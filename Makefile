@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint mutate clean
+.PHONY: install demo test check lint mutate clean
 
 install: $(STAMP)
 
@@ -28,6 +28,11 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
 	SUPSUP_KERNELS=torch $(BIN)/python -m pytest -q -m "not slow" tests/test_masks.py tests/test_model.py tests/test_inference.py
+
+# Known bugs, one at a time in a temporary copy of the repository: the test named for each must
+# catch it (tests/known_bugs.py; minutes, not part of `make test`; CI runs it after the tests).
+check: install
+	$(BIN)/python tests/known_bugs.py
 
 # Mutation testing of the core modules (hours on 2 cores; not part of `make test`). The score
 # per module and the surviving mutants: `.venv/bin/mutmut results`; see README, Development.
