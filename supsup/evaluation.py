@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import InferenceConfig
-from .inference import infer_tasks, likelihood_candidates, likelihood_scores, rank_tasks
+from .inference import TaskRanking, likelihood_candidates, likelihood_scores, rank_tasks
 from .model import SupermaskModel
 
 __all__ = ["BatchInference", "BatchOutcome", "TaskScores", "classify", "evaluate_given_task", "evaluate_inferred",
@@ -150,13 +150,19 @@ def infer_batches(model: SupermaskModel, images: Sequence[torch.Tensor], cfg: In
         for start in range(0, len(members), group):
             chunk = members[start: start + group]
             xs = torch.stack([images[i][:n] for i in chunk])
-            ranking = rank_tasks(model, xs, method=cfg.method, objective=cfg.objective, num_classes=model.num_classes,
-                                 log_base=cfg.log_base, refine=cfg.refine, refine_candidates=cfg.refine_candidates,
-                                 refine_temperature=cfg.refine_temperature, packed=packed, extra=extra)
+            ranking = _rank(model, xs, cfg, packed, extra)
             for row, i in enumerate(chunk):
                 out[i] = _batch_inference(ranking.order[row], ranking.shortlist,
                                           None if true_masks is None else true_masks[i])
     return out
+
+
+def _rank(model: SupermaskModel, xs: torch.Tensor, cfg: InferenceConfig, packed: list[torch.Tensor] | None,
+          extra: list[torch.Tensor] | None) -> TaskRanking:
+    """:func:`~supsup.inference.rank_tasks` of groups ``xs`` ``(G, n, ...)`` with the settings of ``cfg``."""
+    return rank_tasks(model, xs, method=cfg.method, objective=cfg.objective, num_classes=model.num_classes,
+                      log_base=cfg.log_base, refine=cfg.refine, refine_candidates=cfg.refine_candidates,
+                      refine_temperature=cfg.refine_temperature, packed=packed, extra=extra)
 
 
 def _batch_inference(order: torch.Tensor, shortlist: int, true_mask: int | None) -> BatchInference:
@@ -268,10 +274,7 @@ def evaluate_per_image(model: SupermaskModel, batches: Sequence[Batch], cfg: Inf
     reading, where a test image need not come with others of its task."""
     correct = total = 0
     for x, y in batches:
-        tasks, _ = infer_tasks(model, x.unsqueeze(1), method=cfg.method, objective=cfg.objective,
-                               num_classes=model.num_classes, log_base=cfg.log_base, refine=cfg.refine,
-                               refine_candidates=cfg.refine_candidates,
-                               refine_temperature=cfg.refine_temperature, packed=packed, extra=extra)
+        tasks = _rank(model, x.unsqueeze(1), cfg, packed, extra).tasks  # each image its own group
         for mask in tasks.unique().tolist():
             rows = tasks == mask
             with model.use_task(int(mask)):
