@@ -252,3 +252,27 @@ def test_a_missing_file_names_the_reason(tmp_path):
     with pytest.raises(CheckpointError, match=r"cannot read .*: Is a directory"):
         (tmp_path / "d").mkdir()
         read_checksummed(tmp_path / "d", magic=CHECKPOINT_MAGIC)
+
+
+def test_loop_and_training_state_round_trip_and_refuse_bad_input():
+    """A checkpoint's loop state and its mask in training, typed: what is written is read back;
+    a loop without a valid next task, or scores without their optimizer, is refused."""
+    import torch
+
+    from supsup.experiment.runstate import LoopState, TrainingState
+
+    for loop in (LoopState(3), LoopState(2, active_task=1, nn={"allocations": [0, 1]})):
+        assert LoopState.from_dict(loop.to_dict()) == loop
+    assert LoopState.from_dict({"next_task": 4, "num_learned": 4}) == LoopState(4)  # written by 0.2.0 and earlier
+    for bad in (None, {}, {"next_task": -1}, {"next_task": "2"}, {"next_task": 1, "active_task": -3}):
+        with pytest.raises(ValueError):
+            LoopState.from_dict(bad)
+    state = TrainingState(scores=[torch.arange(3.0), torch.ones(2, 2)], optimizer={"state": {}, "param_groups": []},
+                          sampler=torch.tensor([7]), calibration={"x": torch.zeros(2, 4), "y": torch.tensor([1, 2])})
+    back = TrainingState.from_tensors({"bank.0": torch.zeros(1, 8), **state.to_tensors()})
+    assert all(torch.equal(a, b) for a, b in zip(back.scores, state.scores)) and len(back.scores) == 2
+    assert back.optimizer == state.optimizer and torch.equal(back.sampler, state.sampler)
+    assert set(back.calibration) == {"x", "y"} and torch.equal(back.calibration["y"], state.calibration["y"])
+    assert TrainingState.from_tensors({"bank.0": torch.zeros(1, 8)}) is None
+    with pytest.raises(CheckpointError, match="optimizer"):
+        TrainingState.from_tensors({"scores.000": torch.zeros(3)})

@@ -25,7 +25,6 @@ from .evaluate import matrix_points
 from .native import nn_report
 from .report import write_report
 from .results import AccuracyMatrix, CurvePoint, InferredScores, RunResults, Summary, TaskRow
-from .runstate import peak_rss_bytes
 
 __all__ = ["AvalancheBackend"]
 
@@ -151,15 +150,10 @@ def run_supsup(cfg: RunConfig, out_dir, *, resume: bool = False) -> RunResults:
         CurvePoint(len(bench.train), list(range(len(bench.train))), results.summary, 0.0, results.tasks)]
     results.accuracy_matrix = AccuracyMatrix.from_points(points + last, len(bench.test), given=True, inferred=inferred)
     if inferred:
-        results.task_confusion = {r.task_id: dict(r.inferred_counts) for r in results.tasks if r.inferred_counts}
+        results.record_confusion(results.tasks, len(bench.test))
     if cfg.scenario is Scenario.NN:
         results.nn = nn_report(model, strategy.nn_state, cfg.nn.check_every)
-    results.bank_bytes = model.bank_bytes
-    results.num_masked_weights = model.num_masked_weights
-    results.bank_sha256 = model.bank_sha256()
-    results.peak_rss_bytes = peak_rss_bytes()
-    if cfg.scenario is not Scenario.GG:
-        results.tasks_inferred = len(bench.test)
+    results.record_bank(model)
     results.extra["data_cache_seconds"] = strategy.data_cache.seconds
     write_report(out, results)
     return results

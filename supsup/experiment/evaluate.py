@@ -266,6 +266,5 @@ def final_evaluation(cfg: RunConfig, model: SupermaskModel, stream, results: Run
         rows.append(row)
     results.tasks = rows
     if cfg.scenario is not Scenario.GG:
-        results.tasks_inferred = len(inferred_tasks)
-        results.task_confusion = {r.task_id: dict(r.inferred_counts) for r in rows if r.inferred_counts}
+        results.record_confusion(rows, len(inferred_tasks))
     results.summarise()

@@ -13,7 +13,6 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -42,8 +41,9 @@ from .parallel import evaluate_parallel, run_labeled_parallel
 from .report import write_report
 from .results import NNReport, RunResults, TaskRow
 from .runstate import (
+    LoopState,
+    TrainingState,
     finished_results,
-    peak_rss_bytes,
     restore_active_task,
     restore_checkpoint,
     write_checkpoint,
@@ -79,12 +79,12 @@ def _log_row(task: int, loss: float, acc: float | None, point, train_s: float, e
     return row
 
 
-def _run_labeled(cfg: RunConfig, out: Path, model: SupermaskModel, stream, results: RunResults, loop: dict,
+def _run_labeled(cfg: RunConfig, out: Path, model: SupermaskModel, stream, results: RunResults, loop: LoopState,
                  logger: RunLogger, learned: dict[int, GivenCounts], cache: EvaluationCache) -> None:
     """GG/GN: learn each task with its id, checkpoint after each; ``learned`` collects each
     task's GG counts right after it was learned, which the points and the final evaluation
     (sharing ``cache``) reuse."""
-    for task_id in range(loop["next_task"], cfg.benchmark.num_tasks):
+    for task_id in range(loop.next_task, cfg.benchmark.num_tasks):
         t0 = time.perf_counter()
         report = learn_task(model, stream.train_batches(task_id, cfg.train.iterations, cfg.train.batch_size),
                             cfg.train, max_steps=cfg.train.iterations, progress=cfg.progress)
@@ -107,24 +107,23 @@ def _run_labeled(cfg: RunConfig, out: Path, model: SupermaskModel, stream, resul
         eval_s = time.perf_counter() - t0
         results.eval_seconds += eval_s
         logger.log_task(_log_row(task_id, report.loss, acc, point, train_s, eval_s))
-        write_checkpoint(out, cfg, model, results, {"next_task": task_id + 1, "num_learned": model.num_learned_tasks})
+        write_checkpoint(out, cfg, model, results, LoopState(task_id + 1))
         log.info("task %d: acc_given_task %.4f", task_id, acc)
 
 
-def _run_unlabeled(cfg: RunConfig, out: Path, model: SupermaskModel, stream, results: RunResults, loop: dict,
-                   tensors: dict[str, Any], logger: RunLogger) -> None:
+def _run_unlabeled(cfg: RunConfig, out: Path, model: SupermaskModel, stream, results: RunResults, loop: LoopState,
+                   training: TrainingState | None, logger: RunLogger) -> None:
     """NN: train the stream without task ids; the detector picks the mask of every batch."""
-    detector = NNDetector(model, cfg.nn, NNState.from_dict(loop["nn"]) if "nn" in loop else None)
+    detector = NNDetector(model, cfg.nn, None if loop.nn is None else NNState.from_dict(loop.nn))
     optimizer = None
-    if restore_active_task(out, model, loop, tensors):  # a mid-stream checkpoint: scores and optimizer state
+    if restore_active_task(out, model, loop, training):  # a mid-stream checkpoint: scores and optimizer state
         optimizer = make_optimizer(model.trainable_parameters(), cfg.train)
-        optimizer.load_state_dict(tensors["optimizer"])
-        if "sampler" in tensors:  # a sampled mask kind: where its mask samples had got to
-            model.sampler().set_state(tensors["sampler"])
+        optimizer.load_state_dict(training.optimizer)
+        if training.sampler is not None:  # a sampled mask kind: where its mask samples had got to
+            model.sampler().set_state(training.sampler)
         if detector.calibration is not None:  # the mask's last batches, for its likelihood statistics
-            detector.calibration.load_state({k[len("calibration."):]: v for k, v in tensors.items()
-                                             if k.startswith("calibration.")}, model.device)
-    for true_task in range(loop["next_task"], cfg.benchmark.num_tasks):
+            detector.calibration.load_state(training.calibration or {}, model.device)
+    for true_task in range(loop.next_task, cfg.benchmark.num_tasks):
         t0 = time.perf_counter()
         optimizer, loss = train_unlabeled(detector, stream.train_batches(true_task, cfg.train.iterations,
                                                                          cfg.train.batch_size),
@@ -142,15 +141,13 @@ def _run_unlabeled(cfg: RunConfig, out: Path, model: SupermaskModel, stream, res
             results.eval_seconds += point.seconds
         acc = None if point is None else next((r.acc_given_task for r in point.rows if r.task_id == true_task), None)
         logger.log_task(_log_row(true_task, loss, acc, point, train_s, 0.0 if point is None else point.seconds))
-        loop = {"next_task": true_task + 1, "num_learned": model.num_learned_tasks,
-                "active_task": model.active_task, "nn": detector.state.to_dict()}
-        extra = {f"scores.{i:03d}": layer.scores.detach().cpu().clone() for i, layer in enumerate(model.masked_layers)}
-        extra["optimizer"] = optimizer.state_dict()
-        if model.sampler() is not None:
-            extra["sampler"] = model.sampler().get_state()
-        if detector.calibration is not None:
-            extra.update({f"calibration.{k}": v for k, v in detector.calibration.state().items()})
-        write_checkpoint(out, cfg, model, results, loop, extra)
+        sampler = model.sampler()
+        training = TrainingState(scores=[layer.scores for layer in model.masked_layers],
+                                 optimizer=optimizer.state_dict(),
+                                 sampler=None if sampler is None else sampler.get_state(),
+                                 calibration=None if detector.calibration is None else detector.calibration.state())
+        write_checkpoint(out, cfg, model, results,
+                         LoopState(true_task + 1, model.active_task, detector.state.to_dict()), training)
     if model.active_task is not None:
         detector.finish()
     results.nn = nn_report(model, detector.state, cfg.nn.check_every)
@@ -196,8 +193,7 @@ def _run(cfg: RunConfig, out: Path, resume: bool, device, dist: Distributed) -> 
         raise CheckpointError(problem)
     model = build_model(cfg, device)
     results = RunResults.new(cfg)
-    loop: dict[str, Any] = {"next_task": 0, "num_learned": 0}
-    tensors: dict[str, Any] = {}
+    loop, training = LoopState(), None
     if resume:
         # rank 0 reads the checkpoint and the finished run's results; every rank gets them (the
         # other machines need no copy of the run directory)
@@ -205,23 +201,24 @@ def _run(cfg: RunConfig, out: Path, resume: bool, device, dist: Distributed) -> 
         if dist.is_main:
             checkpoint = load_checkpoint(out)
         checkpoint = dist.broadcast(checkpoint)
-        tensors, results, loop = restore_checkpoint(out, cfg, model, checkpoint=checkpoint)
+        restored = restore_checkpoint(out, cfg, model, checkpoint=checkpoint)
+        results, loop, training = restored.results, restored.loop, restored.training
         if dist.is_main:
             finished = finished_results(out, cfg, loop)
         finished = dist.broadcast(None if finished is None else finished.to_dict())
         if finished is not None:
             log.info("%s already finished: its results.json is returned as it is", out)
             return RunResults.from_dict(finished)
-        log.info("resuming %s after task %d", out, loop["next_task"] - 1)
+        log.info("resuming %s after task %d", out, loop.next_task - 1)
     stream = build_stream(cfg, device, progress=cfg.progress and dist.is_main)  # a finished run needs no data
     if dist.is_main:
         atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    logger = RunLogger(cfg, out, resume_from_task=loop["next_task"], enabled=dist.is_main)
+    logger = RunLogger(cfg, out, resume_from_task=loop.next_task, enabled=dist.is_main)
     learned: dict[int, GivenCounts] = {}
     cache = EvaluationCache(cfg, model, stream, learned)
     try:
         if cfg.scenario is Scenario.NN:
-            _run_unlabeled(cfg, out, model, stream, results, loop, tensors, logger)
+            _run_unlabeled(cfg, out, model, stream, results, loop, training, logger)
         elif dist.enabled:
             run_labeled_parallel(cfg, out, model, stream, results, loop, logger, dist)
         else:
@@ -238,10 +235,7 @@ def _run(cfg: RunConfig, out: Path, resume: bool, device, dist: Distributed) -> 
             final_evaluation(cfg, model, stream, results)
         results.eval_seconds += time.perf_counter() - t0
     results.accuracy_matrix = accuracy_matrix(cfg, results)
-    results.bank_bytes = model.bank_bytes
-    results.num_masked_weights = model.num_masked_weights
-    results.bank_sha256 = model.bank_sha256()
-    results.peak_rss_bytes = peak_rss_bytes()
+    results.record_bank(model)
     if dist.is_main:
         write_report(out, results)
     return results

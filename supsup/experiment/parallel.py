@@ -20,7 +20,7 @@ from .distributed import Distributed
 from .evaluate import evaluate_task, matrix_points, sampled_tasks
 from .loggers import RunLogger
 from .results import CurvePoint, RunResults, Summary, TaskRow
-from .runstate import write_checkpoint
+from .runstate import LoopState, write_checkpoint
 
 __all__ = ["evaluate_parallel", "run_labeled_parallel"]
 
@@ -37,13 +37,13 @@ def _row_shapes(model: SupermaskModel) -> dict[str, torch.Tensor]:
     return like
 
 
-def run_labeled_parallel(cfg: RunConfig, out: Path, model: SupermaskModel, stream, results: RunResults, loop: dict,
+def run_labeled_parallel(cfg: RunConfig, out: Path, model: SupermaskModel, stream, results: RunResults, loop: LoopState,
                          logger: RunLogger, dist: Distributed) -> None:
     """GG/GN: in each round of ``world`` tasks, rank ``r`` learns the round's task ``r``; the
     masks are gathered and banked in order on every rank; rank 0 checkpoints after each round."""
     T = cfg.benchmark.num_tasks
     like = _row_shapes(model)
-    for start in range(loop["next_task"], T, dist.world):
+    for start in range(loop.next_task, T, dist.world):
         maybe_crash("parallel_round")  # fault injection for the tests (inactive unless asked)
         task = start + dist.rank
         rows, stats, loss, train_s = None, None, None, 0.0
@@ -90,7 +90,7 @@ def run_labeled_parallel(cfg: RunConfig, out: Path, model: SupermaskModel, strea
                              "train_seconds": train_t, "eval_seconds": eval_t})
         next_task = min(start + dist.world, T)
         if dist.is_main:
-            write_checkpoint(out, cfg, model, results, {"next_task": next_task, "num_learned": model.num_learned_tasks})
+            write_checkpoint(out, cfg, model, results, LoopState(next_task))
         log.info("tasks %d-%d learned on %d processes", start, next_task - 1, dist.world)
 
 
@@ -132,7 +132,6 @@ def evaluate_parallel(cfg: RunConfig, model: SupermaskModel, stream, results: Ru
         row.acc_given_task_when_learned = when_learned.get(row.task_id)
     results.tasks = final
     if inferred:
-        results.tasks_inferred = len(inferred_tasks)
-        results.task_confusion = {r.task_id: dict(r.inferred_counts) for r in final if r.inferred_counts}
+        results.record_confusion(final, len(inferred_tasks))
     results.summarise()
     results.eval_seconds += time.perf_counter() - t0

@@ -10,15 +10,20 @@ versions, which lack the newer keys).
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import RunConfig, Scenario
 from ..metrics import summarise_matrix
 from ..version import __version__
 
+if TYPE_CHECKING:  # annotations only: results are data, they do not need the model at run time
+    from ..model import SupermaskModel
+
 __all__ = ["AccuracyMatrix", "CurvePoint", "InferredScores", "NNReport", "RunResults", "Summary", "TaskRow",
-           "safe_mean"]
+           "peak_rss_bytes", "safe_mean"]
 
 
 def safe_mean(values) -> float | None:
@@ -26,6 +31,15 @@ def safe_mean(values) -> float | None:
     vals = [v for v in values if v is not None and not math.isnan(v)]
     return sum(vals) / len(vals) if vals else None
 
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident memory so far (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 @dataclass
 class InferredScores:
@@ -314,6 +328,21 @@ class RunResults:
     def summarise(self) -> None:
         """Fill :attr:`summary` from the task rows."""
         self.summary = Summary.of(self.tasks, inferred=not self.scenario.task_given_at_test)
+
+    def record_confusion(self, rows: Sequence[TaskRow], tasks_inferred: int) -> None:
+        """GN/NN: how many tasks had theirs inferred, and :attr:`task_confusion` from the rows'
+        counts of inferred tasks."""
+        self.tasks_inferred = tasks_inferred
+        self.task_confusion = {r.task_id: dict(r.inferred_counts) for r in rows if r.inferred_counts}
+
+    def record_bank(self, model: SupermaskModel, *, with_memory: bool = True) -> None:
+        """The end of a run: the bank's bytes (masks and what tasks bank beside them), masked
+        weights and digest, and (``with_memory``) this process's peak memory."""
+        self.bank_bytes = model.bank_bytes
+        self.num_masked_weights = model.num_masked_weights
+        self.bank_sha256 = model.bank_sha256()
+        if with_memory:
+            self.peak_rss_bytes = peak_rss_bytes()
 
     @property
     def num_detected_tasks(self) -> int | None:

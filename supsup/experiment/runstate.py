@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +26,10 @@ from ..config import RunConfig, config_to_dict
 from ..fileio import atomic_write_text
 from ..model import SupermaskModel
 from ..version import __version__
-from .results import RunResults
+from .results import RunResults, peak_rss_bytes
 
-__all__ = ["RESUME_FREE", "config_mismatch", "finished_results", "model_identity", "peak_rss_bytes",
-           "restore_active_task", "restore_checkpoint", "write_checkpoint"]
+__all__ = ["RESUME_FREE", "LoopState", "Restored", "TrainingState", "config_mismatch", "finished_results",
+           "model_identity", "peak_rss_bytes", "restore_active_task", "restore_checkpoint", "write_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -69,28 +69,100 @@ def model_identity(cfg: RunConfig, model: SupermaskModel) -> dict[str, Any]:
             "frozen_weights_sha256": model.frozen_weights_digest()}
 
 
-def peak_rss_bytes() -> int | None:
-    """This process's peak resident memory so far (None where the OS does not say)."""
-    try:
-        import resource
-    except ImportError:  # pragma: no cover - not on Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+@dataclass
+class LoopState:
+    """Where a run stands (a checkpoint's ``loop``).
+
+    Attributes:
+        next_task: the first true task not yet trained.
+        active_task: NN: the mask still in training when the checkpoint was taken (None: none).
+        nn: NN: the detector's state (:meth:`~supsup.detection.NNState.to_dict`).
+    """
+
+    next_task: int = 0
+    active_task: int | None = None
+    nn: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"next_task": self.next_task}
+        if self.nn is not None:
+            out.update({"active_task": self.active_task, "nn": self.nn})
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Any) -> LoopState:
+        """From a checkpoint's ``loop`` (keys written by earlier versions, ``num_learned``, are
+        ignored: the bank's row count is the learned-task count)."""
+        if not isinstance(d, dict) or not isinstance(d.get("next_task"), int) or d["next_task"] < 0:
+            raise ValueError(f"loop state {d!r} has no valid next_task")
+        active = d.get("active_task")
+        if active is not None and (not isinstance(active, int) or active < 0):
+            raise ValueError(f"loop state has an invalid active_task {active!r}")
+        return cls(next_task=d["next_task"], active_task=active, nn=d.get("nn"))
 
 
-def write_checkpoint(out: Path, cfg: RunConfig, model: SupermaskModel, results: RunResults, loop: dict,
-                     extra_tensors: dict[str, Any] | None = None) -> None:
-    """``DIR/checkpoint.pt`` (the bank, ``loop`` state, results so far) and ``progress.json``."""
+@dataclass
+class TrainingState:
+    """NN: the mask in training at a checkpoint, what its training needs to go on bitwise as if
+    never stopped. The checkpoint's key format for it (``scores.<i>``, ``optimizer``,
+    ``sampler``, ``calibration.<k>``) lives here only.
+
+    Attributes:
+        scores: its scores, one tensor per masked layer.
+        optimizer: the optimizer's ``state_dict``.
+        sampler: a sampled mask kind's generator state (None: a deterministic kind).
+        calibration: its recent training images for the likelihood statistics (None: not kept).
+    """
+
+    scores: list[torch.Tensor]
+    optimizer: dict[str, Any]
+    sampler: torch.Tensor | None = None
+    calibration: dict[str, torch.Tensor] | None = field(default=None)
+
+    def to_tensors(self) -> dict[str, Any]:
+        out: dict[str, Any] = {f"scores.{i:03d}": s.detach().cpu().clone() for i, s in enumerate(self.scores)}
+        out["optimizer"] = self.optimizer
+        if self.sampler is not None:
+            out["sampler"] = self.sampler
+        if self.calibration is not None:
+            out.update({f"calibration.{k}": v for k, v in self.calibration.items()})
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Any]) -> TrainingState | None:
+        """From a checkpoint's tensors; None when it holds no mask in training."""
+        keys = sorted(k for k in tensors if k.startswith("scores."))
+        if not keys:
+            return None
+        if "optimizer" not in tensors:
+            raise CheckpointError("the checkpoint holds a mask in training but not its optimizer state")
+        calibration = {k[len("calibration."):]: v for k, v in tensors.items() if k.startswith("calibration.")}
+        return cls(scores=[tensors[k] for k in keys], optimizer=tensors["optimizer"], sampler=tensors.get("sampler"),
+                   calibration=calibration or None)
+
+
+@dataclass
+class Restored:
+    """What a checkpoint gives a resumed run besides the bank (loaded into the model)."""
+
+    results: RunResults
+    loop: LoopState
+    training: TrainingState | None
+
+
+def write_checkpoint(out: Path, cfg: RunConfig, model: SupermaskModel, results: RunResults, loop: LoopState,
+                     training: TrainingState | None = None) -> None:
+    """``DIR/checkpoint.pt`` (the bank, ``loop`` state, results so far, the mask in training)
+    and ``progress.json``."""
     tensors: dict[str, Any] = dict(model.bank_state())
-    if extra_tensors:
-        tensors.update(extra_tensors)
+    if training is not None:
+        tensors.update(training.to_tensors())
     meta = {"supsup_version": __version__, "config": config_to_dict(cfg), "model": model_identity(cfg, model),
-            "results": results.to_dict(), "loop": loop}
+            "results": results.to_dict(), "loop": loop.to_dict()}
     save_checkpoint(out, tensors, meta)
     # A small, human-readable view of a long run while it goes: what is done and the
     # accuracy-vs-tasks points so far (benchmarks/reproduce.py plots from it).
-    progress = {"tasks_done": loop["next_task"], "num_tasks": cfg.benchmark.num_tasks,
+    progress = {"tasks_done": loop.next_task, "num_tasks": cfg.benchmark.num_tasks,
                 "num_learned_masks": model.num_learned_tasks, "train_seconds": results.train_seconds,
                 "eval_seconds": results.eval_seconds, "peak_rss_bytes": peak_rss_bytes(),
                 "curve": [p.to_dict(with_rows=False) for p in results.curve]}
@@ -98,11 +170,10 @@ def write_checkpoint(out: Path, cfg: RunConfig, model: SupermaskModel, results: 
 
 
 def restore_checkpoint(out: Path, cfg: RunConfig, model: SupermaskModel, *,
-                       checkpoint: tuple[dict, dict] | None = None
-                       ) -> tuple[dict[str, torch.Tensor], RunResults, dict[str, Any]]:
+                       checkpoint: tuple[dict, dict] | None = None) -> Restored:
     """Load ``DIR/checkpoint.pt`` (or ``checkpoint``, its ``(tensors, meta)`` already read, e.g.
     by another process) into ``model`` (its bank) after checking that it was made with ``cfg``
-    and this backbone; returns ``(tensors, results so far, loop state)``."""
+    and this backbone; returns the results so far, the loop state and the mask in training."""
     tensors, meta = load_checkpoint(out) if checkpoint is None else checkpoint
     problems = config_mismatch(meta.get("config", {}), config_to_dict(cfg))
     if problems:
@@ -122,34 +193,40 @@ def restore_checkpoint(out: Path, cfg: RunConfig, model: SupermaskModel, *,
         raise CheckpointError(f"checkpoint in {out} has an unusable mask bank: {err}") from None
     try:
         results = RunResults.from_dict(meta["results"])
+        loop = LoopState.from_dict(meta.get("loop"))
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint in {out} has unreadable results: {err}") from None
-    return tensors, results, meta["loop"]
+    return Restored(results, loop, TrainingState.from_tensors(tensors))
 
 
-def restore_active_task(out: Path, model: SupermaskModel, loop: dict, tensors: dict[str, Any]) -> bool:
+def restore_active_task(out: Path, model: SupermaskModel, loop: LoopState, training: TrainingState | None) -> bool:
     """An NN checkpoint taken mid-stream holds the mask in training (its scores; the BatchNorm
     statistics are in the bank state): make it the active task again. False when there is none."""
-    active = loop.get("active_task")
+    active = loop.active_task
     if active is None:
         return False
+    if training is None:
+        raise CheckpointError(f"checkpoint in {out}: mask {active} is in training but its scores are missing")
     if active < model.num_banked_tasks:
         model.resume_task(active)
     elif model.add_task() != active:
         raise CheckpointError(f"checkpoint in {out}: the mask in training, {active}, does not follow the "
                               f"{model.num_banked_tasks} banked masks")
-    for layer, key in zip(model.masked_layers, sorted(k for k in tensors if k.startswith("scores."))):
+    if len(training.scores) != len(model.masked_layers):
+        raise CheckpointError(f"checkpoint in {out}: {len(training.scores)} score tensors for "
+                              f"{len(model.masked_layers)} masked layers")
+    for layer, scores in zip(model.masked_layers, training.scores):
         with torch.no_grad():
-            layer.scores.copy_(tensors[key].to(layer.weight.device))
+            layer.scores.copy_(scores.to(layer.weight.device))
     return True
 
 
-def finished_results(out: Path, cfg: RunConfig, loop: dict) -> RunResults | None:
+def finished_results(out: Path, cfg: RunConfig, loop: LoopState) -> RunResults | None:
     """results.json of a run whose checkpoint has every task done, or None. A run that ends
     writes it last, after its final evaluation; if it is missing, older than the checkpoint or
     unreadable (the run was stopped during that evaluation), the evaluation is done again."""
     path = out / "results.json"
-    if loop["next_task"] < cfg.benchmark.num_tasks or not path.exists():
+    if loop.next_task < cfg.benchmark.num_tasks or not path.exists():
         return None
     if path.stat().st_mtime < (out / CHECKPOINT_NAME).stat().st_mtime:
         return None  # older than the last checkpoint: left by an earlier run in this directory

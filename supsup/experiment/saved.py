@@ -48,11 +48,12 @@ def evaluate_saved(out_dir: str | os.PathLike, *, overrides: list[str] = (), sce
     stream = build_stream(cfg, device, progress=cfg.progress)
     model = build_model(cfg, device)
     restored = dataclasses.replace(cfg, scenario=base.scenario, eval=base.eval, inference=base.inference)
-    tensors, results, loop = restore_checkpoint(out, restored, model)
-    if restore_active_task(out, model, loop, tensors):  # NN ends by banking the mask it trains
+    state = restore_checkpoint(out, restored, model)
+    results, training = state.results, state.training
+    if restore_active_task(out, model, state.loop, training):  # NN ends by banking the mask it trains
         task = model.finish_task()
-        if model.likelihood is not None and "calibration.x" in tensors:  # its last batches, kept for this
-            model.fit_likelihood(task, tensors["calibration.x"].to(device), tensors["calibration.y"].to(device))
+        if model.likelihood is not None and training.calibration:  # its last batches, kept for this
+            model.fit_likelihood(task, training.calibration["x"].to(device), training.calibration["y"].to(device))
     if model.active_task is None and model.num_banked_tasks < cfg.benchmark.num_tasks and cfg.scenario is not Scenario.NN:
         log.warning("the bank holds %d of %d tasks; evaluating those", model.num_banked_tasks, cfg.benchmark.num_tasks)
     missing = [t for t in range(model.num_banked_tasks) if model.task_likelihood(t) is None]
@@ -85,7 +86,5 @@ def evaluate_saved(out_dir: str | os.PathLike, *, overrides: list[str] = (), sce
         reuse = True
     final_evaluation(cfg, model, stream, results, reuse_curve=reuse, cache=cache)
     results.eval_seconds = time.perf_counter() - t0
-    results.bank_bytes = model.bank_bytes
-    results.num_masked_weights = model.num_masked_weights
-    results.bank_sha256 = model.bank_sha256()
+    results.record_bank(model, with_memory=False)  # the training run's peak memory stays
     return results
