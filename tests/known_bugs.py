@@ -83,6 +83,9 @@ BUGS = [
     ("a path error escapes as a traceback", "supsup/cli.py", "    except OSError as err:\n        if err.filename is None:",
      "    except ZeroDivisionError as err:\n        if err.filename is None:",
      "tests/test_runner.py::test_user_caused_cli_failures_are_one_line_exit_2"),
+    ("a run takes no writer lock", "supsup/experiment/native.py",
+     'held.enter_context(run_lock(out, "supsup run --resume" if resume else "supsup run"))', "pass",
+     "tests/test_runner.py::test_one_writer_per_run_directory"),
 ]
 
 #: failure messages that mean "an assertion of the test failed" rather than "an exception escaped"

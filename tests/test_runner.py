@@ -449,3 +449,39 @@ def test_user_caused_cli_failures_are_one_line_exit_2(tmp_path, capsys, monkeypa
         assert err and err[-1].startswith("supsup: error: ") and fragment in err[-1], (argv, err)
         assert not any(line.startswith(("Traceback", "usage:")) for line in err), argv
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "not_a_run"]
+
+
+def test_one_writer_per_run_directory(mnist_data, tmp_path, capsys):
+    """While a run writes its directory, a resume, calibrate or report of it stops at once (one
+    line, exit 2, nothing written); SIGKILL frees the directory, and the resume then finishes."""
+    from supsup.cli import main
+    from supsup.experiment.runlock import LOCK_NAME, RunLockedError, run_lock
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "supsup", "run", "configs/permuted_mnist_gn.yaml", *_sets(CRASH),
+                             "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (out / CHECKPOINT_NAME).exists():
+            time.sleep(0.05)
+        for argv in (["run", "--resume", str(out)], ["calibrate", str(out)]):
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and "being written by another process (pid" in err[0] and "supsup run" in err[0], err
+        with pytest.raises(RunLockedError):
+            with run_lock(out, "a test"):
+                pass
+        assert proc.poll() is None, "the run ended before the second writers were tried"
+    finally:
+        proc.kill()  # SIGKILL: no cleanup code runs in the killed process
+        proc.wait()
+    with run_lock(out, "a test"):  # the OS released it with the process
+        pass
+    assert (out / LOCK_NAME).exists() and (out / CHECKPOINT_NAME).read_bytes() != b""
+    assert main(["run", "--resume", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["num_tasks"] == 3
+    capsys.readouterr()
+    with run_lock(out, "another writer"):  # flock: a second descriptor conflicts, in this process too
+        assert main(["report", str(out)]) == 2
+        assert "(pid " in capsys.readouterr().err
+    assert not (out / "report.md").exists()  # the refused report wrote nothing

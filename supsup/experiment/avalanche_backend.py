@@ -267,7 +267,11 @@ class AvalancheBackend:
 
     @staticmethod
     def run(cfg: RunConfig, out_dir: str | os.PathLike, resume: bool) -> RunResults:
-        return (run_supsup if cfg.method == "supsup" else run_baseline)(cfg, out_dir, resume=resume)
+        from .runlock import run_lock
+
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        with run_lock(out_dir, f"supsup run ({cfg.method}, backend avalanche)"):  # one writer per directory
+            return (run_supsup if cfg.method == "supsup" else run_baseline)(cfg, out_dir, resume=resume)
 
 
 BACKENDS.register("avalanche")(AvalancheBackend())

@@ -16,11 +16,12 @@ import os
 import time
 from pathlib import Path
 
-from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
 from ..config import ConfigError, Scenario, apply_overrides, config_from_dict
 from ..likelihood import LikelihoodSpec
 from ..training import CalibrationBuffer
 from .build import build_model, build_stream, resolve_device
+from .runlock import run_lock
 from .runstate import restore_checkpoint
 
 __all__ = ["calibrate_saved"]
@@ -36,6 +37,13 @@ def calibrate_saved(out_dir: str | os.PathLike, *, overrides: list[str] = (), re
     (every task with ``refit``) and rewrite its checkpoint (atomically). Returns a summary:
     tasks fitted, their bytes, seconds."""
     out = Path(out_dir)
+    if not (out / CHECKPOINT_NAME).is_file():  # refused before anything is written there
+        raise CheckpointError(f"no checkpoint at {out / CHECKPOINT_NAME}")
+    with run_lock(out, "supsup calibrate"):  # it rewrites the checkpoint: no other writer meanwhile
+        return _calibrate(out, overrides, refit)
+
+
+def _calibrate(out: Path, overrides, refit: bool) -> dict:
     tensors, meta = load_checkpoint(out)
     for item in overrides:
         key = item.split("=", 1)[0].strip()

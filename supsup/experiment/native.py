@@ -9,6 +9,7 @@ evaluation (:mod:`.evaluate`), ``results.json`` and ``accuracy.png``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -40,6 +41,7 @@ from .loggers import RunLogger
 from .parallel import evaluate_parallel, run_labeled_parallel
 from .report import write_report
 from .results import NNReport, RunResults, TaskRow
+from .runlock import RunLockedError, run_lock
 from .runstate import (
     LoopState,
     TrainingState,
@@ -177,16 +179,21 @@ class NativeBackend:
         device = resolve_device(cfg.device)
         dist = Distributed.from_env(device)
         try:
-            return _run(cfg, Path(out_dir), resume, device, dist)
+            with contextlib.ExitStack() as held:  # the run directory's writer lock (rank 0)
+                return _run(cfg, Path(out_dir), resume, device, dist, held)
         finally:
             dist.close()
 
 
-def _run(cfg: RunConfig, out: Path, resume: bool, device, dist: Distributed) -> RunResults:
+def _run(cfg: RunConfig, out: Path, resume: bool, device, dist: Distributed, held: contextlib.ExitStack) -> RunResults:
     problem = None
-    if dist.is_main:
+    if dist.is_main:  # rank 0 alone writes the directory, so it alone holds the lock
         out.mkdir(parents=True, exist_ok=True)
-        if not resume and (out / CHECKPOINT_NAME).exists():
+        try:
+            held.enter_context(run_lock(out, "supsup run --resume" if resume else "supsup run"))
+        except RunLockedError as err:
+            problem = str(err)
+        if problem is None and not resume and (out / CHECKPOINT_NAME).exists():
             problem = f"{out} already holds a run; pass --resume {out} to continue it or choose another --out"
     problem = dist.broadcast(problem)  # every rank stops, or none
     if problem:

@@ -22,6 +22,7 @@ from ..fileio import atomic_write_text
 from .evaluate import sampled_tasks
 from .figures import plot_confusion, plot_curve, plot_density, plot_matrix, plot_overlap
 from .results import AccuracyMatrix, CurvePoint, RunResults
+from .runlock import run_lock
 
 __all__ = ["mask_densities", "mask_statistics", "write_run_report"]
 
@@ -83,13 +84,21 @@ def _fmt(v) -> str:
 def write_run_report(run_dir: str | os.PathLike, *, max_tasks: int = 40) -> Path:
     """Write ``run_dir/report.md`` and its PNGs; returns the report's path."""
     out = Path(run_dir)
+    _read_results(out)  # a directory that is not a finished run is refused before anything is written
+    with run_lock(out, "supsup report"):  # a run still writing there would change what is reported
+        return _write_report(out, _read_results(out), max_tasks)
+
+
+def _read_results(out: Path) -> RunResults:
     try:
-        data = json.loads((out / "results.json").read_text())
-        res = RunResults.from_dict(data)
+        return RunResults.from_dict(json.loads((out / "results.json").read_text()))
     except FileNotFoundError:
         raise CheckpointError(f"{out} has no results.json: report needs a finished run") from None
     except (ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{out / 'results.json'} is not a supsup results file ({err})") from None
+
+
+def _write_report(out: Path, res: RunResults, max_tasks: int) -> Path:
     title = f"{res.benchmark}, {res.num_tasks} tasks, {res.scenario}, {res.method} ({res.backbone})"
     lines = [f"# Run report: {title}", "", f"`{out}`, written by supsup {res.supsup_version}.", "",
              "| | task given | task inferred |", "|---|---|---|",
