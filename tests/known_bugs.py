@@ -86,6 +86,9 @@ BUGS = [
     ("a run takes no writer lock", "supsup/experiment/native.py",
      'held.enter_context(run_lock(out, "supsup run --resume" if resume else "supsup run"))', "pass",
      "tests/test_runner.py::test_one_writer_per_run_directory"),
+    ("torchrun workers outlive their launcher", "supsup/experiment/distributed.py",
+     "            exit_with_launcher()\n", "            pass\n",
+     "tests/test_distributed.py::test_workers_end_when_the_launcher_is_killed"),
 ]
 
 #: failure messages that mean "an assertion of the test failed" rather than "an exception escaped"

@@ -142,3 +142,53 @@ def test_an_explicit_gpu_index_under_torchrun_is_refused(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(ConfigError, match="LOCAL_RANK"):
         Distributed.from_env(torch.device("cuda", 0))
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie left for a parent that does not reap it has ended)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "State:\tZ" not in status
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc: field 4 of /proc/<p>/stat)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_workers_end_when_the_launcher_is_killed(mnist_data, tmp_path):
+    """SIGKILL to torchrun: its workers (in sessions of their own) notice within a second and
+    stop, instead of finishing the run into a directory a --resume may be writing."""
+    import time
+
+    out = tmp_path / "run"
+    cmd = [TORCHRUN, "--nproc-per-node=2", "--master-port=0", "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0",
+           "-m", "supsup", "run", "permuted_mnist_gn", "--threads", "1", "--out", str(out),
+           *sum([["--set", s] for s in [*SETS, "benchmark.num_tasks=8", "train.iterations=300"]], [])]
+    launcher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "checkpoint.pt").exists():
+        time.sleep(0.05)
+    workers = _children(launcher.pid)
+    assert len(workers) == 2 and all(_alive(w) for w in workers)
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    deadline = time.time() + 60  # a bound that fails the test only if the workers never stop
+    while time.time() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.05)
+    alive = [w for w in workers if _alive(w)]
+    for w in alive:  # leave nothing behind, whatever happened
+        os.kill(w, signal.SIGKILL)
+    assert not alive, "workers outlived their launcher"
+    assert load_checkpoint(out)[1]["loop"]["next_task"] < 8  # stopped mid-run; --resume continues it

@@ -16,7 +16,10 @@ process group uses gloo on the CPU and NCCL when the run's device is CUDA. One p
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +28,33 @@ import torch
 
 from ..config import ConfigError
 
-__all__ = ["Distributed", "DistributedError"]
+__all__ = ["LAUNCHER_GONE_EXIT", "Distributed", "DistributedError", "exit_with_launcher"]
+
+log = logging.getLogger(__name__)
+
+#: the exit status of a worker that ended because its torchrun launcher was gone
+LAUNCHER_GONE_EXIT = 75
+
+
+def exit_with_launcher(poll_s: float = 0.5) -> threading.Thread:
+    """End this process (exit status :data:`LAUNCHER_GONE_EXIT`) as soon as its parent, the
+    ``torchrun`` launcher, is gone. torchrun starts its workers in sessions of their own, so a
+    launcher killed by SIGKILL would leave them running: they would finish the run and write
+    into a directory that a ``--resume`` may be writing too. A daemon thread notices the change
+    of parent within ``poll_s`` seconds; what the worker wrote so far is safe (checkpoints are
+    replaced atomically), and the run goes on with ``--resume``."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                log.error("the torchrun launcher (pid %d) is gone: this worker stops; continue with --resume", parent)
+                os._exit(LAUNCHER_GONE_EXIT)
+
+    thread = threading.Thread(target=watch, name="supsup-launcher-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 class DistributedError(RuntimeError):
@@ -61,6 +90,8 @@ class Distributed:
             # Every rank would build its model on that one GPU while NCCL expects one GPU per rank.
             raise ConfigError("device", f"under torchrun each process uses the GPU of its LOCAL_RANK; "
                                         f"set device=cuda (no index), not {device}")
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: do not outlive it
+            exit_with_launcher()
         if not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
             if device.type == "cuda":
