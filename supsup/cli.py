@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 __all__ = ["main"]
@@ -206,6 +207,8 @@ def _cmd_data(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # a warning is one line, like an error (no source line under it)
+    warnings.formatwarning = lambda message, category, *rest, **kw: f"supsup: warning: {message}\n"
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from .checkpoint import CheckpointError

@@ -8,6 +8,7 @@ and the Avalanche strategy all call them.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -177,6 +178,26 @@ class TaskReport:
     calibration: CalibrationBuffer | None = None
 
 
+#: The learning rates measured to let a mask kind learn, where the paper's 1e-4 does not: RMSprop
+#: and Adam move a score by about lr per step, and Bernoulli scores start as coins (sigmoid(s) =
+#: 0.5). One PermutedMNIST task, FC 1024: lr 1e-4 0.19, 1e-2 0.66, 0.1 0.89, 0.3 0.965, 1.0 0.93
+#: (benchmarks/results/bernoulli_lr.md).
+LEARNING_RATE_RANGES = {"bernoulli": (1e-2, 1.0, 0.3)}
+
+
+def check_learning_rate(mask_kind: str, lr: float) -> str | None:
+    """Warn (once per message) when ``mask_kind`` trains at a learning rate outside the range
+    measured for it (:data:`LEARNING_RATE_RANGES`); returns the warning, or None."""
+    measured = LEARNING_RATE_RANGES.get(mask_kind)
+    if measured is None or measured[0] <= lr <= measured[1]:
+        return None
+    lo, hi, best = measured
+    message = (f"mask.kind={mask_kind} at train.lr={lr:g} is outside the range measured to learn ({lo:g} to {hi:g}, "
+               f"best {best:g}): its masks may stay near chance; set train.lr={best:g}")
+    warnings.warn(message, UserWarning, stacklevel=3)
+    return message
+
+
 def train_task(model: SupermaskModel, batches: Iterable[Batch], config: TrainConfig | None = None, *,
                epochs: int = 1, max_steps: int | None = None, progress: bool = False) -> int:
     """Learn a new task from ``batches`` and bank its mask; returns the task id
@@ -221,6 +242,7 @@ def fit_active_task(model: SupermaskModel, batches: Iterable[Batch], cfg: TrainC
     with a fresh optimizer and ``cfg``'s schedule; it is not banked (:func:`learn_task` does)."""
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    check_learning_rate(model.mask_kind, cfg.lr)
     task_id = model.active_task
     counted = [0]
     buffer = CalibrationBuffer(model.likelihood.images) if model.likelihood is not None else None

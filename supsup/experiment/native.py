@@ -23,7 +23,7 @@ from ..detection import NNDetector, NNState, mask_to_task, shared_masks, train_u
 from ..evaluation import evaluate_given_task
 from ..fileio import atomic_write_text
 from ..model import SupermaskModel
-from ..training import learn_task, make_optimizer
+from ..training import check_learning_rate, learn_task, make_optimizer
 from .backends import BACKENDS
 from .build import build_model, build_stream, resolve_device
 from .distributed import Distributed
@@ -116,6 +116,7 @@ def _run_labeled(cfg: RunConfig, out: Path, model: SupermaskModel, stream, resul
 def _run_unlabeled(cfg: RunConfig, out: Path, model: SupermaskModel, stream, results: RunResults, loop: LoopState,
                    training: TrainingState | None, logger: RunLogger) -> None:
     """NN: train the stream without task ids; the detector picks the mask of every batch."""
+    check_learning_rate(cfg.mask.kind, cfg.train.lr)
     detector = NNDetector(model, cfg.nn, None if loop.nn is None else NNState.from_dict(loop.nn))
     optimizer = None
     if restore_active_task(out, model, loop, training):  # a mid-stream checkpoint: scores and optimizer state

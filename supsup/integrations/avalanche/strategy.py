@@ -24,7 +24,7 @@ from ...evaluation import BatchOutcome, infer_batch_masks, infer_batches
 from ...inference import candidate_extras
 from ...model import SupermaskModel
 from ...rng import make_generator
-from ...training import CalibrationBuffer, fit_task_likelihood, make_optimizer, training_autocast
+from ...training import CalibrationBuffer, check_learning_rate, fit_task_likelihood, make_optimizer, training_autocast
 from .data import CachedBatches, ExperienceCache
 
 __all__ = ["SupSupStrategy", "TaskInferenceAccuracy"]
@@ -101,6 +101,7 @@ class SupSupStrategy(SupervisedTemplate):
         if task_id_source not in TASK_ID_SOURCES:
             raise ValueError(f"unknown task_id_source {task_id_source!r}; known: {', '.join(TASK_ID_SOURCES)}")
         self.train_config = train_config if train_config is not None else TrainConfig()
+        check_learning_rate(model.mask_kind, self.train_config.lr)
         self.eval_config = eval_config if eval_config is not None else EvalConfig()
         self.inference_config = inference_config if inference_config is not None else InferenceConfig()
         self.task_id_source = task_id_source
