@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import warnings
 import sys
+import warnings
 from pathlib import Path
 
 import pytest

@@ -24,7 +24,13 @@ from ...evaluation import BatchOutcome, infer_batch_masks, infer_batches
 from ...inference import candidate_extras
 from ...model import SupermaskModel
 from ...rng import make_generator
-from ...training import CalibrationBuffer, check_learning_rate, fit_task_likelihood, make_optimizer, training_autocast
+from ...training import (
+    CalibrationBuffer,
+    check_learning_rate,
+    fit_task_likelihood,
+    make_optimizer,
+    training_autocast,
+)
 from .data import CachedBatches, ExperienceCache
 
 __all__ = ["SupSupStrategy", "TaskInferenceAccuracy"]
