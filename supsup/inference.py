@@ -500,7 +500,7 @@ def default_method(model: SupermaskModel) -> str:
 
 def infer_task(model: SupermaskModel, x: torch.Tensor, *, method: str | None = None, objective: str | None = None,
                num_images: int | None = None, log_base: float = 2.0, refine: str = "none",
-               refine_candidates: int = 5) -> int:
+               refine_candidates: int = 5, refine_temperature: float = 1.0) -> int:
     """The task of one batch of images, among the model's banked tasks.
 
     Args:
@@ -511,7 +511,8 @@ def infer_task(model: SupermaskModel, x: torch.Tensor, *, method: str | None = N
         objective: ``g`` or ``entropy`` for the gradient methods; default :func:`default_objective`.
         num_images: infer from the first ``num_images`` images only (default: all ``B``).
         refine: ``exact``: the gradient's ``refine_candidates`` best masks are scored by the
-            objective itself and the best of them is the task (:func:`infer_tasks`).
+            objective itself, of the logits divided by ``refine_temperature``, and the best of
+            them is the task (:func:`infer_tasks`); what BatchNorm backbones need.
 
     Returns:
         The task id (an index into the bank).
@@ -519,5 +520,6 @@ def infer_task(model: SupermaskModel, x: torch.Tensor, *, method: str | None = N
     n = x.shape[0] if num_images is None else min(num_images, x.shape[0])
     tasks, _ = infer_tasks(model, x[:n].unsqueeze(0), method=default_method(model) if method is None else method,
                            objective=default_objective(model) if objective is None else objective,
-                           log_base=log_base, refine=refine, refine_candidates=refine_candidates)
+                           log_base=log_base, refine=refine, refine_candidates=refine_candidates,
+                           refine_temperature=refine_temperature)
     return int(tasks[0])

@@ -209,6 +209,7 @@ def test_infer_task_finds_the_task_of_a_batch(trained):
         assert infer_task(trained, x, objective="entropy") == task
         assert infer_task(trained, x, method="binary", objective="entropy") == task
         assert infer_task(trained, x, objective="entropy", num_images=4) == task
+        assert infer_task(trained, x, objective="entropy", refine="exact", refine_temperature=2.0) == task
     no_spare = _model(num_outputs=4)
     train_task(no_spare, _loader(0), max_steps=1)
     train_task(no_spare, _loader(1), max_steps=1)

@@ -551,3 +551,20 @@ def test_resnet18_through_the_strategy_on_avalanche_split_cifar100(tmp_path, mon
     acc = per_experience(strategy.eval(list(bench.test_stream)[:2]), "Top1_Acc_Exp")
     assert sorted(acc) == [0, 1] and model.num_banked_tasks == 2
     assert model.norm_layers[0].num_stats == 2
+
+
+def test_strategy_keeps_the_former_num_classes_argument_and_the_model_helper_takes_norm_and_score_init():
+    """The previous release's SupSupStrategy(model=..., num_classes=10) still works (deprecated):
+    a model built without classes takes them, an equal value is accepted, a conflict is an error;
+    supsup_model_for_benchmark passes norm and score_init on."""
+    bench = _synthetic_stream((1, 8, 8))
+    free = SupermaskModel.from_name("fc_300_300", num_tasks=3, num_outputs=40, input_shape=(1, 8, 8))
+    with pytest.warns(DeprecationWarning, match=r"SupermaskModel\(\.\.\., num_classes=4\)"):
+        SupSupStrategy(model=free, num_classes=4)
+    assert free.num_classes == 4
+    with pytest.warns(DeprecationWarning, match="drop the argument"):
+        SupSupStrategy(model=free, num_classes=4)
+    with pytest.raises(ValueError, match="conflicts with the model's num_classes 4"):
+        SupSupStrategy(model=free, num_classes=7)
+    model = supsup_model_for_benchmark(bench, backbone="conv4_bn", seed=0, norm="batch", score_init="transfer")
+    assert model.score_init == "transfer" and model.norm_layers and model.norm_layers[0].norm == "batch"

@@ -51,7 +51,8 @@ def benchmark_num_classes(benchmark) -> int:
 def supsup_model_for_benchmark(benchmark, *, backbone: str, num_outputs: int | None = None,
                                num_tasks: int | None = None, seed: int = 0,
                                weight_init: str = "signed_constant", mask_kind: str = "threshold",
-                               density: float = 0.5, device: torch.device | str = "cpu") -> SupermaskModel:
+                               density: float = 0.5, norm: str = "per_task", score_init: str = "kaiming_uniform",
+                               device: torch.device | str = "cpu") -> SupermaskModel:
     """A :class:`~supsup.model.SupermaskModel` whose input layer fits the stream's samples.
 
     Args:
@@ -60,6 +61,8 @@ def supsup_model_for_benchmark(benchmark, *, backbone: str, num_outputs: int | N
         num_outputs: output width (default: the class count). GN/NN with the ``g`` objective
             need superfluous neurons: pass more, e.g. 500.
         num_tasks: bank capacity (default: the number of training experiences).
+        weight_init, mask_kind, density, norm, score_init: as the config keys of those names
+            (``norm``: how a BatchNorm backbone keeps statistics, ``per_task`` by default).
     """
     num_classes = benchmark_num_classes(benchmark)
     outputs = num_classes if num_outputs is None else num_outputs
@@ -68,7 +71,7 @@ def supsup_model_for_benchmark(benchmark, *, backbone: str, num_outputs: int | N
     return SupermaskModel.from_name(
         backbone, num_tasks=len(benchmark.train_stream) if num_tasks is None else num_tasks,
         num_outputs=outputs, num_classes=num_classes, seed=seed, input_shape=benchmark_input_shape(benchmark),
-        weight_init=weight_init, mask_kind=mask_kind, density=density, device=device)
+        weight_init=weight_init, mask_kind=mask_kind, density=density, norm=norm, score_init=score_init, device=device)
 
 
 # ----------------------------------------------------------------------- classic benchmarks

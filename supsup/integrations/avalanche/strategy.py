@@ -8,6 +8,7 @@ task inference :func:`supsup.evaluation.infer_batch_masks`, scoring the GN proto
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,6 +38,23 @@ __all__ = ["SupSupStrategy", "TaskInferenceAccuracy"]
 
 TASK_ID_SOURCES = ("experience", "task_label")
 EVAL_TASKS = ("given", "inferred")
+
+
+def _take_num_classes(model: SupermaskModel, num_classes: int) -> None:
+    """The strategy's former ``num_classes`` argument, kept working: the model's classes."""
+    if num_classes == model.num_classes:
+        warnings.warn("SupSupStrategy(num_classes=...) is deprecated: the model's num_classes is used; drop the "
+                      "argument", DeprecationWarning, stacklevel=3)
+        return
+    if model.num_classes != model.num_outputs:  # the model was told its classes: they differ
+        raise ValueError(f"SupSupStrategy(num_classes={num_classes}) conflicts with the model's num_classes "
+                         f"{model.num_classes}; drop the argument (the model's is used)")
+    if not 1 <= num_classes <= model.num_outputs:
+        raise ValueError(f"num_classes must be in 1..{model.num_outputs} (the model's outputs), got {num_classes}")
+    warnings.warn(f"SupSupStrategy(num_classes={num_classes}) is deprecated: build the model with "
+                  f"SupermaskModel(..., num_classes={num_classes}); it is set on the model now", DeprecationWarning,
+                  stacklevel=3)
+    model.num_classes = num_classes
 
 
 class SupSupStrategy(SupervisedTemplate):
@@ -89,6 +107,9 @@ class SupSupStrategy(SupervisedTemplate):
             reading: a test image need not come with others of its task); each image is then
             one :class:`~supsup.evaluation.BatchOutcome` of size 1.
         device, plugins, evaluator, eval_every: as for any ``SupervisedTemplate``.
+        num_classes: deprecated (the model's ``num_classes`` is used): accepted as before when
+            it equals the model's, or when the model was built without one (its every output a
+            class), which then takes it, with a ``DeprecationWarning``; a conflict is an error.
     """
 
     def __init__(self, *, model: SupermaskModel, scenario: Scenario | str = Scenario.GG,
@@ -97,9 +118,12 @@ class SupSupStrategy(SupervisedTemplate):
                  task_id_source: str = "experience", seed: int | None = None,
                  optimizer: torch.optim.Optimizer | None = None, device: torch.device | str = "cpu",
                  plugins: Sequence[Any] | None = None, evaluator: Any = default_evaluator,
-                 eval_every: int = -1, cache_batch_size: int = 4096, per_image: bool = False):
+                 eval_every: int = -1, cache_batch_size: int = 4096, per_image: bool = False,
+                 num_classes: int | None = None):
         if not isinstance(model, SupermaskModel):
             raise TypeError(f"SupSupStrategy trains a SupermaskModel, got {type(model).__name__}")
+        if num_classes is not None:
+            _take_num_classes(model, num_classes)
         try:
             self.scenario = Scenario(scenario)
         except ValueError:
