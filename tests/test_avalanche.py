@@ -568,3 +568,27 @@ def test_strategy_keeps_the_former_num_classes_argument_and_the_model_helper_tak
         SupSupStrategy(model=free, num_classes=7)
     model = supsup_model_for_benchmark(bench, backbone="conv4_bn", seed=0, norm="batch", score_init="transfer")
     assert model.score_init == "transfer" and model.norm_layers and model.norm_layers[0].norm == "batch"
+
+
+def test_classes_a_task_does_not_answer_get_a_finite_logit_below_its_own():
+    """Class-incremental: the classes a task does not answer are -inf in its logits; what the
+    strategy gives Avalanche keeps the argmax, and a batch given the wrong task has a loss on the
+    scale of the logits (about 20 more), not about 10,000."""
+    from supsup.integrations.avalanche.strategy import EXCLUDED_MARGIN, finite_logits
+
+    model = SupermaskModel.from_name("fc_300_300", num_tasks=2, num_outputs=4, input_shape=(1, 8, 8))
+    model.add_task()
+    model.finish_task()
+    model.set_task_classes(0, [0, 1])
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with model.use_task(0):
+        raw = model.class_logits(x)
+    assert torch.isneginf(raw[:, 2:]).all() and torch.isfinite(raw[:, :2]).all()
+    out = finite_logits(raw)
+    assert torch.isfinite(out).all() and torch.equal(out.argmax(1), raw.argmax(1))
+    assert torch.equal(out[:, :2], raw[:, :2])
+    assert torch.allclose(out[:, 2], raw[:, :2].amin(1) - EXCLUDED_MARGIN)
+    wrong = torch.nn.functional.cross_entropy(out, torch.full((16,), 3))  # labels the task does not answer
+    spread = float((raw[:, :2].amax(1) - raw[:, :2].amin(1)).max())
+    assert EXCLUDED_MARGIN <= float(wrong) <= EXCLUDED_MARGIN + spread + math.log(4)
+    assert torch.equal(finite_logits(out), out)  # nothing excluded: unchanged

@@ -40,6 +40,24 @@ TASK_ID_SOURCES = ("experience", "task_label")
 EVAL_TASKS = ("given", "inferred")
 
 
+#: how far below a row's lowest answerable logit the classes its task does not answer are put
+EXCLUDED_MARGIN = 20.0
+
+
+def finite_logits(logits: torch.Tensor) -> torch.Tensor:
+    """``(B, C)`` logits where a task answers among its own classes (class-incremental: the
+    others are ``-inf``) made finite for Avalanche's loss metric: each excluded class gets
+    :data:`EXCLUDED_MARGIN` below the row's lowest answerable logit (a relative probability
+    below ``e^-20``), so the argmax is unchanged and the loss of an image whose class the task
+    does not answer is the logit range plus about 20, on the scale of the other batches (a
+    fixed -1e4 made it about 10,000)."""
+    excluded = torch.isneginf(logits)
+    if not bool(excluded.any()):
+        return logits
+    lowest = logits.masked_fill(excluded, float("inf")).amin(dim=1, keepdim=True)
+    return torch.where(excluded, lowest - EXCLUDED_MARGIN, logits)
+
+
 def _take_num_classes(model: SupermaskModel, num_classes: int) -> None:
     """The strategy's former ``num_classes`` argument, kept working: the model's classes."""
     if num_classes == model.num_classes:
@@ -302,9 +320,7 @@ class SupSupStrategy(SupervisedTemplate):
             logits = x.new_zeros(x.shape[0], self.num_classes)  # no mask: uniform, chance level
         else:
             with self.model.use_task(mask):
-                # a task with its own classes (class-incremental) answers among them; finite, so
-                # that Avalanche's loss metric stays finite
-                logits = self.model.class_logits(x).clamp_min(-1e4)
+                logits = finite_logits(self.model.class_logits(x))
         if self.eval_task == "inferred":
             stands_for = -1 if mask is None else self.mask_to_task().get(mask, -1)
             correct = int((logits.argmax(dim=1) == self.mb_y).sum())
@@ -327,7 +343,7 @@ class SupSupStrategy(SupervisedTemplate):
         for mask in sorted(set(masks)):
             rows = masks_t == mask
             with model.use_task(mask):
-                logits[rows] = model.class_logits(x[rows]).clamp_min(-1e4)
+                logits[rows] = finite_logits(model.class_logits(x[rows]))
         task_of = self.mask_to_task()
         outcomes = self.outcomes[self.experience.current_experience]
         right = logits.argmax(dim=1) == self.mb_y
