@@ -16,6 +16,7 @@ weights are rebuilt (and checked against their digest).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -62,6 +63,28 @@ __all__ = ["MIN_CLASS_RANK", "Mode", "ModeError", "CapacityError", "SupermaskMod
 MIN_CLASS_RANK = 16
 
 
+#: ``weight_init`` that keeps a module's own weights (a pretrained backbone, as in Piggyback)
+KEEP_WEIGHTS = "keep"
+
+
+def _paper_init(backbone: nn.Module, weight_init: str, seed: int) -> None:
+    """Initialise a backbone's Linear/Conv2d weights for masks to learn on (:func:`init_weights`
+    from (seed, "backbone")): whether a mask can learn depends on the frozen weights' scale,
+    and torch's default init leaves masks of a small MLP near chance (measured in
+    ``benchmarks/results/user_backbones.md``). Biases are set to 0, with a warning when there are
+    any: a frozen bias would be shared by every task, unmasked, and the paper's networks have none."""
+    has_bias = any(isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None and bool(m.bias.detach().any())
+                   for m in backbone.modules())
+    try:
+        init_weights(backbone, weight_init, make_generator(seed, "backbone"))
+    except KeyError as err:
+        raise ValueError(f"{err.args[0]}, or {KEEP_WEIGHTS!r} (the module's own weights)") from None
+    if has_bias:
+        warnings.warn(f"the backbone's Linear/Conv2d biases are set to 0 by weight_init={weight_init!r} (SupSup masks "
+                      "weights only, and a frozen bias would be shared by every task); weight_init='keep' keeps the "
+                      "module's own weights and biases (e.g. a pretrained backbone)", UserWarning, stacklevel=3)
+
+
 class SupermaskModel(ModelFile, Prediction, nn.Module):
     """A frozen backbone whose Linear/Conv2d layers carry per-task supermasks.
 
@@ -86,12 +109,18 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
 
     def __init__(self, backbone: nn.Module, *, num_tasks: int, num_classes: int | None = None, seed: int = 0,
                  mask_kind: str = "threshold", density: float = 0.5, score_init: str = "kaiming_uniform",
-                 norm: str = "per_task", likelihood: LikelihoodSpec | None = DEFAULT_LIKELIHOOD):
+                 norm: str = "per_task", likelihood: LikelihoodSpec | None = DEFAULT_LIKELIHOOD,
+                 weight_init: str = "signed_constant"):
         super().__init__()
         if num_tasks < 1:
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; known: {', '.join(NORMS)}")
+        if any(isinstance(m, SupermaskLayer) for m in backbone.modules()):
+            raise TypeError("this backbone is already wrapped (it belongs to a SupermaskModel): pass a fresh instance "
+                            "of your module, or SupermaskModel.load(path, backbone=YourModule())")
+        if weight_init != KEEP_WEIGHTS:
+            _paper_init(backbone, weight_init, seed)
         wrap_backbone(backbone, norm, mask_kind=mask_kind, density=density, score_init=score_init)
         self.backbone = backbone
         if not self.masked_layers:
@@ -102,6 +131,7 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
         if not 1 <= self.num_classes <= self.num_outputs:
             raise ValueError(f"num_classes must be in 1..{self.num_outputs} (the outputs), got {num_classes}")
         self.seed = seed
+        self.weight_init = weight_init
         self.mask_kind = mask_kind
         self.density = density
         self.score_init = score_init
@@ -129,9 +159,8 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
         """Build a registered backbone (:data:`supsup.backbones.BACKBONES`) with ``num_outputs``
         outputs, its weights initialised from (seed, "backbone")."""
         net = create_backbone(backbone, input_shape=input_shape, num_outputs=num_outputs)
-        init_weights(net, weight_init, make_generator(seed, "backbone"))
         model = cls(net, num_tasks=num_tasks, num_classes=num_classes, seed=seed, mask_kind=mask_kind,
-                    density=density, score_init=score_init, norm=norm, likelihood=likelihood)
+                    density=density, score_init=score_init, norm=norm, likelihood=likelihood, weight_init=weight_init)
         model.spec = {"backbone": backbone, "input_shape": [int(d) for d in input_shape],
                       "num_outputs": num_outputs, "weight_init": weight_init}
         return model.to(device)

@@ -26,6 +26,7 @@ from .bank import (
 )
 from .checkpoint import MODEL_MAGIC, CheckpointError, read_checksummed, write_checksummed
 from .errors import ModeError
+from .layers import SupermaskLayer
 from .likelihood import DEFAULT_LIKELIHOOD, LikelihoodSpec
 from .version import __version__
 
@@ -38,10 +39,11 @@ class ModelFile:
     layers, so this module does not import the model)."""
 
     def frozen_weights_digest(self) -> str:
-        """SHA-256 over every frozen weight and bias, in layer order (the backbone's identity)."""
+        """SHA-256 over every frozen weight and bias (and a pretrained BatchNorm's frozen scale and
+        shift), in layer order (the backbone's identity)."""
         h = hashlib.sha256()
         for name, buf in self.backbone.named_buffers():
-            if name.endswith("base_layer.weight") or name.endswith("base_layer.bias"):
+            if name.endswith(("base_layer.weight", "base_layer.bias", "frozen_weight", "frozen_bias")):
                 h.update(name.encode())
                 h.update(buf.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
@@ -67,7 +69,8 @@ class ModelFile:
         """What defines this model besides its masks: the backbone spec (if built by name), the
         output and class counts, capacity, seed, mask kind and the frozen weights' digest."""
         return {"spec": self.spec, "num_outputs": self.num_outputs, "num_classes": self.num_classes,
-                "num_tasks": self.num_tasks, "seed": self.seed, "mask_kind": self.mask_kind,
+                "num_tasks": self.num_tasks, "seed": self.seed, "weight_init": self.weight_init,
+                "mask_kind": self.mask_kind,
                 "density": self.density, "score_init": self.score_init, "norm": self.norm,
                 "likelihood": None if self.likelihood is None else dataclasses.asdict(self.likelihood),
                 "num_masked_weights": self.num_masked_weights,
@@ -96,6 +99,10 @@ class ModelFile:
             CheckpointError: a missing, corrupt or foreign file, or frozen weights that differ
                 from the saved model's.
         """
+        if backbone is not None and any(isinstance(m, SupermaskLayer) for m in backbone.modules()):
+            raise CheckpointError("backbone= takes a fresh instance of the module the model was built from, e.g. "
+                                  "SupermaskModel.load(path, backbone=MyNet()); this one is already wrapped (a "
+                                  "model's .backbone)")
         tensors, meta = read_checksummed(path, magic=MODEL_MAGIC)
         ident = meta.get("identity")
         if meta.get("format") != "supsup-model" or not isinstance(ident, dict):
@@ -109,7 +116,8 @@ class ModelFile:
                                      None if ident["likelihood"] is None else LikelihoodSpec(**ident["likelihood"]))}
             spec = ident["spec"]
             if backbone is not None:
-                model = cls(backbone, **kwargs)
+                # files written before weight_init was recorded kept the module's own weights
+                model = cls(backbone, weight_init=ident.get("weight_init") or "keep", **kwargs)
             elif spec is not None:
                 model = cls.from_name(spec["backbone"], num_outputs=spec["num_outputs"], input_shape=spec["input_shape"],
                                       weight_init=spec["weight_init"], **kwargs)

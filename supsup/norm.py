@@ -1,7 +1,8 @@
 """BatchNorm for a shared frozen backbone: running statistics kept per task.
 
 A backbone's BatchNorm layers are non-affine (no learned scale or shift: SupSup learns masks
-only), but their running mean and variance describe one task's activations. Shared by all
+only); a pretrained backbone's affine scale and shift are kept frozen, shared by every task, and
+applied after the normalisation. Their running mean and variance describe one task's activations. Shared by all
 tasks, they are the last task's after training, and every earlier task falls to about chance:
 the official code's first release had exactly this bug (0.20 on 5-way SplitCIFAR-100 tasks);
 its fix kept the statistics per task. :class:`TaskBatchNorm` wraps a frozen ``nn.BatchNorm1d``
@@ -61,9 +62,6 @@ class TaskBatchNorm(nn.Module):
         super().__init__()
         if not isinstance(base_layer, nn.modules.batchnorm._BatchNorm):
             raise TypeError(f"TaskBatchNorm wraps BatchNorm layers, got {type(base_layer).__name__}")
-        if base_layer.affine:
-            raise TypeError(f"{type(base_layer).__name__}(affine=True) learns a scale and shift, which SupSup never "
-                            "trains: use affine=False")
         if base_layer.momentum is None or not base_layer.track_running_stats:
             # Both would need another kind of statistics (a cumulative average, or none at all)
             # than the exponential running ones kept and banked per task here.
@@ -80,6 +78,10 @@ class TaskBatchNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(c))
         self.register_buffer("running_var", torch.ones(c))
         self.register_buffer("bank", torch.zeros(0, 2, c))
+        # a pretrained layer's scale and shift: frozen, shared by every task (None: non-affine)
+        affine = base_layer.affine
+        self.register_buffer("frozen_weight", base_layer.weight.detach().clone() if affine else None)
+        self.register_buffer("frozen_bias", base_layer.bias.detach().clone() if affine else None)
         self.num_stats = 0
         self._mode = Mode.IDLE
         self._stats: tuple[torch.Tensor, torch.Tensor] | None = None  # (mean, var) for "task"
@@ -159,6 +161,13 @@ class TaskBatchNorm(nn.Module):
         self._groups = groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._normalise(x)
+        if self.frozen_weight is None:
+            return out
+        shape = (1, -1, *([1] * (x.dim() - 2)))
+        return out * self.frozen_weight.view(shape) + self.frozen_bias.view(shape)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         mode = self._mode
         if mode is Mode.TRAIN:
             if self.norm == "batch":

@@ -3,6 +3,7 @@ load, infer_task; the README's example runs as written."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -184,22 +185,53 @@ def test_a_run_checkpoint_is_not_a_model_file(tmp_path):
 
 
 def test_custom_backbones_are_saved_and_checked(tmp_path):
+    """A user's module: with the paper's init (default) its weights come from the model's seed,
+    so any fresh instance reloads it; with weight_init='keep' its own weights are the identity,
+    and another instance's weights are refused. A wrapped module gets a plain error."""
     def backbone(seed):
         torch.manual_seed(seed)
         return nn.Sequential(nn.Flatten(), nn.Linear(64, 32, bias=False), nn.ReLU(), nn.Linear(32, 8, bias=False))
 
-    model = SupermaskModel(backbone(0), num_tasks=2, num_classes=4)
-    train_task(model, _loader(0), max_steps=3)
-    model.save(tmp_path / "c")
-    with pytest.raises(CheckpointError, match=r"custom backbone: pass it as SupermaskModel\.load\(path, backbone=module\)"):
-        SupermaskModel.load(tmp_path / "c")
     x = torch.randn(4, 64)
-    loaded = SupermaskModel.load(tmp_path / "c", backbone=backbone(0))
-    with model.use_task(0), loaded.use_task(0):
-        assert torch.equal(model(x), loaded(x))
+    for init in ("signed_constant", "keep"):
+        model = SupermaskModel(backbone(0), num_tasks=2, num_classes=4, weight_init=init)
+        train_task(model, _loader(0), max_steps=3)
+        model.save(tmp_path / init)
+        with pytest.raises(CheckpointError, match=r"custom backbone: pass it as SupermaskModel\.load\(path, backbone=module\)"):
+            SupermaskModel.load(tmp_path / init)
+        loaded = SupermaskModel.load(tmp_path / init, backbone=backbone(0))
+        assert loaded.weight_init == init
+        with model.use_task(0), loaded.use_task(0):
+            assert torch.equal(model(x), loaded(x))
+        with pytest.raises(CheckpointError, match=r"backbone= takes a fresh instance .* already wrapped"):
+            SupermaskModel.load(tmp_path / init, backbone=model.backbone)
+    again = SupermaskModel.load(tmp_path / "signed_constant", backbone=backbone(1))  # rebuilt from the seed
+    assert again.frozen_weights_digest() == SupermaskModel(backbone(5), num_tasks=2).frozen_weights_digest()
     with pytest.raises(CheckpointError, match=r"frozen weights differ from the saved model's \(another torch version's "
                                               r"initialisation, or another backbone module\)"):
-        SupermaskModel.load(tmp_path / "c", backbone=backbone(1))
+        SupermaskModel.load(tmp_path / "keep", backbone=backbone(1))
+    with pytest.raises(TypeError, match="already wrapped .* pass a fresh instance"):
+        SupermaskModel(model.backbone, num_tasks=2)
+    with pytest.raises(ValueError, match="unknown weight_init 'signed'.* or 'keep'"):
+        SupermaskModel(backbone(0), num_tasks=2, weight_init="signed")
+
+
+def test_a_user_module_gets_the_paper_init_and_loses_its_biases_with_a_warning():
+    """torch's default init and frozen biases are what a user's module brings; the paper's init
+    replaces them (seeded), with one warning naming weight_init='keep'."""
+    def mlp():
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+
+    with pytest.warns(UserWarning, match="biases are set to 0 .* weight_init='keep'"):
+        model = SupermaskModel(mlp(), num_tasks=1, seed=3)
+    std = [math.sqrt(2 / 64), math.sqrt(2 / 32)]
+    for layer, s in zip(model.masked_layers, std):
+        assert torch.allclose(layer.weight.abs(), torch.full_like(layer.weight, s))  # signed constants
+        assert not layer.base_layer.bias.any()
+    kept_module = mlp()
+    kept = SupermaskModel(kept_module, num_tasks=1, weight_init="keep")
+    assert kept.masked_layers[0].base_layer.bias.abs().sum() > 0  # its own (frozen) biases
+    assert SupermaskModel(mlp(), num_tasks=1, seed=3).frozen_weights_digest() == model.frozen_weights_digest()
 
 
 def test_infer_task_finds_the_task_of_a_batch(trained):
@@ -329,8 +361,9 @@ def test_a_model_file_written_by_0_2_0_still_loads(tmp_path):
     new_tensors, new_meta = read_checksummed(tmp_path / "today.supsup", magic=MODEL_MAGIC)
     assert old_meta["format"] == new_meta["format"] == "supsup-model" and old_meta["supsup_version"] == "0.2.0"
     assert new_meta.keys() == old_meta.keys()
-    # one key added since 0.2.0 (what a task banks for likelihood inference), none renamed or dropped
-    assert set(new_meta["identity"]) - set(old_meta["identity"]) == {"likelihood"}
+    # keys added since 0.2.0 (what a task banks for likelihood inference; how the frozen weights
+    # were initialised), none renamed or dropped
+    assert set(new_meta["identity"]) - set(old_meta["identity"]) == {"likelihood", "weight_init"}
     assert {k: new_meta["identity"][k] for k in old_meta["identity"]} == old_meta["identity"]
     assert new_tensors.keys() == old_tensors.keys()
     assert all(torch.equal(new_tensors[k], old_tensors[k]) for k in old_tensors)

@@ -125,8 +125,8 @@ def test_mode_guards():
 
 
 def test_unsupported_layers_are_refused():
-    with pytest.raises(TypeError, match="BatchNorm1d"):
-        SupermaskModel(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), num_tasks=1)
+    with pytest.raises(TypeError, match="cannot freeze LayerNorm"):
+        SupermaskModel(nn.Sequential(nn.Linear(4, 4, bias=False), nn.LayerNorm(4)), num_tasks=1)
 
 
 def test_same_seed_bit_identical_masks():

@@ -54,11 +54,35 @@ def test_every_backbone_builds_wraps_and_trains_only_its_scores(name):
     assert bool(model.norm_layers) == (name.endswith("_bn") or name.startswith("resnet"))
 
 
-def test_affine_batchnorm_is_refused_with_the_reason():
+def test_a_pretrained_batchnorms_scale_and_shift_stay_frozen_and_shared():
+    """An affine BatchNorm (a pretrained backbone, weight_init='keep'): its scale and shift are
+    frozen buffers applied after each task's own normalisation, never trained."""
     net = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(576, 3, bias=False))
-    with pytest.raises(TypeError, match="affine=False"):
-        SupermaskModel(net, num_tasks=1)
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor([0.5, 2.0, -1.0, 3.0]))
+        net[1].bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
     assert has_batchnorm(net)
+    model = SupermaskModel(net, num_tasks=2, weight_init="keep")
+    bn = model.norm_layers[0]
+    assert not list(bn.parameters()) and torch.equal(bn.frozen_weight, torch.tensor([0.5, 2.0, -1.0, 3.0]))
+    x = torch.randn(8, 1, 14, 14, generator=torch.Generator().manual_seed(0))
+    model.add_task()
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.1)
+    model(x).sum().backward()
+    opt.step()
+    model.finish_task()
+    assert torch.equal(bn.frozen_weight, torch.tensor([0.5, 2.0, -1.0, 3.0]))
+    assert torch.equal(bn.frozen_bias, torch.tensor([0.1, -0.2, 0.3, 0.0]))
+    model.set_task(0)
+    feats = {}
+    bn.register_forward_hook(lambda m, a, out: feats.setdefault("out", out))
+    model(x)
+    mean, var = bn.task_stats(0)
+    with torch.no_grad():
+        pre = nn.functional.conv2d(x, model.masked_layers[0].effective_weight())
+    want = (pre - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + bn.eps)
+    want = want * bn.frozen_weight.view(1, -1, 1, 1) + bn.frozen_bias.view(1, -1, 1, 1)
+    assert torch.allclose(feats["out"], want, atol=1e-5)
 
 
 @pytest.mark.parametrize("kw", [{"momentum": None}, {"track_running_stats": False}])
