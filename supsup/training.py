@@ -46,10 +46,47 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> to
                                          weight_decay=cfg.weight_decay)
 
 
+def default_precision(device: torch.device | str) -> str:
+    """What ``precision: auto`` means without a timing (the Python API, the Avalanche strategy):
+    bf16 on a GPU that supports it, fp32 elsewhere (on a CPU without bf16 units bf16 is about 3x
+    slower; the runner times both instead, :func:`choose_precision`)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def choose_precision(model: SupermaskModel, x: torch.Tensor, y: torch.Tensor, *, steps: int = 5,
+                     margin: float = 0.9) -> tuple[str, dict[str, float]]:
+    """``precision: auto`` in the runner: time ``steps`` training forward and backward passes of
+    ``model``'s task in training on the batch ``(x, y)`` in fp32 and in bf16 (after one warm-up
+    each, alternating), and take bf16 only if its median is below ``margin`` times fp32's. The
+    model should be a throwaway copy: its scores get gradients and BatchNorm statistics move.
+    Returns the choice and the medians in ms."""
+    import statistics
+    import time
+
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    for i in range(steps + 1):
+        for precision in ("fp32", "bf16") if i % 2 == 0 else ("bf16", "fp32"):
+            sync()
+            t0 = time.perf_counter()
+            train_loss(model, x, y, precision).backward()
+            sync()
+            if i:  # the first pass of each warms up (allocations, kernel selection)
+                times[precision].append(time.perf_counter() - t0)
+    ms = {p: 1e3 * statistics.median(t) for p, t in times.items()}
+    return ("bf16" if ms["bf16"] < margin * ms["fp32"] else "fp32"), ms
+
+
 def training_autocast(precision: str, device: torch.device | str):
     """The autocast context of a training forward pass: bf16 runs the matmuls of the masked
-    layers in bfloat16 with fp32 accumulation (about 1.6x faster for FC 1024 on a CPU with
-    AVX512-BF16); the scores, their gradients and the optimizer stay fp32."""
+    layers in bfloat16 with fp32 accumulation (about 1.4x faster for FC 1024 on a CPU with
+    AVX512-BF16, about 3x slower on one without); the scores, their gradients and the optimizer
+    stay fp32. ``auto``: :func:`default_precision`."""
+    if precision == "auto":
+        precision = default_precision(device)
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision == "bf16":

@@ -485,3 +485,26 @@ def test_one_writer_per_run_directory(mnist_data, tmp_path, capsys):
         assert main(["report", str(out)]) == 2
         assert "(pid " in capsys.readouterr().err
     assert not (out / "report.md").exists()  # the refused report wrote nothing
+
+
+def test_precision_auto_times_both_and_records_its_choice(mnist_data, tmp_path):
+    """train.precision: auto: a few timed steps of a throwaway copy pick fp32 or bf16 (bf16 only
+    if clearly faster), recorded in results.json; a resumed run keeps the recorded choice."""
+    from supsup import SupermaskModel
+    from supsup.experiment import build_model
+    from supsup.experiment.runstate import restore_checkpoint
+    from supsup.training import choose_precision
+
+    model = SupermaskModel.from_name("lenet_300_100", num_tasks=1, num_outputs=10)
+    model.add_task()
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    assert choose_precision(model, x, y, steps=1, margin=0.0)[0] == "fp32"  # bf16 never faster than 0 x fp32
+    chosen, ms = choose_precision(model, x, y, steps=1, margin=1e9)
+    assert chosen == "bf16" and set(ms) == {"fp32", "bf16"} and all(v > 0 for v in ms.values())
+    out = tmp_path / "run"
+    cfg = load_config("configs/permuted_mnist_gn.yaml", [*SMALL, "benchmark.num_tasks=2", "train.iterations=20",
+                                                         "train.precision=auto"])
+    first = run_experiment(cfg, out)
+    assert first["precision"] in ("fp32", "bf16") and set(first["precision_step_ms"]) == {"fp32", "bf16"}
+    again = restore_checkpoint(out, cfg, build_model(cfg, torch.device("cpu"))).results
+    assert again.extra["precision"] == first["precision"]

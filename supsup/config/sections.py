@@ -31,7 +31,7 @@ __all__ = [
     "TrainConfig",
 ]
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")
 SCHEDULES = ("constant", "cosine")
 
 
@@ -170,7 +170,7 @@ class TrainConfig:
     optimizer: str = field(default="rmsprop", metadata={"help": "rmsprop | adam | sgd (supsup.optim.OPTIMIZERS)"})
     momentum: float = field(default=0.0, metadata={"help": "sgd/rmsprop momentum"})
     weight_decay: float = field(default=0.0, metadata={"help": "weight decay on the scores"})
-    precision: str = field(default="fp32", metadata={"help": "fp32, or bf16: training matmuls in bfloat16 with fp32 accumulation (torch.autocast); scores, optimizer and all evaluation stay fp32"})
+    precision: str = field(default="fp32", metadata={"help": "fp32, or bf16: training matmuls in bfloat16 with fp32 accumulation (torch.autocast); scores, optimizer and all evaluation stay fp32; auto: bf16 only where it is faster (the runner times a few steps of each at start-up and records its choice; elsewhere bf16 on a GPU that supports it, else fp32)"})
     schedule: str = field(default="constant", metadata={"help": "learning rate over a task's steps: constant | cosine (annealed to 0 at the last step, as the paper's SplitCIFAR/SplitImageNet runs)"})
     layer_lr: list[float] | None = field(default=None, metadata={"help": "learning-rate multiplier per masked layer, input to output (default: 1 for every layer), e.g. [0.1, 1, 1]; native backend"})
 

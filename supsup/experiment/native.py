@@ -10,6 +10,7 @@ evaluation (:mod:`.evaluate`), ``results.json`` and ``accuracy.png``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -18,12 +19,12 @@ from pathlib import Path
 import yaml
 
 from ..checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
-from ..config import ConfigError, RunConfig, Scenario, config_to_dict
+from ..config import ConfigError, RunConfig, Scenario, TrainConfig, config_to_dict
 from ..detection import NNDetector, NNState, mask_to_task, shared_masks, train_unlabeled
 from ..evaluation import evaluate_given_task
 from ..fileio import atomic_write_text
 from ..model import SupermaskModel
-from ..training import check_learning_rate, learn_task, make_optimizer
+from ..training import check_learning_rate, choose_precision, learn_task, make_optimizer
 from .backends import BACKENDS
 from .build import build_model, build_stream, resolve_device
 from .distributed import Distributed
@@ -81,15 +82,16 @@ def _log_row(task: int, loss: float, acc: float | None, point, train_s: float, e
     return row
 
 
-def _run_labeled(cfg: RunConfig, out: Path, model: SupermaskModel, stream, results: RunResults, loop: LoopState,
+def _run_labeled(cfg: RunConfig, train: TrainConfig, out: Path, model: SupermaskModel, stream, results: RunResults,
+                 loop: LoopState,
                  logger: RunLogger, learned: dict[int, GivenCounts], cache: EvaluationCache) -> None:
     """GG/GN: learn each task with its id, checkpoint after each; ``learned`` collects each
     task's GG counts right after it was learned, which the points and the final evaluation
     (sharing ``cache``) reuse."""
     for task_id in range(loop.next_task, cfg.benchmark.num_tasks):
         t0 = time.perf_counter()
-        report = learn_task(model, stream.train_batches(task_id, cfg.train.iterations, cfg.train.batch_size),
-                            cfg.train, max_steps=cfg.train.iterations, progress=cfg.progress)
+        report = learn_task(model, stream.train_batches(task_id, train.iterations, train.batch_size),
+                            train, max_steps=train.iterations, progress=cfg.progress)
         if report.task_id != task_id:
             raise CheckpointError(f"expected to learn task {task_id}, the model learned {report.task_id}")
         if cfg.benchmark.labels == "global":  # class-incremental: the task answers among its own classes
@@ -113,14 +115,15 @@ def _run_labeled(cfg: RunConfig, out: Path, model: SupermaskModel, stream, resul
         log.info("task %d: acc_given_task %.4f", task_id, acc)
 
 
-def _run_unlabeled(cfg: RunConfig, out: Path, model: SupermaskModel, stream, results: RunResults, loop: LoopState,
+def _run_unlabeled(cfg: RunConfig, train: TrainConfig, out: Path, model: SupermaskModel, stream, results: RunResults,
+                   loop: LoopState,
                    training: TrainingState | None, logger: RunLogger) -> None:
     """NN: train the stream without task ids; the detector picks the mask of every batch."""
     check_learning_rate(cfg.mask.kind, cfg.train.lr)
     detector = NNDetector(model, cfg.nn, None if loop.nn is None else NNState.from_dict(loop.nn))
     optimizer = None
     if restore_active_task(out, model, loop, training):  # a mid-stream checkpoint: scores and optimizer state
-        optimizer = make_optimizer(model.trainable_parameters(), cfg.train)
+        optimizer = make_optimizer(model.trainable_parameters(), train)
         optimizer.load_state_dict(training.optimizer)
         if training.sampler is not None:  # a sampled mask kind: where its mask samples had got to
             model.sampler().set_state(training.sampler)
@@ -128,9 +131,8 @@ def _run_unlabeled(cfg: RunConfig, out: Path, model: SupermaskModel, stream, res
             detector.calibration.load_state(training.calibration or {}, model.device)
     for true_task in range(loop.next_task, cfg.benchmark.num_tasks):
         t0 = time.perf_counter()
-        optimizer, loss = train_unlabeled(detector, stream.train_batches(true_task, cfg.train.iterations,
-                                                                         cfg.train.batch_size),
-                                          optimizer, cfg.train, true_task=true_task, total=cfg.train.iterations,
+        optimizer, loss = train_unlabeled(detector, stream.train_batches(true_task, train.iterations, train.batch_size),
+                                          optimizer, train, true_task=true_task, total=train.iterations,
                                           progress=cfg.progress)
         train_s = time.perf_counter() - t0
         results.train_seconds += train_s
@@ -154,6 +156,28 @@ def _run_unlabeled(cfg: RunConfig, out: Path, model: SupermaskModel, stream, res
     if model.active_task is not None:
         detector.finish()
     results.nn = nn_report(model, detector.state, cfg.nn.check_every)
+
+
+def _training_config(cfg: RunConfig, results: RunResults, stream, device, dist: Distributed) -> TrainConfig:
+    """``cfg.train`` with ``precision: auto`` resolved: bf16 only if a few timed steps of a
+    throwaway copy of the model are faster in it here (rank 0 decides for every rank). The
+    choice and the timings are recorded in the results (``extra.precision``); a resumed run keeps
+    its recorded choice, so that it goes on as it started."""
+    if cfg.train.precision != "auto":
+        return cfg.train
+    chosen = results.extra.get("precision")
+    if chosen is None:
+        timings = None
+        if dist.is_main:
+            probe = build_model(cfg, device)
+            probe.add_task()
+            x, y = next(iter(stream.train_batches(0, 1, cfg.train.batch_size)))
+            chosen, timings = choose_precision(probe, x.to(device), y.to(device))
+            log.info("precision auto: %s (training step fp32 %.1f ms, bf16 %.1f ms)", chosen, timings["fp32"],
+                     timings["bf16"])
+        chosen, timings = dist.broadcast((chosen, timings))
+        results.extra.update({"precision": chosen, "precision_step_ms": timings})
+    return dataclasses.replace(cfg.train, precision=chosen)
 
 
 class NativeBackend:
@@ -221,16 +245,17 @@ def _run(cfg: RunConfig, out: Path, resume: bool, device, dist: Distributed, hel
     stream = build_stream(cfg, device, progress=cfg.progress and dist.is_main)  # a finished run needs no data
     if dist.is_main:
         atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    train = _training_config(cfg, results, stream, device, dist)
     logger = RunLogger(cfg, out, resume_from_task=loop.next_task, enabled=dist.is_main)
     learned: dict[int, GivenCounts] = {}
     cache = EvaluationCache(cfg, model, stream, learned)
     try:
         if cfg.scenario is Scenario.NN:
-            _run_unlabeled(cfg, out, model, stream, results, loop, training, logger)
+            _run_unlabeled(cfg, train, out, model, stream, results, loop, training, logger)
         elif dist.enabled:
-            run_labeled_parallel(cfg, out, model, stream, results, loop, logger, dist)
+            run_labeled_parallel(cfg, train, out, model, stream, results, loop, logger, dist)
         else:
-            _run_labeled(cfg, out, model, stream, results, loop, logger, learned, cache)
+            _run_labeled(cfg, train, out, model, stream, results, loop, logger, learned, cache)
     finally:
         logger.close()
     if dist.enabled:

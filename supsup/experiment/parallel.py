@@ -12,7 +12,7 @@ import torch
 
 from .._faults import maybe_crash
 from ..bank import LIKELIHOOD_PREFIX, mask_key, norm_key
-from ..config import RunConfig
+from ..config import RunConfig, TrainConfig
 from ..evaluation import evaluate_given_task
 from ..model import SupermaskModel
 from ..training import fit_active_task, fit_task_likelihood
@@ -37,7 +37,8 @@ def _row_shapes(model: SupermaskModel) -> dict[str, torch.Tensor]:
     return like
 
 
-def run_labeled_parallel(cfg: RunConfig, out: Path, model: SupermaskModel, stream, results: RunResults, loop: LoopState,
+def run_labeled_parallel(cfg: RunConfig, train: TrainConfig, out: Path, model: SupermaskModel, stream, results: RunResults,
+                         loop: LoopState,
                          logger: RunLogger, dist: Distributed) -> None:
     """GG/GN: in each round of ``world`` tasks, rank ``r`` learns the round's task ``r``; the
     masks are gathered and banked in order on every rank; rank 0 checkpoints after each round."""
@@ -51,8 +52,8 @@ def run_labeled_parallel(cfg: RunConfig, out: Path, model: SupermaskModel, strea
             t0 = time.perf_counter()
             model.add_task(task)
             try:
-                report = fit_active_task(model, stream.train_batches(task, cfg.train.iterations, cfg.train.batch_size),
-                                         cfg.train, max_steps=cfg.train.iterations, progress=cfg.progress and dist.is_main)
+                report = fit_active_task(model, stream.train_batches(task, train.iterations, train.batch_size),
+                                         train, max_steps=train.iterations, progress=cfg.progress and dist.is_main)
             except BaseException:
                 model.abandon_task()
                 raise
