@@ -3,7 +3,9 @@
 ``SUPSUP_CRASH_AT=checkpoint_write:N`` kills the process with SIGKILL in the middle of the
 N-th atomic file write (after half of the temporary file is written, before the rename), so
 tests can check that an interrupted write never damages the previous checkpoint;
-``SUPSUP_CRASH_AT=parallel_round:N`` at the N-th round of task-parallel training. With several
+``SUPSUP_CRASH_AT=parallel_round:N`` at the N-th round of task-parallel training;
+``SUPSUP_CRASH_AT=inside_task_checkpoint:N`` right after the N-th checkpoint taken inside a task
+(``train.checkpoint_every``). With several
 processes, ``SUPSUP_CRASH_RANK=R`` limits it to rank ``R``.
 """
 

@@ -8,9 +8,11 @@ and the Avalanche strategy all call them.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import warnings
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -113,13 +115,16 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps: in
 
 def train_steps(model: SupermaskModel, optimizer: torch.optim.Optimizer, batches: Iterable[Batch],
                 *, total: int | None = None, desc: str = "", progress: bool = True,
-                precision: str = "fp32", scheduler=None) -> float:
+                precision: str = "fp32", scheduler=None, start: int = 0, recent: list[float] | None = None,
+                on_step: Callable[[int, list[float]], None] | None = None) -> float:
     """Cross-entropy steps on the active task (``scheduler`` stepped after each); returns the
-    mean loss of the last 50 steps."""
+    mean loss of the last 50 steps. A task resumed inside its training continues at step
+    ``start`` with the losses it had (``recent``); ``on_step(steps done, recent losses)`` runs
+    after every step (checkpoints)."""
     model.train_mode()
-    recent: list[float] = []
-    bar = tqdm(batches, total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-    for step, (x, y) in enumerate(bar):
+    recent = list(recent or [])
+    bar = tqdm(batches, total=total, initial=start, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    for step, (x, y) in enumerate(bar, start=start):
         loss = train_loss(model, x, y, precision)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -130,6 +135,8 @@ def train_steps(model: SupermaskModel, optimizer: torch.optim.Optimizer, batches
         recent = recent[-50:]
         if step % 20 == 0:
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+        if on_step is not None:
+            on_step(step + 1, recent)
     bar.close()
     return sum(recent) / max(1, len(recent))
 
@@ -204,6 +211,26 @@ def fit_task_likelihood(model: SupermaskModel, task_id: int, buffer: Calibration
         model.fit_likelihood(task_id, *buffer.tensors())
 
 
+@dataclass
+class TaskProgress:
+    """A task stopped inside its training: what it needs to go on exactly as if never stopped
+    (with its scores, BatchNorm running statistics, Bernoulli sampler: the model's state).
+
+    Attributes:
+        step: optimizer steps done.
+        recent: the losses of its last (up to 50) steps.
+        optimizer: the optimizer's ``state_dict``.
+        scheduler: the learning-rate schedule's ``state_dict`` (None: constant).
+        calibration: its recent training images for the likelihood statistics.
+    """
+
+    step: int
+    recent: list[float]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any] | None = None
+    calibration: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class TaskReport:
     """What learning a task did: its id, the mean loss of its last 50 steps, its steps, and its
@@ -243,7 +270,9 @@ def train_task(model: SupermaskModel, batches: Iterable[Batch], config: TrainCon
 
 
 def learn_task(model: SupermaskModel, batches: Iterable[Batch], config: TrainConfig | None = None, *,
-               epochs: int = 1, max_steps: int | None = None, progress: bool = False) -> TaskReport:
+               epochs: int = 1, max_steps: int | None = None, progress: bool = False,
+               resume: TaskProgress | None = None, checkpoint_every: int | None = None,
+               on_checkpoint: Callable[[TaskProgress], None] | None = None) -> TaskReport:
     """Learn a new task from ``batches`` and bank its mask.
 
     Starts the next task (:meth:`SupermaskModel.add_task`), runs one optimizer step per batch
@@ -256,15 +285,21 @@ def learn_task(model: SupermaskModel, batches: Iterable[Batch], config: TrainCon
             the model's device.
         config: optimizer, learning rate and precision (default :class:`TrainConfig`: the
             paper's RMSprop with lr 1e-4; its ``iterations`` is not used here).
+        resume: the task in training stopped inside its training (the model's active task,
+            its state restored): it goes on from there (:func:`fit_active_task`).
+        checkpoint_every / on_checkpoint: every ``checkpoint_every`` steps (not after the
+            last), ``on_checkpoint`` gets the task's :class:`TaskProgress`.
     """
     cfg = config if config is not None else TrainConfig()
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-    model.add_task()
+    if resume is None:
+        model.add_task()
     try:
-        report = fit_active_task(model, batches, cfg, epochs=epochs, max_steps=max_steps, progress=progress)
+        report = fit_active_task(model, batches, cfg, epochs=epochs, max_steps=max_steps, progress=progress,
+                                 resume=resume, checkpoint_every=checkpoint_every, on_checkpoint=on_checkpoint)
     except BaseException:
         model.abandon_task()
         raise
@@ -274,9 +309,15 @@ def learn_task(model: SupermaskModel, batches: Iterable[Batch], config: TrainCon
 
 
 def fit_active_task(model: SupermaskModel, batches: Iterable[Batch], cfg: TrainConfig, *, epochs: int = 1,
-                    max_steps: int | None = None, progress: bool = False) -> TaskReport:
+                    max_steps: int | None = None, progress: bool = False, resume: TaskProgress | None = None,
+                    checkpoint_every: int | None = None,
+                    on_checkpoint: Callable[[TaskProgress], None] | None = None) -> TaskReport:
     """Train the task in training (:meth:`SupermaskModel.add_task` started it) on ``batches``,
-    with a fresh optimizer and ``cfg``'s schedule; it is not banked (:func:`learn_task` does)."""
+    with a fresh optimizer and ``cfg``'s schedule; it is not banked (:func:`learn_task` does).
+    With ``resume`` it goes on from a :class:`TaskProgress`: the batches it had trained on are
+    skipped (drawn, not trained), the optimizer, schedule, losses and calibration images are
+    restored. Every ``checkpoint_every`` steps before the last, ``on_checkpoint`` gets the
+    progress."""
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     check_learning_rate(model.mask_kind, cfg.lr)
@@ -293,7 +334,27 @@ def fit_active_task(model: SupermaskModel, batches: Iterable[Batch], cfg: TrainC
 
     optimizer = make_optimizer(model.trainable_parameters(), cfg)
     steps = max_steps if max_steps is not None else (epochs * len(batches) if hasattr(batches, "__len__") else None)
-    loss = train_steps(model, optimizer, counting(_steps(batches, model.device, epochs, max_steps)), total=steps,
-                       desc=f"task {task_id}", progress=progress, precision=cfg.precision,
-                       scheduler=make_scheduler(optimizer, cfg, steps))
+    scheduler = make_scheduler(optimizer, cfg, steps)
+    stream = _steps(batches, model.device, epochs, max_steps)
+    start, recent = 0, []
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer)
+        if scheduler is not None:
+            scheduler.load_state_dict(resume.scheduler)
+        if buffer is not None:
+            buffer.load_state(resume.calibration, model.device)
+        start, recent = resume.step, resume.recent
+        counted[0] = start
+        stream = itertools.islice(stream, start, None)  # the same data order: the batches trained are drawn
+
+    def checkpoint(done: int, losses: list[float]) -> None:
+        if done % checkpoint_every or (steps is not None and done >= steps):
+            return
+        on_checkpoint(TaskProgress(step=done, recent=list(losses), optimizer=optimizer.state_dict(),
+                                   scheduler=None if scheduler is None else scheduler.state_dict(),
+                                   calibration={} if buffer is None else buffer.state()))
+
+    loss = train_steps(model, optimizer, counting(stream), total=steps, desc=f"task {task_id}", progress=progress,
+                       precision=cfg.precision, scheduler=scheduler, start=start, recent=recent,
+                       on_step=checkpoint if checkpoint_every and on_checkpoint is not None else None)
     return TaskReport(task_id=task_id, loss=loss, steps=counted[0], calibration=buffer)

@@ -89,6 +89,18 @@ BUGS = [
     ("torchrun workers outlive their launcher", "supsup/experiment/distributed.py",
      "            exit_with_launcher()\n", "            pass\n",
      "tests/test_distributed.py::test_workers_end_when_the_launcher_is_killed"),
+    ("a resume inside a task loses the optimizer state", "supsup/training.py",
+     "        optimizer.load_state_dict(resume.optimizer)\n", "",
+     "tests/test_runner.py::test_sigkill_inside_a_task_then_resume_is_bitwise_identical"),
+    ("a resume inside a task trains on its first batches again", "supsup/training.py",
+     "        stream = itertools.islice(stream, start, None)", "        pass",
+     "tests/test_runner.py::test_sigkill_inside_a_task_then_resume_is_bitwise_identical"),
+    ("a resume inside a task restarts the BatchNorm statistics", "supsup/experiment/native.py",
+     "        bn.running_mean.copy_(running[0])\n        bn.running_var.copy_(running[1])\n", "        pass\n",
+     "tests/test_runner.py::test_resume_inside_a_task_with_batchnorm_and_bernoulli_masks_is_bitwise_identical"),
+    ("a resume inside a task redraws the Bernoulli samples", "supsup/experiment/native.py",
+     "    if training.sampler is not None:\n        model.sampler().set_state(training.sampler)\n", "",
+     "tests/test_runner.py::test_resume_inside_a_task_with_batchnorm_and_bernoulli_masks_is_bitwise_identical"),
 ]
 
 #: failure messages that mean "an assertion of the test failed" rather than "an exception escaped"

@@ -508,3 +508,81 @@ def test_precision_auto_times_both_and_records_its_choice(mnist_data, tmp_path):
     assert first["precision"] in ("fp32", "bf16") and set(first["precision_step_ms"]) == {"fp32", "bf16"}
     again = restore_checkpoint(out, cfg, build_model(cfg, torch.device("cpu"))).results
     assert again.extra["precision"] == first["precision"]
+
+
+def test_sigkill_inside_a_task_then_resume_is_bitwise_identical(mnist_data, uninterrupted, tmp_path):
+    """train.checkpoint_every: a kill between two steps of a task resumes at the last such
+    checkpoint (scores, optimizer, data order, losses, calibration images), to the bank,
+    accuracies and loss curve of the run that was never stopped, nor checkpointed inside tasks."""
+    import csv
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "supsup", "run", "configs/permuted_mnist_gn.yaml", *_sets(CRASH),
+                             "--set", "train.checkpoint_every=60", "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, meta = time.time() + 300, {}
+        while time.time() < deadline:
+            if (out / CHECKPOINT_NAME).exists():
+                try:
+                    _, meta = load_checkpoint(out)
+                except CheckpointError:  # being replaced: read the next one
+                    continue
+                if meta["loop"].get("active_task") == 1:  # inside task 1, after task 0 was banked
+                    break
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.wait()
+    tensors, meta = load_checkpoint(out)
+    assert meta["loop"]["next_task"] == 1 and meta["loop"]["active_task"] == 1, meta["loop"]
+    step = int(tensors["progress.step"])
+    assert 0 < step < 400 and step % 60 == 0
+    r = _cli(["run", "--resume", str(out)])
+    assert r.returncode == 0, r.stderr
+    full, resumed = _bank(uninterrupted), _bank(out)
+    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+    a = json.loads((uninterrupted / "results.json").read_text())
+    b = json.loads((out / "results.json").read_text())
+    assert _same_results(a, b) and a["bank_sha256"] == b["bank_sha256"]
+
+    def losses(run):
+        with open(run / "metrics.csv") as f:
+            return [row["loss"] for row in csv.DictReader(f)]
+    assert losses(uninterrupted) == losses(out) and len(losses(out)) == 3
+
+
+def test_resume_inside_a_task_with_batchnorm_and_bernoulli_masks_is_bitwise_identical(mnist_data, tmp_path):
+    """What else a task's training carries: per-task BatchNorm running statistics and the
+    Bernoulli sampler's state; killed right after a checkpoint inside task 1, the resumed run
+    ends with the bank and accuracies of the run that was never stopped."""
+    sets = ["model.backbone=conv4_bn", "model.num_outputs=10", "inference.objective=entropy",
+            "mask.kind=bernoulli", "train.lr=0.3", "train.iterations=60", "train.batch_size=32",
+            "train.checkpoint_every=20", "benchmark.num_tasks=2", "eval.max_batches=2", "progress=false",
+            "inference.method=likelihood", "inference.likelihood_images=64"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    for out, env in ((full, None), (cut, {"SUPSUP_CRASH_AT": "inside_task_checkpoint:3"})):
+        r = _cli(["run", "configs/permuted_mnist_gn.yaml", *_sets(sets), "--out", str(out)], env=env)
+        assert r.returncode == (0 if env is None else -signal.SIGKILL), r.stderr
+    tensors, meta = load_checkpoint(cut)
+    assert meta["loop"] == {"next_task": 1, "active_task": 1} and int(tensors["progress.step"]) == 20
+    assert len([k for k in tensors if k.startswith("running.")]) == 4 and "sampler" in tensors
+    r = _cli(["run", "--resume", str(cut)])
+    assert r.returncode == 0, r.stderr
+    a, b = _bank(full), _bank(cut)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (full, cut))
+    assert ra["bank_sha256"] == rb["bank_sha256"] and _same_results(ra, rb)
+
+
+def test_checkpoints_inside_a_task_are_refused_where_they_are_not_taken():
+    from supsup.config import ConfigError
+    from supsup.experiment import check_config
+
+    for extra in (["scenario=NN"], ["backend=avalanche", "benchmark.permutation_source=avalanche"]):
+        cfg = load_config("configs/permuted_mnist_gn.yaml", [*SMALL, "train.checkpoint_every=10", *extra])
+        with pytest.raises(ConfigError, match="train.checkpoint_every"):
+            check_config(cfg)
+    check_config(load_config("configs/permuted_mnist_gn.yaml", [*SMALL, "train.checkpoint_every=10"]))
+    with pytest.raises(ConfigError, match="train.checkpoint_every"):
+        load_config("configs/permuted_mnist_gn.yaml", ["train.checkpoint_every=0"])

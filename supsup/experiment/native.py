@@ -16,15 +16,23 @@ import os
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
+from .._faults import maybe_crash
 from ..checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from ..config import ConfigError, RunConfig, Scenario, TrainConfig, config_to_dict
 from ..detection import NNDetector, NNState, mask_to_task, shared_masks, train_unlabeled
 from ..evaluation import evaluate_given_task
 from ..fileio import atomic_write_text
 from ..model import SupermaskModel
-from ..training import check_learning_rate, choose_precision, learn_task, make_optimizer
+from ..training import (
+    TaskProgress,
+    check_learning_rate,
+    choose_precision,
+    learn_task,
+    make_optimizer,
+)
 from .backends import BACKENDS
 from .build import build_model, build_stream, resolve_device
 from .distributed import Distributed
@@ -82,16 +90,53 @@ def _log_row(task: int, loss: float, acc: float | None, point, train_s: float, e
     return row
 
 
+def _inside_task(model: SupermaskModel, progress: TaskProgress) -> TrainingState:
+    """The checkpoint of the task in training after ``progress.step`` steps."""
+    sampler = model.sampler()
+    return TrainingState(scores=[layer.scores for layer in model.masked_layers], optimizer=progress.optimizer,
+                         sampler=None if sampler is None else sampler.get_state(),
+                         calibration=progress.calibration or None, scheduler=progress.scheduler,
+                         running=[torch.stack([bn.running_mean, bn.running_var]) for bn in model.norm_layers],
+                         step=progress.step, recent=progress.recent)
+
+
+def _resume_inside_task(out: Path, model: SupermaskModel, task_id: int, training: TrainingState) -> TaskProgress:
+    """Make the task stopped inside its training the active task again, as it was."""
+    restore_active_task(out, model, LoopState(task_id, active_task=task_id), training)
+    if len(training.running) != len(model.norm_layers):
+        raise CheckpointError(f"checkpoint in {out}: {len(training.running)} BatchNorm states for "
+                              f"{len(model.norm_layers)} layers")
+    for bn, running in zip(model.norm_layers, training.running):  # add_task started them afresh
+        bn.running_mean.copy_(running[0])
+        bn.running_var.copy_(running[1])
+    if training.sampler is not None:
+        model.sampler().set_state(training.sampler)
+    return TaskProgress(step=training.step, recent=training.recent, optimizer=training.optimizer,
+                        scheduler=training.scheduler, calibration=training.calibration or {})
+
+
 def _run_labeled(cfg: RunConfig, train: TrainConfig, out: Path, model: SupermaskModel, stream, results: RunResults,
-                 loop: LoopState,
+                 loop: LoopState, training: TrainingState | None,
                  logger: RunLogger, learned: dict[int, GivenCounts], cache: EvaluationCache) -> None:
-    """GG/GN: learn each task with its id, checkpoint after each; ``learned`` collects each
-    task's GG counts right after it was learned, which the points and the final evaluation
-    (sharing ``cache``) reuse."""
+    """GG/GN: learn each task with its id, checkpoint after each (and every
+    ``train.checkpoint_every`` steps inside one); ``learned`` collects each task's GG counts
+    right after it was learned, which the points and the final evaluation (sharing ``cache``)
+    reuse."""
+    every = cfg.train.checkpoint_every
     for task_id in range(loop.next_task, cfg.benchmark.num_tasks):
         t0 = time.perf_counter()
+        resume = None
+        if training is not None and training.step is not None and loop.active_task == task_id:
+            resume, training = _resume_inside_task(out, model, task_id, training), None
+
+        def save(progress: TaskProgress, task_id: int = task_id) -> None:
+            write_checkpoint(out, cfg, model, results, LoopState(task_id, active_task=task_id),
+                             _inside_task(model, progress))
+            maybe_crash("inside_task_checkpoint")  # fault injection for the tests (inactive unless asked)
+
         report = learn_task(model, stream.train_batches(task_id, train.iterations, train.batch_size),
-                            train, max_steps=train.iterations, progress=cfg.progress)
+                            train, max_steps=train.iterations, progress=cfg.progress, resume=resume,
+                            checkpoint_every=every, on_checkpoint=save if every else None)
         if report.task_id != task_id:
             raise CheckpointError(f"expected to learn task {task_id}, the model learned {report.task_id}")
         if cfg.benchmark.labels == "global":  # class-incremental: the task answers among its own classes
@@ -188,6 +233,9 @@ class NativeBackend:
         if cfg.method != "supsup":
             raise ConfigError("method", f"baseline {cfg.method!r} runs on Avalanche: set backend: avalanche")
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        if cfg.train.checkpoint_every is not None and (cfg.scenario is Scenario.NN or world > 1):
+            raise ConfigError("train.checkpoint_every", "checkpoints inside a task are taken in GG/GN runs of one "
+                                                        "process (NN and torchrun runs checkpoint between tasks)")
         if world > 1:  # several processes (torchrun) train tasks in parallel: tasks must be independent
             if cfg.scenario is Scenario.NN:
                 raise ConfigError("scenario", f"NN decides task by task which mask trains, so it cannot be split over "
@@ -255,7 +303,7 @@ def _run(cfg: RunConfig, out: Path, resume: bool, device, dist: Distributed, hel
         elif dist.enabled:
             run_labeled_parallel(cfg, train, out, model, stream, results, loop, logger, dist)
         else:
-            _run_labeled(cfg, train, out, model, stream, results, loop, logger, learned, cache)
+            _run_labeled(cfg, train, out, model, stream, results, loop, training, logger, learned, cache)
     finally:
         logger.close()
     if dist.enabled:

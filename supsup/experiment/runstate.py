@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 #: Config keys that may differ between a checkpoint and a resumed run: they change how results
 #: are computed (where, how many inferences share a pass over the bank), not what is computed.
-RESUME_FREE = {"progress", "device", "inference.group_size", "inference.memory_mb"}
+RESUME_FREE = {"progress", "device", "inference.group_size", "inference.memory_mb", "train.checkpoint_every"}
 
 
 def config_mismatch(saved: dict, current: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
@@ -85,8 +85,10 @@ class LoopState:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"next_task": self.next_task}
+        if self.nn is not None or self.active_task is not None:
+            out["active_task"] = self.active_task
         if self.nn is not None:
-            out.update({"active_task": self.active_task, "nn": self.nn})
+            out["nn"] = self.nn
         return out
 
     @classmethod
@@ -103,21 +105,31 @@ class LoopState:
 
 @dataclass
 class TrainingState:
-    """NN: the mask in training at a checkpoint, what its training needs to go on bitwise as if
-    never stopped. The checkpoint's key format for it (``scores.<i>``, ``optimizer``,
-    ``sampler``, ``calibration.<k>``) lives here only.
+    """The mask in training at a checkpoint (NN between true tasks; GG/GN inside a task with
+    ``train.checkpoint_every``): what its training needs to go on bitwise as if never stopped.
+    The checkpoint's key format for it (``scores.<i>``, ``optimizer``, ``sampler``,
+    ``calibration.<k>``, ``scheduler``, ``running.<j>``, ``progress.step``,
+    ``progress.recent``) lives here only.
 
     Attributes:
         scores: its scores, one tensor per masked layer.
         optimizer: the optimizer's ``state_dict``.
         sampler: a sampled mask kind's generator state (None: a deterministic kind).
         calibration: its recent training images for the likelihood statistics (None: not kept).
+        scheduler: inside a task: the learning-rate schedule's ``state_dict`` (None: constant).
+        running: inside a task: each BatchNorm layer's running mean and variance ``(2, C)``.
+        step: inside a task: the optimizer steps done (None: an NN checkpoint).
+        recent: inside a task: the losses of its last steps.
     """
 
     scores: list[torch.Tensor]
     optimizer: dict[str, Any]
     sampler: torch.Tensor | None = None
     calibration: dict[str, torch.Tensor] | None = field(default=None)
+    scheduler: dict[str, Any] | None = None
+    running: list[torch.Tensor] = field(default_factory=list)
+    step: int | None = None
+    recent: list[float] = field(default_factory=list)
 
     def to_tensors(self) -> dict[str, Any]:
         out: dict[str, Any] = {f"scores.{i:03d}": s.detach().cpu().clone() for i, s in enumerate(self.scores)}
@@ -126,6 +138,12 @@ class TrainingState:
             out["sampler"] = self.sampler
         if self.calibration is not None:
             out.update({f"calibration.{k}": v for k, v in self.calibration.items()})
+        if self.scheduler is not None:
+            out["scheduler"] = self.scheduler
+        out.update({f"running.{j:03d}": r.detach().cpu().clone() for j, r in enumerate(self.running)})
+        if self.step is not None:
+            out["progress.step"] = torch.tensor(self.step, dtype=torch.int64)
+            out["progress.recent"] = torch.tensor(self.recent, dtype=torch.float64)
         return out
 
     @classmethod
@@ -137,8 +155,12 @@ class TrainingState:
         if "optimizer" not in tensors:
             raise CheckpointError("the checkpoint holds a mask in training but not its optimizer state")
         calibration = {k[len("calibration."):]: v for k, v in tensors.items() if k.startswith("calibration.")}
+        step = tensors.get("progress.step")
         return cls(scores=[tensors[k] for k in keys], optimizer=tensors["optimizer"], sampler=tensors.get("sampler"),
-                   calibration=calibration or None)
+                   calibration=calibration or None, scheduler=tensors.get("scheduler"),
+                   running=[tensors[k] for k in sorted(k for k in tensors if k.startswith("running."))],
+                   step=None if step is None else int(step),
+                   recent=[float(v) for v in tensors.get("progress.recent", torch.zeros(0)).tolist()])
 
 
 @dataclass
