@@ -65,6 +65,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int)
     p.add_argument("--quick", action="store_true", help="a smoke run: a few steps")
+    p.add_argument("--only", choices=["mlp", "registered", "resnet"], nargs="*",
+                   help="measure these only; the other rows of the result file are kept")
     args = p.parse_args()
     set_threads(args.threads)
     import torchvision
@@ -79,24 +81,36 @@ def main() -> int:
     def resnet():
         return torchvision.models.resnet18(weights=None, num_classes=10)
 
+    def registered():
+        from supsup.backbones import create_backbone
+
+        return create_backbone("lenet_300_100", input_shape=(1, 28, 28), num_outputs=10)
+
     q = args.quick
+    mlp_kw = dict(tasks=3, steps=20 if q else 1000, batch=128, train_cfg=TrainConfig(), channels=1, eval_batches=None)
+    plan = [("mlp", "user MLP 784-300-100-10 (torch default init, biases)", mlp, ("keep", "signed_constant"), mlp_kw),
+            ("registered", "registered lenet_300_100, 10 outputs", registered, ("signed_constant",), mlp_kw),
+            ("resnet", "torchvision resnet18(weights=None)", resnet, ("keep", "signed_constant"),
+             dict(tasks=2, steps=5 if q else 150, batch=64, train_cfg=TrainConfig(optimizer="adam", lr=1e-3),
+                  channels=3, eval_batches=2 if q else 8))]
+    path = RESULTS / "user_backbones.json"
+    old = json.loads(path.read_text()) if path.is_file() and args.only else []
     rows = []
-    for name, make, kw in (
-            ("user MLP 784-300-100-10 (torch default init, biases)", mlp,
-             dict(tasks=3, steps=20 if q else 1000, batch=128, train_cfg=TrainConfig(), channels=1, eval_batches=None)),
-            ("torchvision resnet18(weights=None)", resnet,
-             dict(tasks=2, steps=5 if q else 150, batch=64, train_cfg=TrainConfig(optimizer="adam", lr=1e-3), channels=3,
-                  eval_batches=2 if q else 8))):
+    for key, name, make, inits, kw in plan:
+        if args.only and key not in args.only:
+            rows += [r for r in old if r["module"] == name]
+            continue
         print(name, flush=True)
-        for init in ("keep", "signed_constant"):
+        for init in inits:
             rows.append({"module": name, **measure(make, init, **kw)})
     if q:
         return 0
-    (RESULTS / "user_backbones.json").write_text(json.dumps(rows, indent=2) + "\n")
+    path.write_text(json.dumps(rows, indent=2) + "\n")
     lines = ["# Your own module, wrapped", "",
              "`python benchmarks/user_backbones.py --threads 2` (real MNIST, PermutedMNIST tasks, test accuracy with the "
              "task given). MLP: 3 tasks, 1000 steps of 128, RMSprop lr 1e-4 (the paper's). resnet18: 2 tasks, 150 "
-             "steps of 64, Adam lr 1e-3, images repeated to 3 channels, 2048 test images per task.", "",
+             "steps of 64, Adam lr 1e-3, images repeated to 3 channels, 2048 test images per task. The registered "
+             "`lenet_300_100` of the same shape (no biases), with the same seed and steps, for comparison.", "",
              "| module | weight_init | accuracy per task | mean | seconds |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['module']} | {r['weight_init']} | {', '.join(f'{a:.4f}' for a in r['acc_given_task'])} | "

@@ -559,10 +559,10 @@ def test_strategy_keeps_the_former_num_classes_argument_and_the_model_helper_tak
     supsup_model_for_benchmark passes norm and score_init on."""
     bench = _synthetic_stream((1, 8, 8))
     free = SupermaskModel.from_name("fc_300_300", num_tasks=3, num_outputs=40, input_shape=(1, 8, 8))
-    with pytest.warns(DeprecationWarning, match=r"SupermaskModel\(\.\.\., num_classes=4\)"):
+    with pytest.warns(FutureWarning, match=r"SupermaskModel\(\.\.\., num_classes=4\)"):
         SupSupStrategy(model=free, num_classes=4)
     assert free.num_classes == 4
-    with pytest.warns(DeprecationWarning, match="drop the argument"):
+    with pytest.warns(FutureWarning, match="drop the argument"):
         SupSupStrategy(model=free, num_classes=4)
     with pytest.raises(ValueError, match="conflicts with the model's num_classes 4"):
         SupSupStrategy(model=free, num_classes=7)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -531,13 +532,14 @@ def test_sigkill_inside_a_task_then_resume_is_bitwise_identical(mnist_data, unin
                 if meta["loop"].get("active_task") == 1:  # inside task 1, after task 0 was banked
                     break
             time.sleep(0.02)
+        time.sleep(random.uniform(0.0, 0.3))  # then at a random step (the kill lands between checkpoints)
     finally:
         proc.kill()
         proc.wait()
     tensors, meta = load_checkpoint(out)
-    assert meta["loop"]["next_task"] == 1 and meta["loop"]["active_task"] == 1, meta["loop"]
-    step = int(tensors["progress.step"])
-    assert 0 < step < 400 and step % 60 == 0
+    assert meta["loop"]["next_task"] < 3, "the run finished before it could be killed"
+    if meta["loop"].get("active_task") is not None:  # the last checkpoint was taken inside a task
+        assert int(tensors["progress.step"]) % 60 == 0
     r = _cli(["run", "--resume", str(out)])
     assert r.returncode == 0, r.stderr
     full, resumed = _bank(uninterrupted), _bank(out)
@@ -586,3 +588,14 @@ def test_checkpoints_inside_a_task_are_refused_where_they_are_not_taken():
     check_config(load_config("configs/permuted_mnist_gn.yaml", [*SMALL, "train.checkpoint_every=10"]))
     with pytest.raises(ConfigError, match="train.checkpoint_every"):
         load_config("configs/permuted_mnist_gn.yaml", ["train.checkpoint_every=0"])
+
+
+def test_an_explicit_bf16_that_is_slower_warns_with_both_step_times(mnist_data, tmp_path, monkeypatch):
+    import supsup.experiment.native as native
+
+    monkeypatch.setattr(native, "choose_precision", lambda model, x, y: ("fp32", {"fp32": 10.0, "bf16": 31.0}))
+    cfg = load_config("configs/permuted_mnist_gn.yaml", [*SMALL, "benchmark.num_tasks=1", "train.iterations=5",
+                                                         "train.precision=bf16"])
+    with pytest.warns(UserWarning, match=r"bf16 is slower than fp32 .* 31\.0 ms against 10\.0 ms"):
+        res = run_experiment(cfg, tmp_path / "run")
+    assert res["precision"] == "bf16" and res["precision_step_ms"] == {"fp32": 10.0, "bf16": 31.0}

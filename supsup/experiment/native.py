@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -207,10 +208,12 @@ def _training_config(cfg: RunConfig, results: RunResults, stream, device, dist: 
     """``cfg.train`` with ``precision: auto`` resolved: bf16 only if a few timed steps of a
     throwaway copy of the model are faster in it here (rank 0 decides for every rank). The
     choice and the timings are recorded in the results (``extra.precision``); a resumed run keeps
-    its recorded choice, so that it goes on as it started."""
-    if cfg.train.precision != "auto":
+    its recorded choice, so that it goes on as it started. An explicit ``bf16`` is timed the same
+    way once and warns when it is the slower."""
+    asked = cfg.train.precision
+    if asked == "fp32" or (asked == "bf16" and "precision_step_ms" in results.extra):
         return cfg.train
-    chosen = results.extra.get("precision")
+    chosen = results.extra.get("precision") if asked == "auto" else None
     if chosen is None:
         timings = None
         if dist.is_main:
@@ -218,11 +221,15 @@ def _training_config(cfg: RunConfig, results: RunResults, stream, device, dist: 
             probe.add_task()
             x, y = next(iter(stream.train_batches(0, 1, cfg.train.batch_size)))
             chosen, timings = choose_precision(probe, x.to(device), y.to(device))
-            log.info("precision auto: %s (training step fp32 %.1f ms, bf16 %.1f ms)", chosen, timings["fp32"],
+            log.info("precision %s: %s (training step fp32 %.1f ms, bf16 %.1f ms)", asked, chosen, timings["fp32"],
                      timings["bf16"])
+            if asked == "bf16" and timings["bf16"] > timings["fp32"]:
+                warnings.warn(f"train.precision=bf16 is slower than fp32 on this machine (a training step "
+                              f"{timings['bf16']:.1f} ms against {timings['fp32']:.1f} ms): train.precision=auto "
+                              "picks the faster", UserWarning, stacklevel=2)
         chosen, timings = dist.broadcast((chosen, timings))
-        results.extra.update({"precision": chosen, "precision_step_ms": timings})
-    return dataclasses.replace(cfg.train, precision=chosen)
+        results.extra.update({"precision": chosen if asked == "auto" else asked, "precision_step_ms": timings})
+    return dataclasses.replace(cfg.train, precision=results.extra["precision"])
 
 
 class NativeBackend:

@@ -61,16 +61,16 @@ def finite_logits(logits: torch.Tensor) -> torch.Tensor:
 def _take_num_classes(model: SupermaskModel, num_classes: int) -> None:
     """The strategy's former ``num_classes`` argument, kept working: the model's classes."""
     if num_classes == model.num_classes:
-        warnings.warn("SupSupStrategy(num_classes=...) is deprecated: the model's num_classes is used; drop the "
-                      "argument", DeprecationWarning, stacklevel=3)
+        warnings.warn("SupSupStrategy(num_classes=...) is deprecated and will be removed in 0.4: the model's "
+                      "num_classes is used; drop the argument", FutureWarning, stacklevel=3)
         return
     if model.num_classes != model.num_outputs:  # the model was told its classes: they differ
         raise ValueError(f"SupSupStrategy(num_classes={num_classes}) conflicts with the model's num_classes "
                          f"{model.num_classes}; drop the argument (the model's is used)")
     if not 1 <= num_classes <= model.num_outputs:
         raise ValueError(f"num_classes must be in 1..{model.num_outputs} (the model's outputs), got {num_classes}")
-    warnings.warn(f"SupSupStrategy(num_classes={num_classes}) is deprecated: build the model with "
-                  f"SupermaskModel(..., num_classes={num_classes}); it is set on the model now", DeprecationWarning,
+    warnings.warn(f"SupSupStrategy(num_classes={num_classes}) is deprecated and will be removed in 0.4: build the "
+                  f"model with SupermaskModel(..., num_classes={num_classes}); it is set on the model now", FutureWarning,
                   stacklevel=3)
     model.num_classes = num_classes
 
@@ -127,7 +127,8 @@ class SupSupStrategy(SupervisedTemplate):
         device, plugins, evaluator, eval_every: as for any ``SupervisedTemplate``.
         num_classes: deprecated (the model's ``num_classes`` is used): accepted as before when
             it equals the model's, or when the model was built without one (its every output a
-            class), which then takes it, with a ``DeprecationWarning``; a conflict is an error.
+            class), which then takes it, with a ``FutureWarning`` (removed in 0.4); a conflict
+            is an error.
     """
 
     def __init__(self, *, model: SupermaskModel, scenario: Scenario | str = Scenario.GG,
