@@ -274,3 +274,17 @@ def test_closed_bounds_accept_their_end_values():
     momentum of 0 is plain RMSprop."""
     assert load_config(None, ["mask.kind=topk", "mask.density=1.0"]).mask.density == 1.0
     assert load_config(None, ["train.momentum=0"]).train.momentum == 0.0
+
+
+def test_readme_names_every_backbone_and_no_other():
+    """The README's list of backbones is the registry (a name that does not exist, such as a
+    `conv2_bn`, or a registered one left out, fails here)."""
+    from supsup.backbones import BACKBONES
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("Backbones, by name")
+    paragraph = readme[start: readme.index("\n\n", start)]
+    named = set(re.findall(r"`([a-z0-9_]+)`", paragraph)) - {"model", "mask", "topk"}
+    named |= {f"{n}_bn" for n in ("conv4", "conv6")}  # "conv4 and conv6 ... (with `_bn`: ...)"
+    named.discard("_bn")
+    assert named == set(BACKBONES.names())
