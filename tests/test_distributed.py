@@ -192,3 +192,26 @@ def test_workers_end_when_the_launcher_is_killed(mnist_data, tmp_path):
         os.kill(w, signal.SIGKILL)
     assert not alive, "workers outlived their launcher"
     assert load_checkpoint(out)[1]["loop"]["next_task"] < 8  # stopped mid-run; --resume continues it
+
+
+def test_two_processes_resume_inside_a_round_bitwise(one_process, tmp_path):
+    """train.checkpoint_every under torchrun: every rank's task in training is checkpointed
+    inside a round; killed right after such a checkpoint inside the second round, the run
+    resumes with 2 processes from inside the round, or with 1 process from the round's start,
+    and both end with the bank and accuracies of one uninterrupted process."""
+    out = tmp_path / "cut"
+    # rounds of 2 tasks, checkpoints at steps 10, 20, 30 of each: the 4th is inside the second round
+    r = _run(out, 2, "train.checkpoint_every=10",
+             env={"SUPSUP_CRASH_AT": "inside_task_checkpoint:4", "SUPSUP_CRASH_RANK": "0"})
+    assert r.returncode != 0
+    tensors, meta = load_checkpoint(out)
+    assert meta["loop"] == {"next_task": 2, "active_task": 2, "world": 2}, meta["loop"]
+    assert [int(tensors[f"rank{r}.progress.step"]) for r in range(2)] == [10, 10]
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    r = _run(out, 2, "train.checkpoint_every=10", resume=True)
+    assert r.returncode == 0, r.stderr
+    _same(one_process, _results(out))
+    r = _run(again, 1, "train.checkpoint_every=10", resume=True)  # another number of processes
+    assert r.returncode == 0, r.stderr
+    _same(one_process, _results(again))

@@ -173,7 +173,7 @@ class TrainConfig:
     precision: str = field(default="fp32", metadata={"help": "fp32, or bf16: training matmuls in bfloat16 with fp32 accumulation (torch.autocast); scores, optimizer and all evaluation stay fp32; auto: bf16 only where it is faster (the runner times a few steps of each at start-up and records its choice; elsewhere bf16 on a GPU that supports it, else fp32)"})
     schedule: str = field(default="constant", metadata={"help": "learning rate over a task's steps: constant | cosine (annealed to 0 at the last step, as the paper's SplitCIFAR/SplitImageNet runs)"})
     layer_lr: list[float] | None = field(default=None, metadata={"help": "learning-rate multiplier per masked layer, input to output (default: 1 for every layer), e.g. [0.1, 1, 1]; native backend"})
-    checkpoint_every: int | None = field(default=None, metadata={"help": "also checkpoint inside a task every N optimizer steps (default: after each task only); a resume goes on bitwise from the last one; GG/GN, native backend, one process"})
+    checkpoint_every: int | None = field(default=None, metadata={"help": "also checkpoint inside a task every N optimizer steps (default: after each task only); a resume goes on bitwise from the last one; GG/GN, native backend (one process or torchrun)"})
 
     def __post_init__(self) -> None:
         from ..optim import OPTIMIZERS

@@ -17,7 +17,6 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
 import yaml
 
 from .._faults import maybe_crash
@@ -58,6 +57,7 @@ from .runstate import (
     finished_results,
     restore_active_task,
     restore_checkpoint,
+    resume_inside_task,
     write_checkpoint,
 )
 
@@ -91,31 +91,6 @@ def _log_row(task: int, loss: float, acc: float | None, point, train_s: float, e
     return row
 
 
-def _inside_task(model: SupermaskModel, progress: TaskProgress) -> TrainingState:
-    """The checkpoint of the task in training after ``progress.step`` steps."""
-    sampler = model.sampler()
-    return TrainingState(scores=[layer.scores for layer in model.masked_layers], optimizer=progress.optimizer,
-                         sampler=None if sampler is None else sampler.get_state(),
-                         calibration=progress.calibration or None, scheduler=progress.scheduler,
-                         running=[torch.stack([bn.running_mean, bn.running_var]) for bn in model.norm_layers],
-                         step=progress.step, recent=progress.recent)
-
-
-def _resume_inside_task(out: Path, model: SupermaskModel, task_id: int, training: TrainingState) -> TaskProgress:
-    """Make the task stopped inside its training the active task again, as it was."""
-    restore_active_task(out, model, LoopState(task_id, active_task=task_id), training)
-    if len(training.running) != len(model.norm_layers):
-        raise CheckpointError(f"checkpoint in {out}: {len(training.running)} BatchNorm states for "
-                              f"{len(model.norm_layers)} layers")
-    for bn, running in zip(model.norm_layers, training.running):  # add_task started them afresh
-        bn.running_mean.copy_(running[0])
-        bn.running_var.copy_(running[1])
-    if training.sampler is not None:
-        model.sampler().set_state(training.sampler)
-    return TaskProgress(step=training.step, recent=training.recent, optimizer=training.optimizer,
-                        scheduler=training.scheduler, calibration=training.calibration or {})
-
-
 def _run_labeled(cfg: RunConfig, train: TrainConfig, out: Path, model: SupermaskModel, stream, results: RunResults,
                  loop: LoopState, training: TrainingState | None,
                  logger: RunLogger, learned: dict[int, GivenCounts], cache: EvaluationCache) -> None:
@@ -128,11 +103,11 @@ def _run_labeled(cfg: RunConfig, train: TrainConfig, out: Path, model: Supermask
         t0 = time.perf_counter()
         resume = None
         if training is not None and training.step is not None and loop.active_task == task_id:
-            resume, training = _resume_inside_task(out, model, task_id, training), None
+            resume, training = resume_inside_task(out, model, task_id, training), None
 
         def save(progress: TaskProgress, task_id: int = task_id) -> None:
             write_checkpoint(out, cfg, model, results, LoopState(task_id, active_task=task_id),
-                             _inside_task(model, progress))
+                             TrainingState.capture(model, progress))
             maybe_crash("inside_task_checkpoint")  # fault injection for the tests (inactive unless asked)
 
         report = learn_task(model, stream.train_batches(task_id, train.iterations, train.batch_size),
@@ -240,9 +215,9 @@ class NativeBackend:
         if cfg.method != "supsup":
             raise ConfigError("method", f"baseline {cfg.method!r} runs on Avalanche: set backend: avalanche")
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if cfg.train.checkpoint_every is not None and (cfg.scenario is Scenario.NN or world > 1):
-            raise ConfigError("train.checkpoint_every", "checkpoints inside a task are taken in GG/GN runs of one "
-                                                        "process (NN and torchrun runs checkpoint between tasks)")
+        if cfg.train.checkpoint_every is not None and cfg.scenario is Scenario.NN:
+            raise ConfigError("train.checkpoint_every", "checkpoints inside a task are taken in GG/GN (NN "
+                                                        "checkpoints after each true task's batches)")
         if world > 1:  # several processes (torchrun) train tasks in parallel: tasks must be independent
             if cfg.scenario is Scenario.NN:
                 raise ConfigError("scenario", f"NN decides task by task which mask trains, so it cannot be split over "
@@ -280,7 +255,7 @@ def _run(cfg: RunConfig, out: Path, resume: bool, device, dist: Distributed, hel
         raise CheckpointError(problem)
     model = build_model(cfg, device)
     results = RunResults.new(cfg)
-    loop, training = LoopState(), None
+    loop, training, ranks = LoopState(), None, []
     if resume:
         # rank 0 reads the checkpoint and the finished run's results; every rank gets them (the
         # other machines need no copy of the run directory)
@@ -289,7 +264,7 @@ def _run(cfg: RunConfig, out: Path, resume: bool, device, dist: Distributed, hel
             checkpoint = load_checkpoint(out)
         checkpoint = dist.broadcast(checkpoint)
         restored = restore_checkpoint(out, cfg, model, checkpoint=checkpoint)
-        results, loop, training = restored.results, restored.loop, restored.training
+        results, loop, training, ranks = restored.results, restored.loop, restored.training, restored.ranks
         if dist.is_main:
             finished = finished_results(out, cfg, loop)
         finished = dist.broadcast(None if finished is None else finished.to_dict())
@@ -308,7 +283,7 @@ def _run(cfg: RunConfig, out: Path, resume: bool, device, dist: Distributed, hel
         if cfg.scenario is Scenario.NN:
             _run_unlabeled(cfg, train, out, model, stream, results, loop, training, logger)
         elif dist.enabled:
-            run_labeled_parallel(cfg, train, out, model, stream, results, loop, logger, dist)
+            run_labeled_parallel(cfg, train, out, model, stream, results, loop, logger, dist, ranks)
         else:
             _run_labeled(cfg, train, out, model, stream, results, loop, training, logger, learned, cache)
     finally:

@@ -20,7 +20,7 @@ from .distributed import Distributed
 from .evaluate import evaluate_task, matrix_points, sampled_tasks
 from .loggers import RunLogger
 from .results import CurvePoint, RunResults, Summary, TaskRow
-from .runstate import LoopState, write_checkpoint
+from .runstate import LoopState, TrainingState, resume_inside_task, write_checkpoint
 
 __all__ = ["evaluate_parallel", "run_labeled_parallel"]
 
@@ -39,21 +39,43 @@ def _row_shapes(model: SupermaskModel) -> dict[str, torch.Tensor]:
 
 def run_labeled_parallel(cfg: RunConfig, train: TrainConfig, out: Path, model: SupermaskModel, stream, results: RunResults,
                          loop: LoopState,
-                         logger: RunLogger, dist: Distributed) -> None:
+                         logger: RunLogger, dist: Distributed, ranks: list[TrainingState] = ()) -> None:
     """GG/GN: in each round of ``world`` tasks, rank ``r`` learns the round's task ``r``; the
-    masks are gathered and banked in order on every rank; rank 0 checkpoints after each round."""
+    masks are gathered and banked in order on every rank; rank 0 checkpoints after each round
+    and, with ``train.checkpoint_every``, every that many steps inside a full round (every
+    rank's task in training; ``ranks``: those states of the checkpoint resumed from, used when
+    it was taken by as many processes, else the round starts again: the same result)."""
     T = cfg.benchmark.num_tasks
     like = _row_shapes(model)
+    if ranks and (loop.world != dist.world or loop.active_task != loop.next_task):
+        log.info("the checkpoint stopped inside a round of %s processes; this run has %d: the round starts again",
+                 loop.world, dist.world)
+        ranks = []
     for start in range(loop.next_task, T, dist.world):
         maybe_crash("parallel_round")  # fault injection for the tests (inactive unless asked)
         task = start + dist.rank
         rows, stats, loss, train_s = None, None, None, 0.0
         if task < T:
             t0 = time.perf_counter()
-            model.add_task(task)
+            resume = None
+            if ranks:  # the round stopped inside its tasks: this rank's goes on where it was
+                resume, ranks = resume_inside_task(out, model, task, ranks[dist.rank]), []
+            else:
+                model.add_task(task)
+            # inside a full round only: every rank reaches each checkpoint at the same step
+            every = cfg.train.checkpoint_every if start + dist.world <= T else None
+
+            def save(progress, start: int = start) -> None:
+                states = dist.gather(TrainingState.capture(model, progress).to_tensors())
+                if dist.is_main:
+                    write_checkpoint(out, cfg, model, results, LoopState(start, active_task=start, world=dist.world),
+                                     ranks=states)
+                maybe_crash("inside_task_checkpoint")  # fault injection for the tests (inactive unless asked)
+
             try:
                 report = fit_active_task(model, stream.train_batches(task, train.iterations, train.batch_size),
-                                         train, max_steps=train.iterations, progress=cfg.progress and dist.is_main)
+                                         train, max_steps=train.iterations, progress=cfg.progress and dist.is_main,
+                                         resume=resume, checkpoint_every=every, on_checkpoint=save if every else None)
             except BaseException:
                 model.abandon_task()
                 raise

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,13 @@ from ..checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save
 from ..config import RunConfig, config_to_dict
 from ..fileio import atomic_write_text
 from ..model import SupermaskModel
+from ..training import TaskProgress
 from ..version import __version__
 from .results import RunResults, peak_rss_bytes
 
 __all__ = ["RESUME_FREE", "LoopState", "Restored", "TrainingState", "config_mismatch", "finished_results",
-           "model_identity", "peak_rss_bytes", "restore_active_task", "restore_checkpoint", "write_checkpoint"]
+           "model_identity", "peak_rss_bytes", "restore_active_task", "restore_checkpoint", "resume_inside_task",
+           "write_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,9 @@ class LoopState:
     next_task: int = 0
     active_task: int | None = None
     nn: dict[str, Any] | None = None
+    #: several processes stopped inside a round of tasks: how many (each rank's task in training
+    #: is saved; a resume with another number of processes starts the round again)
+    world: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"next_task": self.next_task}
@@ -89,6 +95,8 @@ class LoopState:
             out["active_task"] = self.active_task
         if self.nn is not None:
             out["nn"] = self.nn
+        if self.world is not None:
+            out["world"] = self.world
         return out
 
     @classmethod
@@ -100,7 +108,10 @@ class LoopState:
         active = d.get("active_task")
         if active is not None and (not isinstance(active, int) or active < 0):
             raise ValueError(f"loop state has an invalid active_task {active!r}")
-        return cls(next_task=d["next_task"], active_task=active, nn=d.get("nn"))
+        world = d.get("world")
+        if world is not None and (not isinstance(world, int) or world < 2):
+            raise ValueError(f"loop state has an invalid world {world!r}")
+        return cls(next_task=d["next_task"], active_task=active, nn=d.get("nn"), world=world)
 
 
 @dataclass
@@ -131,6 +142,16 @@ class TrainingState:
     step: int | None = None
     recent: list[float] = field(default_factory=list)
 
+    @classmethod
+    def capture(cls, model: SupermaskModel, progress: TaskProgress) -> TrainingState:
+        """The task in training of ``model`` after ``progress.step`` steps (inside a task)."""
+        sampler = model.sampler()
+        return cls(scores=[layer.scores for layer in model.masked_layers], optimizer=progress.optimizer,
+                   sampler=None if sampler is None else sampler.get_state(),
+                   calibration=progress.calibration or None, scheduler=progress.scheduler,
+                   running=[torch.stack([bn.running_mean, bn.running_var]) for bn in model.norm_layers],
+                   step=progress.step, recent=progress.recent)
+
     def to_tensors(self) -> dict[str, Any]:
         out: dict[str, Any] = {f"scores.{i:03d}": s.detach().cpu().clone() for i, s in enumerate(self.scores)}
         out["optimizer"] = self.optimizer
@@ -147,8 +168,10 @@ class TrainingState:
         return out
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, Any]) -> TrainingState | None:
-        """From a checkpoint's tensors; None when it holds no mask in training."""
+    def from_tensors(cls, tensors: dict[str, Any], prefix: str = "") -> TrainingState | None:
+        """From a checkpoint's tensors (those whose keys start with ``prefix``); None when it holds
+        no mask in training."""
+        tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         keys = sorted(k for k in tensors if k.startswith("scores."))
         if not keys:
             return None
@@ -170,15 +193,24 @@ class Restored:
     results: RunResults
     loop: LoopState
     training: TrainingState | None
+    #: several processes stopped inside a round: each rank's task in training, in rank order
+    ranks: list[TrainingState] = field(default_factory=list)
+
+
+def _rank_prefix(rank: int) -> str:
+    return f"rank{rank}."
 
 
 def write_checkpoint(out: Path, cfg: RunConfig, model: SupermaskModel, results: RunResults, loop: LoopState,
-                     training: TrainingState | None = None) -> None:
-    """``DIR/checkpoint.pt`` (the bank, ``loop`` state, results so far, the mask in training)
-    and ``progress.json``."""
+                     training: TrainingState | None = None, ranks: Sequence[dict[str, Any]] = ()) -> None:
+    """``DIR/checkpoint.pt`` (the bank, ``loop`` state, results so far, the mask in training;
+    ``ranks``: every rank's :meth:`TrainingState.to_tensors` inside a round) and
+    ``progress.json``."""
     tensors: dict[str, Any] = dict(model.bank_state())
     if training is not None:
         tensors.update(training.to_tensors())
+    for r, state in enumerate(ranks):
+        tensors.update({_rank_prefix(r) + k: v for k, v in state.items()})
     meta = {"supsup_version": __version__, "config": config_to_dict(cfg), "model": model_identity(cfg, model),
             "results": results.to_dict(), "loop": loop.to_dict()}
     save_checkpoint(out, tensors, meta)
@@ -218,7 +250,34 @@ def restore_checkpoint(out: Path, cfg: RunConfig, model: SupermaskModel, *,
         loop = LoopState.from_dict(meta.get("loop"))
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint in {out} has unreadable results: {err}") from None
-    return Restored(results, loop, TrainingState.from_tensors(tensors))
+    ranks = []
+    if loop.world is not None:
+        ranks = [TrainingState.from_tensors(tensors, _rank_prefix(r)) for r in range(loop.world)]
+        if any(s is None or s.step is None for s in ranks):
+            raise CheckpointError(f"checkpoint in {out} stopped inside a round of {loop.world} processes but lacks "
+                                  "the state of some of them")
+    return Restored(results, loop, TrainingState.from_tensors(tensors), ranks)
+
+
+def resume_inside_task(out: Path, model: SupermaskModel, task_id: int, training: TrainingState) -> TaskProgress:
+    """Make task ``task_id``, stopped inside its training, the model's task in training again,
+    exactly as it was (scores, BatchNorm running statistics, Bernoulli sampler); returns what
+    its training goes on from."""
+    model.add_task(task_id)
+    if len(training.scores) != len(model.masked_layers) or len(training.running) != len(model.norm_layers):
+        raise CheckpointError(f"checkpoint in {out}: the task in training has {len(training.scores)} score tensors "
+                              f"and {len(training.running)} BatchNorm states for {len(model.masked_layers)} masked "
+                              f"and {len(model.norm_layers)} BatchNorm layers")
+    with torch.no_grad():
+        for layer, scores in zip(model.masked_layers, training.scores):
+            layer.scores.copy_(scores.to(layer.weight.device))
+        for bn, running in zip(model.norm_layers, training.running):  # add_task started them afresh
+            bn.running_mean.copy_(running[0])
+            bn.running_var.copy_(running[1])
+    if training.sampler is not None:
+        model.sampler().set_state(training.sampler)
+    return TaskProgress(step=training.step, recent=training.recent, optimizer=training.optimizer,
+                        scheduler=training.scheduler, calibration=training.calibration or {})
 
 
 def restore_active_task(out: Path, model: SupermaskModel, loop: LoopState, training: TrainingState | None) -> bool:
