@@ -599,3 +599,23 @@ def test_an_explicit_bf16_that_is_slower_warns_with_both_step_times(mnist_data, 
     with pytest.warns(UserWarning, match=r"bf16 is slower than fp32 .* 31\.0 ms against 10\.0 ms"):
         res = run_experiment(cfg, tmp_path / "run")
     assert res["precision"] == "bf16" and res["precision_step_ms"] == {"fp32": 10.0, "bf16": 31.0}
+
+
+def test_nn_resume_on_a_batchnorm_backbone_is_bitwise_identical(mnist_data, tmp_path):
+    """The mask in training at an NN checkpoint goes on with its own BatchNorm running statistics
+    (add_task starts them afresh: the checkpoint's must be put back after it)."""
+    sets = [*SMALL, "model.backbone=conv4_bn", "benchmark.num_tasks=2", "train.iterations=60",
+            "train.batch_size=32", "inference.method=likelihood", "inference.likelihood_images=64",
+            "eval.max_batches=2"]
+    full = tmp_path / "full"
+    run_experiment(load_config("configs/permuted_mnist_nn.yaml", sets), full)
+    out = tmp_path / "run"
+    r = _cli(["run", "configs/permuted_mnist_nn.yaml", *_sets(sets), "--out", str(out)],
+             env={"SUPSUP_CRASH_AT": "checkpoint_write:2"})
+    assert r.returncode == -signal.SIGKILL
+    _, meta = load_checkpoint(out)
+    assert meta["loop"]["next_task"] == 1 and meta["loop"]["active_task"] == 0
+    r = _cli(["run", "--resume", str(out)])
+    assert r.returncode == 0, r.stderr
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (full, out))
+    assert ra["bank_sha256"] == rb["bank_sha256"]  # masks, BatchNorm statistics, likelihood statistics

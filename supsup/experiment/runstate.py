@@ -288,11 +288,18 @@ def restore_active_task(out: Path, model: SupermaskModel, loop: LoopState, train
         return False
     if training is None:
         raise CheckpointError(f"checkpoint in {out}: mask {active} is in training but its scores are missing")
+    # the bank state put back the running statistics of the mask in training; starting (or
+    # resuming) it resets them, so they are kept aside and restored after
+    running = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in model.norm_layers]
     if active < model.num_banked_tasks:
         model.resume_task(active)
     elif model.add_task() != active:
         raise CheckpointError(f"checkpoint in {out}: the mask in training, {active}, does not follow the "
                               f"{model.num_banked_tasks} banked masks")
+    with torch.no_grad():
+        for bn, (mean, var) in zip(model.norm_layers, running):
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
     if len(training.scores) != len(model.masked_layers):
         raise CheckpointError(f"checkpoint in {out}: {len(training.scores)} score tensors for "
                               f"{len(model.masked_layers)} masked layers")
