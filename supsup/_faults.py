@@ -5,7 +5,8 @@ N-th atomic file write (after half of the temporary file is written, before the 
 tests can check that an interrupted write never damages the previous checkpoint;
 ``SUPSUP_CRASH_AT=parallel_round:N`` at the N-th round of task-parallel training;
 ``SUPSUP_CRASH_AT=inside_task_checkpoint:N`` right after the N-th checkpoint taken inside a task
-(``train.checkpoint_every``). With several
+(``train.checkpoint_every``); ``SUPSUP_CRASH_AT=hopsupsup_task:N`` right after HopSupSup's N-th
+task checkpoint. With several
 processes, ``SUPSUP_CRASH_RANK=R`` limits it to rank ``R``.
 """
 

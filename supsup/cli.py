@@ -105,9 +105,10 @@ def _path_error(err: OSError) -> str:
 
 
 def _cmd_run(args) -> int:
-    from .checkpoint import CheckpointError, load_checkpoint
+    from .checkpoint import CheckpointError
     from .config import apply_overrides, config_from_dict, load_config
     from .experiment import format_table, run_experiment
+    from .experiment.backends import saved_config
 
     if args.resume:
         out = Path(args.resume)
@@ -116,8 +117,7 @@ def _cmd_run(args) -> int:
         if args.config:
             cfg = load_config(args.config, args.overrides)
         else:
-            _, meta = load_checkpoint(out)
-            cfg = config_from_dict(apply_overrides(meta["config"], args.overrides))
+            cfg = config_from_dict(apply_overrides(saved_config(out), args.overrides))
     else:
         if not args.config:
             return _fail("run needs a CONFIG file (or --resume DIR)")

@@ -19,6 +19,7 @@ __all__ = [
     "BenchmarkConfig",
     "ConfigError",
     "EvalConfig",
+    "HopfieldConfig",
     "InferenceConfig",
     "LogConfig",
     "MaskConfig",
@@ -280,6 +281,39 @@ class NNConfig:
         check_range("nn.min_batches_per_task", self.min_batches_per_task, 0)
 
 
+@dataclass
+class HopfieldConfig:
+    """HopSupSup (``method: hopsupsup``): neuron masks kept in Hopfield networks and recovered
+    from each task's unlabelled test data (supsup.hopsupsup). Training uses ``train.lr``,
+    ``train.optimizer`` (sgd), ``train.momentum``, ``train.weight_decay``, ``train.batch_size``."""
+
+    hidden: list[int] = field(default_factory=lambda: [2048, 2048], metadata={"help": "widths of the masked hidden layers (official: 784-2048-2048-classes, Swish)"})
+    rule: str = field(default="storkey", metadata={"help": "storkey (the official code) | hebbian (the paper's text): how a mask is added to a layer's Hopfield matrix"})
+    epochs: int | None = field(default=1, metadata={"help": "passes over a task's training set (official: 1); null: train.iterations steps"})
+    gamma: float = field(default=1.5e-3, metadata={"help": "weight of the Hopfield energy in the recovery loss (1 - t) H + gamma t E"})
+    recovery_lr: float = field(default=500.0, metadata={"help": "SGD learning rate of mask recovery"})
+    recovery_momentum: float = field(default=0.9, metadata={"help": "SGD momentum of mask recovery"})
+    recovery_weight_decay: float = field(default=1e-4, metadata={"help": "SGD weight decay of mask recovery"})
+    batch_size: int = field(default=64, metadata={"help": "unlabelled test images per recovery step and per evaluated batch (the masks act through batch statistics)"})
+
+    def __post_init__(self) -> None:
+        from ..hopfield import HOPFIELD_RULES
+
+        if not isinstance(self.hidden, list) or not self.hidden:
+            raise ConfigError("hopfield.hidden", f"must be a non-empty list of layer widths, got {self.hidden!r}")
+        for i, d in enumerate(self.hidden):
+            if not isinstance(d, int) or d < 2:
+                raise ConfigError(f"hopfield.hidden[{i}]", f"must be an integer >= 2, got {d!r}")
+        check_choice("hopfield.rule", self.rule, HOPFIELD_RULES)
+        if self.epochs is not None:
+            check_range("hopfield.epochs", self.epochs, 1)
+        check_range("hopfield.gamma", self.gamma, 0.0)
+        check_range("hopfield.recovery_lr", self.recovery_lr, 0.0, lo_open=True)
+        check_range("hopfield.recovery_momentum", self.recovery_momentum, 0.0, 1.0, hi_open=True)
+        check_range("hopfield.recovery_weight_decay", self.recovery_weight_decay, 0.0)
+        check_range("hopfield.batch_size", self.batch_size, 2)
+
+
 LOG_BACKENDS = ("csv", "tensorboard")
 
 
@@ -303,7 +337,7 @@ class RunConfig:
     seed: int = field(default=0, metadata={"help": "seeds the backbone, every task's scores, data order and permutations"})
     scenario: Scenario = field(default=Scenario.GG, metadata={"help": "GG (task id at train and test) | GN (inferred at test) | NN (never given)"})
     backend: str = field(default="native", metadata={"help": "native (fast tensor streams) | avalanche (Avalanche benchmark and strategy)"})
-    method: str = field(default="supsup", metadata={"help": "supsup, or an Avalanche baseline (backend avalanche): naive | ewc | si | lwf | replay | gem | packnet"})
+    method: str = field(default="supsup", metadata={"help": "supsup | hopsupsup (masks in Hopfield networks, GN; hopfield.*) | an Avalanche baseline (backend avalanche): naive | ewc | si | lwf | replay | gem | packnet"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available, else cpu) | cpu | cuda | cuda:N"})
     progress: bool = field(default=True, metadata={"help": "tqdm progress bars"})
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
@@ -313,6 +347,7 @@ class RunConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     nn: NNConfig = field(default_factory=NNConfig)
+    hopfield: HopfieldConfig = field(default_factory=HopfieldConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
@@ -340,9 +375,10 @@ class RunConfig:
                 raise ConfigError("eval.at_tasks", f"{n} is more than the {self.benchmark.num_tasks} tasks of the stream")
         if "g" in self.eval.extra_objectives and outputs <= classes:
             raise ConfigError("eval.extra_objectives", f"'g' needs superfluous neurons: model.num_outputs ({outputs}) must exceed the {classes} classes")
-        if not self.scenario.task_given_at_test and self.inference.objective == "g" and outputs <= classes:
+        inferred_by_supsup = not self.scenario.task_given_at_test and self.method != "hopsupsup"  # hopsupsup recovers
+        if inferred_by_supsup and self.inference.objective == "g" and outputs <= classes:
             raise ConfigError("inference.objective", f"'g' needs superfluous neurons: model.num_outputs ({outputs}) must exceed the {classes} classes")
-        if self.scenario is Scenario.GN and self.inference.num_images > self.eval.batch_size:
+        if inferred_by_supsup and self.scenario is Scenario.GN and self.inference.num_images > self.eval.batch_size:
             raise ConfigError("inference.num_images", f"({self.inference.num_images}) is larger than the evaluation batch eval.batch_size ({self.eval.batch_size})")
         if self.scenario is Scenario.NN and self.benchmark.labels == "global":
             raise ConfigError("benchmark.labels", "global labels need each task's classes, which NN never sees "

@@ -234,8 +234,62 @@ def run_baseline(cfg: RunConfig, out_dir, *, resume: bool = False) -> RunResults
     return results
 
 
+def run_hopsupsup(cfg: RunConfig, out_dir, *, resume: bool = False) -> RunResults:
+    """HopSupSup through :class:`~supsup.integrations.avalanche.HopSupSupStrategy`: the same
+    protocol and ``results.json`` as the native run (:mod:`.hopsupsup_run`); ``acc_inferred`` is
+    Avalanche's ``Top1_Acc_Exp`` with the mask the strategy recovered."""
+    from ..integrations.avalanche import HopSupSupStrategy, classic_benchmark, per_experience
+    from .hopsupsup_run import build_net, finish_results, score_recovery
+
+    out = start_run(cfg, out_dir, resume=resume)
+    device = resolve_device(cfg.device)
+    bench = classic_benchmark(cfg)
+    model = build_net(cfg, bench.input_shape, bench.num_classes, device)
+    results = RunResults.new(cfg)
+    results.backbone = "mlp-" + "-".join(map(str, cfg.hopfield.hidden)) + "-swish-neuronmask"
+    with run_evaluator(cfg, out) as evaluator:
+        strategy = HopSupSupStrategy(model=model, train_config=cfg.train, hopfield_config=cfg.hopfield, seed=cfg.seed,
+                                     task_id_source="task_label", device=device, evaluator=evaluator,
+                                     max_eval_batches=cfg.eval.max_batches)
+
+        def evaluate(n: int) -> tuple[list[TaskRow], list[dict]]:
+            """Recover and score the first ``n`` test experiences (the tasks learned so far)."""
+            accs = per_experience(strategy.eval(bench.test[:n]), "Top1_Acc_Exp")
+            learned = [strategy.learned[t] for t in range(n)]
+            rows, details = [], []
+            for exp in bench.test[:n]:
+                batches = [(x, y) for x, y, _ in strategy.dataloader_for(exp)]
+                row, detail = score_recovery(model, batches, strategy.recoveries[exp.current_experience], learned,
+                                             strategy.task_id_of(exp), n)
+                row.inferred.acc_inferred = accs[exp.current_experience]
+                rows.append(row)
+                details.append(detail)
+            return rows, details
+
+        points, losses = [], []
+        for i, exp in enumerate(bench.train):
+            t0 = time.perf_counter()
+            strategy.train(exp)
+            results.train_seconds += time.perf_counter() - t0
+            losses.append(strategy.last_loss)
+            if i + 1 < len(bench.train) and i + 1 in matrix_points(cfg):
+                t0 = time.perf_counter()
+                rows, _ = evaluate(i + 1)
+                seconds = time.perf_counter() - t0
+                points.append(CurvePoint(i + 1, list(range(i + 1)), Summary.of(rows, inferred=True), seconds, rows))
+                results.eval_seconds += seconds
+        t0 = time.perf_counter()
+        rows, details = evaluate(len(bench.train))
+        results.eval_seconds += time.perf_counter() - t0
+    finish_results(cfg, results, model, rows, details, points, losses)
+    results.extra["data_cache_seconds"] = strategy.data_cache.seconds
+    write_report(out, results)
+    return results
+
+
 class AvalancheBackend:
-    """``backend: avalanche``: SupSup (``method: supsup``) or an Avalanche baseline."""
+    """``backend: avalanche``: SupSup (``method: supsup``), HopSupSup (``method: hopsupsup``) or an
+    Avalanche baseline."""
 
     @staticmethod
     def check(cfg: RunConfig) -> None:
@@ -258,6 +312,11 @@ class AvalancheBackend:
                 raise ConfigError(f"eval.{key}", "is not supported by backend avalanche; use backend native")
         if cfg.method == "supsup":
             return
+        if cfg.method == "hopsupsup":
+            from .hopsupsup_run import check_hopsupsup
+
+            check_hopsupsup(cfg, backend="avalanche")
+            return
         from ..config.sections import check_choice
         from ..integrations.baselines import BASELINES
 
@@ -273,7 +332,8 @@ class AvalancheBackend:
 
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         with run_lock(out_dir, f"supsup run ({cfg.method}, backend avalanche)"):  # one writer per directory
-            return (run_supsup if cfg.method == "supsup" else run_baseline)(cfg, out_dir, resume=resume)
+            run = {"supsup": run_supsup, "hopsupsup": run_hopsupsup}.get(cfg.method, run_baseline)
+            return run(cfg, out_dir, resume=resume)
 
 
 BACKENDS.register("avalanche")(AvalancheBackend())

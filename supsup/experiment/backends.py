@@ -15,7 +15,7 @@ from ..config import RunConfig
 from ..registry import Registry
 from .results import RunResults
 
-__all__ = ["BACKENDS", "Backend", "check_config", "run_experiment"]
+__all__ = ["BACKENDS", "Backend", "check_config", "run_experiment", "saved_config"]
 
 
 class Backend(Protocol):
@@ -41,3 +41,17 @@ def run_experiment(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool =
     check_config(cfg)
     return BACKENDS.get(cfg.backend).run(cfg, out_dir, resume)
 
+
+
+def saved_config(out_dir: str | os.PathLike) -> dict:
+    """The config (as a dict) of the run checkpointed in ``out_dir``: a SupSup run's
+    ``checkpoint.pt`` or a HopSupSup run's ``hopsupsup_checkpoint.pt``."""
+    from pathlib import Path
+
+    from ..checkpoint import CHECKPOINT_MAGIC, CHECKPOINT_NAME, load_checkpoint, read_checksummed
+    from .hopsupsup_run import HOPSUPSUP_CHECKPOINT
+
+    out = Path(out_dir)
+    if not (out / CHECKPOINT_NAME).exists() and (out / HOPSUPSUP_CHECKPOINT).exists():
+        return read_checksummed(out / HOPSUPSUP_CHECKPOINT, magic=CHECKPOINT_MAGIC)[1]["config"]
+    return load_checkpoint(out)[1]["config"]

@@ -46,6 +46,7 @@ from .evaluate import (
     matrix_points,
     sampled_tasks,
 )
+from .hopsupsup_run import check_hopsupsup, run_hopsupsup_native
 from .loggers import RunLogger
 from .parallel import evaluate_parallel, run_labeled_parallel
 from .report import write_report
@@ -208,10 +209,13 @@ def _training_config(cfg: RunConfig, results: RunResults, stream, device, dist: 
 
 
 class NativeBackend:
-    """``backend: native`` (SupSup only)."""
+    """``backend: native``: SupSup, or HopSupSup (:mod:`.hopsupsup_run`)."""
 
     @staticmethod
     def check(cfg: RunConfig) -> None:
+        if cfg.method == "hopsupsup":
+            check_hopsupsup(cfg, backend="native")
+            return
         if cfg.method != "supsup":
             raise ConfigError("method", f"baseline {cfg.method!r} runs on Avalanche: set backend: avalanche")
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -232,6 +236,11 @@ class NativeBackend:
     @staticmethod
     def run(cfg: RunConfig, out_dir: str | os.PathLike, resume: bool) -> RunResults:
         device = resolve_device(cfg.device)
+        if cfg.method == "hopsupsup":
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            with run_lock(out, "supsup run --resume" if resume else "supsup run"):
+                return run_hopsupsup_native(cfg, out, resume, device)
         dist = Distributed.from_env(device)
         try:
             with contextlib.ExitStack() as held:  # the run directory's writer lock (rank 0)

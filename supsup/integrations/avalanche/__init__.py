@@ -5,6 +5,8 @@
   from the inputs) and evaluates with the task given or inferred from the inputs (paper
   Sec. 3.3), so that Avalanche's own metrics and loggers report SupSup's accuracy; and the
   :class:`TaskInferenceAccuracy` metric;
+* :mod:`.hopsupsup`: :class:`HopSupSupStrategy`, HopSupSup's neuron masks learned per
+  experience and recovered from each evaluated experience's images;
 * :mod:`.data`: the cached data path (each sample transformed once);
 * :mod:`.benchmarks`: models sized from any stream, Avalanche's classic MNIST benchmarks
   matching the native streams.
@@ -23,6 +25,7 @@ from .benchmarks import (
     supsup_model_for_benchmark,
 )
 from .data import CachedBatches, CachedData, CachedExperience, ExperienceCache, dataset_tensors
+from .hopsupsup import HopSupSupStrategy
 from .strategy import SupSupStrategy, TaskInferenceAccuracy
 
 __all__ = [
@@ -31,6 +34,7 @@ __all__ = [
     "CachedExperience",
     "ClassicBenchmark",
     "ExperienceCache",
+    "HopSupSupStrategy",
     "SupSupStrategy",
     "TaskInferenceAccuracy",
     "benchmark_input_shape",
