@@ -34,7 +34,10 @@ from supsup.experiment import run_experiment
 
 SUPSUP = {"supsup_gg": "GG", "supsup_gn": "GN", "supsup_nn": "NN"}
 BASELINES = ("naive", "ewc", "si", "lwf", "replay", "gem", "packnet")
-ALL_METHODS = (*SUPSUP, *BASELINES)
+#: SupSup's Hopfield variant: its own recipe (``configs/split_mnist_hopsupsup.yaml``: network,
+#: 1 epoch per task, SGD), the same stream and test sets; ``--iterations``/``--backbone`` do not apply
+HOPSUPSUP = "hopsupsup"
+ALL_METHODS = (*SUPSUP, HOPSUPSUP, *BASELINES)
 BENCHMARKS = {"permuted_mnist": "PermutedMNIST", "rotated_mnist": "RotatedMNIST",
               "split_mnist_gnu": "SplitMNIST (class-incremental)"}
 #: the config each benchmark starts from (``configs/<benchmark>_gn.yaml`` unless named here)
@@ -44,6 +47,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run_overrides(benchmark: str, method: str, args) -> tuple[str, list[str]]:
     """(scenario, ``--set`` overrides) of one run."""
+    if method == HOPSUPSUP:
+        if benchmark != "split_mnist_gnu":
+            raise SystemExit(f"hopsupsup runs on split_mnist_gnu (its paper setting), not {benchmark}")
+        sets = ["backend=avalanche", f"benchmark.num_tasks={args.tasks}", f"seed={args.seed}", "progress=false",
+                "eval.at_tasks=null"]
+        if args.eval_max_batches is not None:
+            sets.append(f"eval.max_batches={args.eval_max_batches}")
+        return "GN", sets
     if method in SUPSUP:
         scenario, name = SUPSUP[method], "supsup"
     else:
@@ -77,7 +88,8 @@ def run_all(args, out: Path) -> list[dict]:
     for benchmark in args.benchmarks:
         for method in args.methods:
             scenario, sets = run_overrides(benchmark, method, args)
-            cfg = load_config(ROOT / "configs" / CONFIGS.get(benchmark, f"{benchmark}_gn.yaml"), sets)
+            name = "split_mnist_hopsupsup.yaml" if method == HOPSUPSUP else CONFIGS.get(benchmark, f"{benchmark}_gn.yaml")
+            cfg = load_config(ROOT / "configs" / name, sets)
             run_dir = out / "runs" / benchmark / f"{method}"
             res = finished_run(run_dir, cfg) if args.resume else None
             if res is not None:
@@ -86,7 +98,7 @@ def run_all(args, out: Path) -> list[dict]:
                 t0 = time.perf_counter()
                 res = run_experiment(cfg, run_dir).to_dict()
                 seconds = time.perf_counter() - t0
-            uses_task_id = scenario == "GG" if method in SUPSUP else res["accuracy_uses_task_id"]
+            uses_task_id = scenario == "GG" if method in (*SUPSUP, HOPSUPSUP) else res["accuracy_uses_task_id"]
             acc = res["mean_acc_given_task"] if scenario == "GG" else res["mean_acc_inferred"]
             kind = "given" if uses_task_id else "inferred"
             metrics = {k: (res.get(k) or {}).get(kind) for k in ("average_accuracy", "bwt", "forgetting", "fwt")}
@@ -94,7 +106,10 @@ def run_all(args, out: Path) -> list[dict]:
                          "acc": acc, "acc_given_task": res["mean_acc_given_task"], **metrics,
                          "task_inference_acc": res.get("task_inference_acc"), "seconds": seconds,
                          "acc_per_image": res.get("mean_acc_inferred_per_image"),
-                         "hparams": res.get("baseline_hparams", {}).get(method)})
+                         "hparams": res.get("baseline_hparams", {}).get(method),
+                         "bank_bytes": res.get("bank_bytes"), "num_tasks": res["num_tasks"],
+                         "eval_seconds": res.get("eval_seconds"),
+                         "hopsupsup": {k: v for k, v in (res.get("hopsupsup") or {}).items() if k != "tasks"} or None})
             print(f"{benchmark:15s} {method:10s} {scenario}  acc {acc:.4f}  ({seconds:.0f} s)", flush=True)
     return rows
 
@@ -209,6 +224,7 @@ def write_markdown(path: Path, rows: list[dict], args, command: str, timing: dic
             lines.append(f"| {method} | " + " | ".join(
                 " | ".join(f(mine[b].get(k)) if b in mine else "-" for k in ("bwt", "forgetting", "fwt"))
                 for b in benches) + " |")
+    lines += memory_section(rows, args)
     hp = {r["method"]: r["hparams"] for r in rows if r["hparams"] is not None}
     if hp:
         lines += ["", "Baseline hyperparameters (Adam, lr 1e-4, for all):", ""]
@@ -229,6 +245,32 @@ def write_markdown(path: Path, rows: list[dict], args, command: str, timing: dic
         ]
     lines += ["", "![accuracy](compare.png)", ""]
     path.write_text("\n".join(lines))
+
+
+def memory_section(rows: list[dict], args) -> list[str]:
+    """What SupSup GN and HopSupSup keep to find a task's mask again, and what that costs at test."""
+    mine = [r for r in rows if r["method"] in ("supsup_gn", HOPSUPSUP) and r.get("bank_bytes")]
+    if not mine:
+        return []
+    lines = ["", "## Memory and test-time cost (SupSup GN and HopSupSup)", "",
+             "HopSupSup keeps no mask: one Hopfield matrix per masked layer, whose size does not grow with the "
+             "tasks, and recovers a task's neuron masks from the task's unlabelled test set (one pass, batches of "
+             "64: the masks act through batch statistics, so it classifies batches, not single images). SupSup "
+             "keeps every task's weight mask at 1 bit per weight and infers the task from each batch (or image).",
+             "", "| method | benchmark | kept | bytes in all | bytes per task | test-time cost |", "|---|---|---|---|---|---|"]
+    for r in mine:
+        per = r["bank_bytes"] / r["num_tasks"]
+        if r["method"] == HOPSUPSUP:
+            h = r["hopsupsup"]
+            kept = (f"{len(h['hidden'])} Hopfield matrices of {'x'.join(map(str, h['hidden'][:1] * 2))} fp32 "
+                    f"({h['rule']}); explicit neuron masks would be {h['explicit_mask_bytes_per_task']} B per task")
+            cost = (f"{h['mean_recovery_steps']:.0f} recovery steps, {h['mean_recovery_seconds']:.2f} s per task "
+                    f"(evaluation {r['eval_seconds']:.1f} s in all)")
+        else:
+            kept = "weight masks, 1 bit per weight, and each task's likelihood statistics"
+            cost = f"evaluation {r['eval_seconds']:.1f} s in all"
+        lines.append(f"| {r['method']} | {BENCHMARKS[r['benchmark']]} | {kept} | {r['bank_bytes']:,} | {per:,.0f} | {cost} |")
+    return lines
 
 
 def plot(path: Path, rows: list[dict], args) -> None:
