@@ -1,6 +1,7 @@
 """Command line: the only place that parses argv.
 
     supsup run CONFIG.yaml|NAME [--set key=value ...] [--out DIR] [--resume DIR]
+    supsup export RUN_DIR OUT_DIR
     supsup eval DIR [--scenario GG|GN|NN] [--set key=value ...]
     supsup calibrate DIR [--set key=value ...]
     supsup configs
@@ -69,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     cal.add_argument("--refit", action="store_true", help="fit every task again, also those that have statistics")
     cal.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch and numba")
 
+    exp = sub.add_parser("export", help="write a run's model as OUT_DIR/supermasks.safetensors + "
+                                        "OUT_DIR/supsup_config.json (SupermaskModel.from_pretrained reads it)")
+    exp.add_argument("dir", help="a run directory holding checkpoint.pt")
+    exp.add_argument("out_dir", help="where to write the model files")
+
     sub.add_parser("configs", help="list the configs shipped with supsup (run one with `supsup run NAME`)")
 
     rep = sub.add_parser("report", help="write DIR/report.md and its figures for a finished run")
@@ -135,7 +141,9 @@ def _cmd_run(args) -> int:
         return _fail(f"{err}. The last checkpoint in {out} is intact: continue with --resume {out}", 1)
     if int(os.environ.get("RANK", "0")) == 0:  # several processes (torchrun): rank 0 reports
         print(format_table(results))
-        print(f"wrote {out}/results.json, {out}/accuracy.png, {out}/config.yaml, {out}/checkpoint.pt")
+        names = ("results.json", "accuracy.png", "confusion.png", "config.yaml", "checkpoint.pt",
+                 "hopsupsup_checkpoint.pt", "avalanche_log.txt")
+        print("wrote " + ", ".join(f"{out}/{name}" for name in names if (out / name).exists()))
     return 0
 
 
@@ -188,8 +196,12 @@ def _cmd_configs(args) -> int:
         data = read_yaml(path)
         bench = data.get("benchmark", {}) if isinstance(data.get("benchmark"), dict) else {}
         model = data.get("model", {}) if isinstance(data.get("model"), dict) else {}
+        net = model.get("backbone", "fc1024")
+        if data.get("method") == "hopsupsup":
+            hop = data.get("hopfield", {}) if isinstance(data.get("hopfield"), dict) else {}
+            net = "hopsupsup " + "-".join(map(str, hop.get("hidden", [2048, 2048])))
         print(f"{name:<40} {data.get('scenario', 'GG'):<3} {bench.get('name', '?')}, "
-              f"{bench.get('num_tasks', '?')} tasks, {model.get('backbone', '?')}")
+              f"{bench.get('num_tasks', '?')} tasks, {net}")
     return 0
 
 
@@ -224,6 +236,13 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_calibrate(args)
         if args.command == "configs":
             return _cmd_configs(args)
+        if args.command == "export":
+            from .experiment.saved import export_run
+
+            out, model = export_run(args.dir, args.out_dir)
+            print(f"wrote {out}/supermasks.safetensors and {out}/supsup_config.json ({model.num_banked_tasks} tasks, "
+                  f"bank {model.bank_bytes:,} bytes)")
+            return 0
         if args.command == "report":
             from .experiment.runreport import write_run_report
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,11 +28,16 @@ from .bank import (
 )
 from .checkpoint import MODEL_MAGIC, CheckpointError, read_checksummed, write_checksummed
 from .errors import ModeError
+from .fileio import atomic_write_bytes, atomic_write_text
 from .layers import SupermaskLayer
 from .likelihood import DEFAULT_LIKELIHOOD, LikelihoodSpec
 from .version import __version__
 
-__all__ = ["ModelFile"]
+__all__ = ["ModelFile", "PRETRAINED_CONFIG_NAME", "SAFETENSORS_NAME"]
+
+#: the files of :meth:`ModelFile.save_pretrained` (peft's layout: tensors + a JSON config)
+SAFETENSORS_NAME = "supermasks.safetensors"
+PRETRAINED_CONFIG_NAME = "supsup_config.json"
 
 
 class ModelFile:
@@ -107,6 +114,20 @@ class ModelFile:
         ident = meta.get("identity")
         if meta.get("format") != "supsup-model" or not isinstance(ident, dict):
             raise CheckpointError(f"{path} is not a supsup model file (no model identity)")
+        model = cls._rebuild(ident, backbone, where=str(path))
+        try:
+            model.load_bank_state(bank_entries(tensors))
+        except ValueError as err:
+            raise CheckpointError(f"{path} has an unusable mask bank: {err}") from None
+        return model.to(device)
+
+    @classmethod
+    def _rebuild(cls, ident: dict[str, Any], backbone: nn.Module | None, *, where: str) -> ModelFile:
+        """A model with no task, rebuilt from a saved identity (its frozen weights checked)."""
+        if backbone is not None and any(isinstance(m, SupermaskLayer) for m in backbone.modules()):
+            raise CheckpointError("backbone= takes a fresh instance of the module the model was built from, e.g. "
+                                  "SupermaskModel.load(path, backbone=MyNet()); this one is already wrapped (a "
+                                  "model's .backbone)")
         try:
             kwargs = {"num_tasks": ident["num_tasks"], "num_classes": ident["num_classes"], "seed": ident["seed"],
                       "mask_kind": ident["mask_kind"], "density": ident["density"],
@@ -122,15 +143,72 @@ class ModelFile:
                 model = cls.from_name(spec["backbone"], num_outputs=spec["num_outputs"], input_shape=spec["input_shape"],
                                       weight_init=spec["weight_init"], **kwargs)
             else:
-                raise CheckpointError(f"{path} holds a model built from a custom backbone: pass it as "
-                                      "SupermaskModel.load(path, backbone=module)")
+                raise CheckpointError(f"{where} holds a model built from a custom backbone: pass it as "
+                                      "SupermaskModel.load(path, backbone=module) (or from_pretrained(dir, backbone=module))")
         except (KeyError, TypeError, ValueError) as err:
-            raise CheckpointError(f"{path}: unusable model identity ({type(err).__name__}: {err})") from None
+            raise CheckpointError(f"{where}: unusable model identity ({type(err).__name__}: {err})") from None
         if model.frozen_weights_digest() != ident["frozen_weights_sha256"]:
-            raise CheckpointError(f"{path}: the rebuilt backbone's frozen weights differ from the saved model's "
+            raise CheckpointError(f"{where}: the rebuilt backbone's frozen weights differ from the saved model's "
                                   "(another torch version's initialisation, or another backbone module)")
+        return model
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write the banked tasks as ``DIR/supermasks.safetensors`` (the packed bank, BatchNorm
+        statistics, task classes, likelihood statistics: plain tensors, no pickle, memory-mapped
+        on load, readable from any language) and ``DIR/supsup_config.json`` (the backbone recipe,
+        init, frozen weights' digest, classes, version and the tensor file's SHA-256), as peft's
+        ``adapter_model.safetensors`` + ``adapter_config.json``. Both are written atomically; the
+        JSON last, so a directory with a JSON always has its tensors."""
+        from safetensors.torch import save as save_safetensors
+
+        if self.active_task is not None:
+            raise ModeError(f"task {self.active_task} is still being trained: call finish_task() before save_pretrained()")
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous() for k, v in self.bank_state().items()}
+        payload = save_safetensors(state, metadata={"format": "supsup-model", "supsup_version": __version__})
+        atomic_write_bytes(out / SAFETENSORS_NAME, payload)
+        config = {"format": "supsup-model", "supsup_version": __version__, "identity": self.identity(),
+                  "num_banked_tasks": self.num_banked_tasks, "bank_sha256": self.bank_sha256(),
+                  "tensors_sha256": hashlib.sha256(payload).hexdigest()}
+        atomic_write_text(out / PRETRAINED_CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        return out
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, backbone: nn.Module | None = None,
+                        device: torch.device | str = "cpu") -> ModelFile:
+        """A model written by :meth:`save_pretrained` (or ``supsup export``); outputs equal the
+        saved model's. ``backbone``: as for :meth:`load`.
+
+        Raises:
+            CheckpointError: a missing or unreadable file, tensors that do not match the config's
+                digest, or frozen weights that differ from the saved model's.
+        """
+        from safetensors import SafetensorError
+        from safetensors.torch import load as load_safetensors
+
+        out = Path(directory)
+        try:
+            config = json.loads((out / PRETRAINED_CONFIG_NAME).read_text())
+            payload = (out / SAFETENSORS_NAME).read_bytes()
+        except FileNotFoundError as err:
+            raise CheckpointError(f"{out} is not a saved supsup model: {Path(err.filename).name} is missing") from None
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"cannot read the model in {out}: {err}") from None
+        if not isinstance(config, dict) or config.get("format") != "supsup-model" or "identity" not in config:
+            raise CheckpointError(f"{out / PRETRAINED_CONFIG_NAME} is not a supsup model config")
+        if hashlib.sha256(payload).hexdigest() != config.get("tensors_sha256"):
+            raise CheckpointError(f"{out / SAFETENSORS_NAME} does not match its config's SHA-256 (modified, truncated "
+                                  "or from another model); not using it")
+        try:
+            tensors = load_safetensors(payload)
+        except (SafetensorError, ValueError) as err:
+            raise CheckpointError(f"{out / SAFETENSORS_NAME} is not a readable safetensors file: {err}") from None
+        model = cls._rebuild(config["identity"], backbone, where=str(out))
         try:
             model.load_bank_state(bank_entries(tensors))
         except ValueError as err:
-            raise CheckpointError(f"{path} has an unusable mask bank: {err}") from None
+            raise CheckpointError(f"{out} has an unusable mask bank: {err}") from None
+        if model.bank_sha256() != config.get("bank_sha256"):
+            raise CheckpointError(f"{out}: the loaded bank's digest differs from the saved one")
         return model.to(device)

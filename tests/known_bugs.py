@@ -108,6 +108,17 @@ BUGS = [
     ("an NN resume restarts the BatchNorm statistics of the mask in training", "supsup/experiment/runstate.py",
      "            bn.running_mean.copy_(mean)\n            bn.running_var.copy_(var)\n", "            pass\n",
      "tests/test_runner.py::test_nn_resume_on_a_batchnorm_backbone_is_bitwise_identical"),
+    ("Storkey update without the h x^T term", "supsup/hopfield.py",
+     "torch.outer(x, x) - torch.eye(d, dtype=W.dtype, device=W.device) - pre - pre.T",
+     "torch.outer(x, x) - torch.eye(d, dtype=W.dtype, device=W.device) - pre",
+     "tests/test_hopsupsup.py::test_storkey_and_hebbian_matrices_match_hand_computation"),
+    ("HopSupSup recovery weights entropy and energy the wrong way round", "supsup/hopsupsup.py",
+     "return (1 - t) * h + gamma * t * e, h, e", "return t * h + gamma * (1 - t) * e, h, e",
+     "tests/test_hopsupsup.py::test_recovery_loss_at_t0_is_the_entropy_and_at_t1_the_energy"),
+    ("HopSupSup recovery starts from zero, not the stored patterns' mean", "supsup/hopsupsup.py",
+     "scores = [store.mean_pattern().clone().requires_grad_() for store in model.stores]",
+     "scores = [torch.zeros_like(store.mean_pattern()).requires_grad_() for store in model.stores]",
+     "tests/test_hopsupsup.py::test_native_run_on_split_mnist"),
 ]
 
 #: failure messages that mean "an assertion of the test failed" rather than "an exception escaped"

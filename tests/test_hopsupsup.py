@@ -266,6 +266,8 @@ def test_native_run_on_split_mnist(tmp_path):
     assert [d["nearest_learned_mask"] for d in hop["tasks"]] == [0, 1]
     assert saved["accuracy_matrix"]["inferred"][0][0] is not None  # a row after the first task
     assert (out / "accuracy.png").stat().st_size > 0
+    proc = subprocess.run([sys.executable, "-m", "supsup", "eval", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "hopsupsup run" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_resume_after_a_kill_gives_the_uninterrupted_results(tmp_path):

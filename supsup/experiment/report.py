@@ -36,7 +36,11 @@ def format_table(results: RunResults) -> str:
     if results.num_detected_tasks is not None:
         extra.append(f"detected tasks: {results.num_detected_tasks}")
     if results.bank_bytes is not None:
-        extra.append(f"bank: {results.bank_bytes / 1e6:.2f} MB for {results.num_masked_weights:,} masked weights")
+        if results.method == "hopsupsup":  # no bank: Hopfield stores, masks on neurons
+            extra.append(f"Hopfield stores: {results.bank_bytes / 1e6:.2f} MB for {results.num_masked_weights:,} "
+                         "masked neurons")
+        else:
+            extra.append(f"bank: {results.bank_bytes / 1e6:.2f} MB for {results.num_masked_weights:,} masked weights")
     extra.append(f"train {results.train_seconds:.1f} s, eval {results.eval_seconds:.1f} s")
     lines.append(" | ".join(extra))
     return "\n".join(lines)

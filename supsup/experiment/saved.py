@@ -1,4 +1,5 @@
-"""``supsup eval``: evaluate a saved run's bank again, without training."""
+"""``supsup eval``: evaluate a saved run's bank again, without training; ``supsup export``: its
+model as safetensors files."""
 
 from __future__ import annotations
 
@@ -8,14 +9,17 @@ import os
 import time
 from pathlib import Path
 
-from ..checkpoint import CheckpointError, load_checkpoint
+import torch
+
+from ..checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from ..config import ConfigError, Scenario, apply_overrides, config_from_dict
+from ..model import SupermaskModel
 from .build import build_model, build_stream, resolve_device
 from .evaluate import EvaluationCache, curve_point, final_evaluation, sampled_tasks
 from .results import RunResults
 from .runstate import restore_active_task, restore_checkpoint
 
-__all__ = ["evaluate_saved"]
+__all__ = ["evaluate_saved", "export_run", "saved_model"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,11 @@ def evaluate_saved(out_dir: str | os.PathLike, *, overrides: list[str] = (), sce
     learned mask never changes. So a finished run's curve can be measured again with other
     inference settings, without training."""
     out = Path(out_dir)
+    from .hopsupsup_run import HOPSUPSUP_CHECKPOINT
+
+    if (out / HOPSUPSUP_CHECKPOINT).exists() and not (out / CHECKPOINT_NAME).exists():
+        raise CheckpointError(f"{out} holds a hopsupsup run, which has no bank to evaluate again: its masks are "
+                              "recovered from the test data during the run (results.json)")
     _, meta = load_checkpoint(out)
     data = meta["config"]
     if scenario is not None:
@@ -88,3 +97,34 @@ def evaluate_saved(out_dir: str | os.PathLike, *, overrides: list[str] = (), sce
     results.eval_seconds = time.perf_counter() - t0
     results.record_bank(model, with_memory=False)  # the training run's peak memory stays
     return results
+
+
+def saved_model(out_dir: str | os.PathLike, *, device: torch.device | str = "cpu") -> SupermaskModel:
+    """The model of the run checkpointed in ``out_dir`` with every banked task (an NN run's mask
+    in training banked, as its evaluation does); a task checkpointed halfway is not included."""
+    out = Path(out_dir)
+    from .hopsupsup_run import HOPSUPSUP_CHECKPOINT
+
+    if (out / HOPSUPSUP_CHECKPOINT).exists() and not (out / CHECKPOINT_NAME).exists():
+        raise CheckpointError(f"{out} holds a hopsupsup run, which keeps no mask bank to export")
+    _, meta = load_checkpoint(out)
+    cfg = config_from_dict(meta["config"])
+    model = build_model(cfg, torch.device(device))
+    state = restore_checkpoint(out, cfg, model)
+    if restore_active_task(out, model, state.loop, state.training) and cfg.scenario is Scenario.NN:
+        task = model.finish_task()
+        if model.likelihood is not None and state.training.calibration:
+            model.fit_likelihood(task, state.training.calibration["x"].to(device),
+                                 state.training.calibration["y"].to(device))
+    elif model.active_task is not None:
+        model.abandon_task()
+    return model
+
+
+def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[Path, SupermaskModel]:
+    """``supsup export``: the run's model as ``OUT_DIR/supermasks.safetensors`` +
+    ``OUT_DIR/supsup_config.json`` (:meth:`~supsup.model.SupermaskModel.save_pretrained`)."""
+    model = saved_model(run_dir)
+    if model.num_banked_tasks == 0:
+        raise CheckpointError(f"{run_dir} holds no finished task yet: nothing to export")
+    return model.save_pretrained(out_dir), model
