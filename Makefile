@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	# setuptools prints an information-only notice for every editable install of a flat
 	# layout; nothing is wrong, so it is filtered (only that message).
-	PYTHONWARNINGS="ignore:Editable installation:UserWarning" $(BIN)/python -m pip install --quiet -e '.[avalanche,dev]'
+	PYTHONWARNINGS="ignore:Editable installation:UserWarning" $(BIN)/python -m pip install --quiet -e '.[avalanche,track,tune,dev]'
 	touch $(STAMP)
 
 demo: install

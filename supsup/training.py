@@ -272,7 +272,8 @@ def train_task(model: SupermaskModel, batches: Iterable[Batch], config: TrainCon
 def learn_task(model: SupermaskModel, batches: Iterable[Batch], config: TrainConfig | None = None, *,
                epochs: int = 1, max_steps: int | None = None, progress: bool = False,
                resume: TaskProgress | None = None, checkpoint_every: int | None = None,
-               on_checkpoint: Callable[[TaskProgress], None] | None = None) -> TaskReport:
+               on_checkpoint: Callable[[TaskProgress], None] | None = None,
+               on_step: Callable[[float], None] | None = None) -> TaskReport:
     """Learn a new task from ``batches`` and bank its mask.
 
     Starts the next task (:meth:`SupermaskModel.add_task`), runs one optimizer step per batch
@@ -289,6 +290,7 @@ def learn_task(model: SupermaskModel, batches: Iterable[Batch], config: TrainCon
             its state restored): it goes on from there (:func:`fit_active_task`).
         checkpoint_every / on_checkpoint: every ``checkpoint_every`` steps (not after the
             last), ``on_checkpoint`` gets the task's :class:`TaskProgress`.
+        on_step: gets every step's loss (e.g. for a tracker).
     """
     cfg = config if config is not None else TrainConfig()
     if epochs < 1:
@@ -299,7 +301,8 @@ def learn_task(model: SupermaskModel, batches: Iterable[Batch], config: TrainCon
         model.add_task()
     try:
         report = fit_active_task(model, batches, cfg, epochs=epochs, max_steps=max_steps, progress=progress,
-                                 resume=resume, checkpoint_every=checkpoint_every, on_checkpoint=on_checkpoint)
+                                 resume=resume, checkpoint_every=checkpoint_every, on_checkpoint=on_checkpoint,
+                                 on_step=on_step)
     except BaseException:
         model.abandon_task()
         raise
@@ -311,7 +314,8 @@ def learn_task(model: SupermaskModel, batches: Iterable[Batch], config: TrainCon
 def fit_active_task(model: SupermaskModel, batches: Iterable[Batch], cfg: TrainConfig, *, epochs: int = 1,
                     max_steps: int | None = None, progress: bool = False, resume: TaskProgress | None = None,
                     checkpoint_every: int | None = None,
-                    on_checkpoint: Callable[[TaskProgress], None] | None = None) -> TaskReport:
+                    on_checkpoint: Callable[[TaskProgress], None] | None = None,
+                    on_step: Callable[[float], None] | None = None) -> TaskReport:
     """Train the task in training (:meth:`SupermaskModel.add_task` started it) on ``batches``,
     with a fresh optimizer and ``cfg``'s schedule; it is not banked (:func:`learn_task` does).
     With ``resume`` it goes on from a :class:`TaskProgress`: the batches it had trained on are
@@ -347,8 +351,10 @@ def fit_active_task(model: SupermaskModel, batches: Iterable[Batch], cfg: TrainC
         counted[0] = start
         stream = itertools.islice(stream, start, None)  # the same data order: the batches trained are drawn
 
-    def checkpoint(done: int, losses: list[float]) -> None:
-        if done % checkpoint_every or (steps is not None and done >= steps):
+    def after_step(done: int, losses: list[float]) -> None:
+        if on_step is not None:
+            on_step(losses[-1])
+        if not checkpoint_every or on_checkpoint is None or done % checkpoint_every or (steps is not None and done >= steps):
             return
         on_checkpoint(TaskProgress(step=done, recent=list(losses), optimizer=optimizer.state_dict(),
                                    scheduler=None if scheduler is None else scheduler.state_dict(),
@@ -356,5 +362,6 @@ def fit_active_task(model: SupermaskModel, batches: Iterable[Batch], cfg: TrainC
 
     loss = train_steps(model, optimizer, counting(stream), total=steps, desc=f"task {task_id}", progress=progress,
                        precision=cfg.precision, scheduler=scheduler, start=start, recent=recent,
-                       on_step=checkpoint if checkpoint_every and on_checkpoint is not None else None)
+                       on_step=after_step if on_step is not None or (checkpoint_every and on_checkpoint is not None)
+                       else None)
     return TaskReport(task_id=task_id, loss=loss, steps=counted[0], calibration=buffer)

@@ -119,6 +119,10 @@ BUGS = [
      "scores = [store.mean_pattern().clone().requires_grad_() for store in model.stores]",
      "scores = [torch.zeros_like(store.mean_pattern()).requires_grad_() for store in model.stores]",
      "tests/test_hopsupsup.py::test_native_run_on_split_mnist"),
+    ("from_pretrained loads no bank", "supsup/modelfile.py",
+     "            model.load_bank_state(bank_entries(tensors))\n        except ValueError as err:\n            raise CheckpointError(f\"{out} has",
+     "            pass\n        except ValueError as err:\n            raise CheckpointError(f\"{out} has",
+     "tests/test_pretrained.py::test_save_pretrained_round_trip_is_bitwise_and_never_unpickles"),
 ]
 
 #: failure messages that mean "an assertion of the test failed" rather than "an exception escaped"

@@ -314,14 +314,14 @@ class HopfieldConfig:
         check_range("hopfield.batch_size", self.batch_size, 2)
 
 
-LOG_BACKENDS = ("csv", "tensorboard")
+LOG_BACKENDS = ("csv", "tensorboard", "wandb", "mlflow")
 
 
 @dataclass
 class LogConfig:
     """Where a run logs its progress, task by task."""
 
-    backends: list[str] = field(default_factory=lambda: ["csv"], metadata={"help": "csv (DIR/metrics.csv) and/or tensorboard (DIR/tensorboard/; needs the tensorboard package)"})
+    backends: list[str] = field(default_factory=lambda: ["csv"], metadata={"help": "csv (DIR/metrics.csv), tensorboard (DIR/tensorboard/; needs the tensorboard package), wandb (DIR/wandb/; WANDB_MODE=offline works without a network), mlflow (MLFLOW_TRACKING_URI, default the SQLite store DIR/mlflow.db); wandb and mlflow need supsup[track]"})
 
     def __post_init__(self) -> None:
         for name in self.backends:

@@ -46,13 +46,43 @@ def run_evaluator(cfg: RunConfig, out: Path, *metrics):
             loggers.append(CSVLogger(str(out / "csv")))
         if "tensorboard" in cfg.log.backends:
             loggers.append(TensorboardLogger(tb_log_dir=str(out / "tensorboard")))
+        if "wandb" in cfg.log.backends:  # Avalanche's own; finish_trackers ends its run
+            try:
+                from ..integrations.avalanche.wandb_logger import SupSupWandBLogger
+            except ImportError:
+                raise ConfigError("log.backends", "wandb needs the wandb package: pip install 'supsup[track]'") from None
+            loggers.append(SupSupWandBLogger(project_name=os.environ.get("WANDB_PROJECT", "supsup"), run_name=out.name,
+                                             dir=str(out), save_code=False, config=config_to_dict(cfg)))
         try:
             yield EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loss_metrics(experience=True),
                                    *metrics, loggers=loggers)
         finally:
             for logger in loggers[1:]:
-                if hasattr(logger, "close"):
+                if hasattr(logger, "close") and type(logger).__name__ != "SupSupWandBLogger":
                     logger.close()
+
+
+def finish_trackers(cfg: RunConfig, out: Path, results: RunResults) -> None:
+    """W&B (the run Avalanche's logger started) and MLflow get the config, the task rows, the
+    accuracy matrix, the figures and the bank's digest, as a native run's
+    (:class:`~.loggers.RunLogger`)."""
+    if not {"wandb", "mlflow"} & set(cfg.log.backends):
+        return
+    from .loggers import RunLogger
+
+    run = None
+    if "wandb" in cfg.log.backends:
+        import wandb
+
+        run = wandb.run
+    logger = RunLogger(cfg, out, only=("wandb", "mlflow"), wandb_run=run)
+    try:
+        for row in results.tasks:
+            logger.log_task({"task": row.task_id, "tasks_learned": row.task_id + 1, "acc_given_task": row.acc_given_task,
+                             "mean_acc_inferred": row.acc_inferred, "task_inference_acc": row.task_inference_acc})
+        logger.log_results(results, out)
+    finally:
+        logger.close()
 
 
 def start_run(cfg: RunConfig, out_dir, *, resume: bool) -> Path:
@@ -333,7 +363,9 @@ class AvalancheBackend:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         with run_lock(out_dir, f"supsup run ({cfg.method}, backend avalanche)"):  # one writer per directory
             run = {"supsup": run_supsup, "hopsupsup": run_hopsupsup}.get(cfg.method, run_baseline)
-            return run(cfg, out_dir, resume=resume)
+            results = run(cfg, out_dir, resume=resume)
+            finish_trackers(cfg, Path(out_dir), results)
+            return results
 
 
 BACKENDS.register("avalanche")(AvalancheBackend())

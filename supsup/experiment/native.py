@@ -113,7 +113,8 @@ def _run_labeled(cfg: RunConfig, train: TrainConfig, out: Path, model: Supermask
 
         report = learn_task(model, stream.train_batches(task_id, train.iterations, train.batch_size),
                             train, max_steps=train.iterations, progress=cfg.progress, resume=resume,
-                            checkpoint_every=every, on_checkpoint=save if every else None)
+                            checkpoint_every=every, on_checkpoint=save if every else None,
+                            on_step=logger.log_step if logger.tracks_steps else None)
         if report.task_id != task_id:
             raise CheckpointError(f"expected to learn task {task_id}, the model learned {report.task_id}")
         if cfg.benchmark.labels == "global":  # class-incremental: the task answers among its own classes
@@ -295,8 +296,17 @@ def _run(cfg: RunConfig, out: Path, resume: bool, device, dist: Distributed, hel
             run_labeled_parallel(cfg, train, out, model, stream, results, loop, logger, dist, ranks)
         else:
             _run_labeled(cfg, train, out, model, stream, results, loop, training, logger, learned, cache)
+        _finish(cfg, out, model, stream, results, dist, cache)
+        if dist.is_main:
+            logger.log_results(results, out)
     finally:
         logger.close()
+    return results
+
+
+def _finish(cfg: RunConfig, out: Path, model: SupermaskModel, stream, results: RunResults, dist: Distributed,
+            cache: EvaluationCache) -> None:
+    """The final evaluation, the accuracy matrix, the bank's size and digest, results.json."""
     if dist.enabled:
         evaluate_parallel(cfg, model, stream, results, dist)
     else:
@@ -310,7 +320,6 @@ def _run(cfg: RunConfig, out: Path, resume: bool, device, dist: Distributed, hel
     results.record_bank(model)
     if dist.is_main:
         write_report(out, results)
-    return results
 
 
 BACKENDS.register("native")(NativeBackend())
