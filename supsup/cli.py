@@ -1,6 +1,7 @@
 """Command line: the only place that parses argv.
 
     supsup run CONFIG.yaml|NAME [--set key=value ...] [--out DIR] [--resume DIR]
+    supsup tune CONFIG.yaml|NAME --space SPACE.yaml --trials N [--storage URL] [--study NAME]
     supsup export RUN_DIR OUT_DIR
     supsup eval DIR [--scenario GG|GN|NN] [--set key=value ...]
     supsup calibrate DIR [--set key=value ...]
@@ -69,6 +70,24 @@ def _parser() -> argparse.ArgumentParser:
                      help="inference.likelihood_images, inference.likelihood_rank, device")
     cal.add_argument("--refit", action="store_true", help="fit every task again, also those that have statistics")
     cal.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch and numba")
+
+    tu = sub.add_parser("tune", help="choose hyperparameters with Optuna on validation data held out of each "
+                                     "task's training images (never the test set)")
+    tu.add_argument("config", help="YAML config, or the name of a shipped config")
+    tu.add_argument("--space", required=True, metavar="SPACE.yaml",
+                    help="config keys to search, e.g. 'train.lr: {low: 1.0e-5, high: 1.0e-3, log: true}'")
+    tu.add_argument("--trials", type=int, required=True, metavar="N", help="finished trials the study should hold")
+    tu.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key of every trial; repeatable")
+    tu.add_argument("--out", help="output directory (default runs/tune-<config name>)")
+    tu.add_argument("--storage", metavar="URL", help="Optuna RDB storage shared by several processes or machines "
+                                                     "(default: sqlite:///OUT/study.db)")
+    tu.add_argument("--study", metavar="NAME", help="study name (default: supsup)")
+    tu.add_argument("--validation", type=int, default=2000, metavar="N",
+                    help="training images per task held out to score trials (default 2000)")
+    tu.add_argument("--pruner", choices=["median", "halving", "none"], default="median",
+                    help="stop trials that fall behind after the first tasks (default median)")
+    tu.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch and numba")
 
     exp = sub.add_parser("export", help="write a run's model as OUT_DIR/supermasks.safetensors + "
                                         "OUT_DIR/supsup_config.json (SupermaskModel.from_pretrained reads it)")
@@ -189,6 +208,32 @@ def _cmd_calibrate(args) -> int:
     return 0
 
 
+def _cmd_tune(args) -> int:
+    from .config import load_config
+    from .experiment.tune import load_space, tune
+
+    if args.trials < 1:
+        return _fail("--trials must be at least 1")
+    if args.validation < 1:
+        return _fail("--validation must be at least 1")
+    cfg = load_config(args.config, args.overrides)
+    space = load_space(args.space, cfg)
+    out = Path(args.out) if args.out else Path("runs") / f"tune-{Path(args.config).stem}"
+    if args.threads is not None:
+        _set_threads(args.threads)
+    summary = tune(cfg, space, out, trials=args.trials, storage=args.storage, study_name=args.study,
+                   validation=args.validation, pruner=args.pruner)
+    states = [t["state"] for t in summary["trials"]]
+    print(f"{len(states)} trials: " + ", ".join(f"{states.count(s)} {s.lower()}" for s in sorted(set(states))))
+    best = summary["best"]
+    if best is None:
+        return _fail("no trial completed")
+    print(f"best: trial {best['number']}, validation accuracy {best['value']:.4f}, "
+          + ", ".join(f"{k}={v}" for k, v in best["params"].items()))
+    print(f"wrote {out / 'best.yaml'} (supsup run {out / 'best.yaml'}) and {out / 'study.json'}")
+    return 0
+
+
 def _cmd_configs(args) -> int:
     from .config import read_yaml, shipped_configs
 
@@ -236,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_calibrate(args)
         if args.command == "configs":
             return _cmd_configs(args)
+        if args.command == "tune":
+            return _cmd_tune(args)
         if args.command == "export":
             from .experiment.saved import export_run
 

@@ -93,6 +93,7 @@ class BenchmarkConfig:
     permutation_source: str = field(default="torch", metadata={"help": "permuted_mnist: 'torch' (generator seeded by seed and task id) or 'avalanche' (np.random.RandomState(seed).permutation, as Avalanche's PermutedMNIST)"})
     data_root: str | None = field(default=None, metadata={"help": "data root (default $SUPSUP_DATA or ~/.cache/supsup)"})
     labels: str = field(default="task", metadata={"help": "split streams: task (each task's classes numbered 0..c-1) | global (class-incremental: classes keep their dataset label, every test image classified among all of them)"})
+    validation: int | None = field(default=None, metadata={"help": "hold out this many training images per task (seeded) and evaluate on them instead of the test set: for choosing hyperparameters (supsup tune); native backend"})
 
     def __post_init__(self) -> None:
         from ..data.streams import STREAMS
@@ -104,6 +105,8 @@ class BenchmarkConfig:
         if self.labels == "global" and not STREAMS.get(self.name).supports_global_labels:
             raise ConfigError("benchmark.labels", f"{self.name} has no task-local labels to make global; "
                                                   "labels global is for the split streams")
+        if self.validation is not None:
+            check_range("benchmark.validation", self.validation, 1)
         max_tasks = STREAMS.get(self.name).max_tasks
         if max_tasks is not None and self.num_tasks > max_tasks:
             raise ConfigError("benchmark.num_tasks", f"{self.name} has at most {max_tasks} tasks, got {self.num_tasks}")

@@ -198,7 +198,8 @@ class SplitImageNet(_ClassSplit):
     def raw_batch(self, task_id: int, split: str, positions: torch.Tensor,
                   generator: torch.Generator | None = None) -> Batch:
         self._check(task_id)
-        rows = self._indices(task_id, split).index_select(0, positions.to(self.device))
+        split, positions = self._resolve(task_id, split, positions.to(self.device))
+        rows = self._indices(task_id, split).index_select(0, positions)
         x = torch.stack([self._decode(self._files[split][int(r)], split == "train" and generator is not None, generator)
                          for r in rows.tolist()])
         return x.to(self.device), self._targets(task_id, self._labels[split].index_select(0, rows))

@@ -66,6 +66,39 @@ class TaskStream:
         self._images = {"train": data["train_images"].to(self.device), "test": data["test_images"].to(self.device)}
         self._labels = {"train": data["train_labels"].to(self.device), "test": data["test_labels"].to(self.device)}
         self._cache: dict[tuple[int, str], torch.Tensor] = {}
+        #: training images per task held out as its "test" split (:meth:`hold_out`); 0: none
+        self.validation = 0
+        self._holdout: dict[int, torch.Tensor] = {}
+
+    def hold_out(self, images: int) -> TaskStream:
+        """Validation instead of test data: ``images`` of each task's training samples, drawn by
+        a generator seeded by (seed, "validation", task id), are taken out of its training split
+        and become its ``test`` split; the real test set is not read. For choosing
+        hyperparameters (``supsup tune``) without looking at the test set. Returns ``self``."""
+        if images < 1:
+            raise ValueError(f"hold_out needs at least 1 image per task, got {images}")
+        self.validation, self._holdout = images, {}
+        return self
+
+    def _held_out_order(self, task_id: int) -> torch.Tensor:
+        order = self._holdout.get(task_id)
+        if order is None:
+            n = self._num_raw(task_id, "train")
+            if self.validation >= n:
+                raise ValueError(f"cannot hold out {self.validation} images of task {task_id}: it has {n} "
+                                 "training images")
+            order = torch.randperm(n, generator=make_generator(self.seed, "validation", task_id)).to(self.device)
+            self._holdout[task_id] = order
+        return order
+
+    def _resolve(self, task_id: int, split: str, positions: torch.Tensor) -> tuple[str, torch.Tensor]:
+        """(split, positions) in the underlying data of positions in ``split`` as the stream
+        shows it (with :meth:`hold_out`, "test" and "train" are parts of the training split)."""
+        if not self.validation:
+            return split, positions
+        order = self._held_out_order(task_id)
+        part = order[: self.validation] if split == "test" else order[self.validation:]
+        return "train", part.index_select(0, positions)
 
     # -- what subclasses define
     def _indices(self, task_id: int, split: str) -> torch.Tensor | None:
@@ -104,9 +137,15 @@ class TaskStream:
         if not 0 <= task_id < self.num_tasks:
             raise IndexError(f"task {task_id} out of range: the stream has {self.num_tasks} tasks")
 
-    def num_samples(self, task_id: int, split: str) -> int:
+    def _num_raw(self, task_id: int, split: str) -> int:
         idx = self._indices(task_id, split)
         return self._labels[split].numel() if idx is None else idx.numel()
+
+    def num_samples(self, task_id: int, split: str) -> int:
+        if self.validation:
+            n = self._held_out_order(task_id).numel()
+            return self.validation if split == "test" else n - self.validation
+        return self._num_raw(task_id, split)
 
     def task_images(self, task_id: int, split: str) -> torch.Tensor:
         """The task's samples of ``split``, transformed: uint8 ``(N, 1, 28, 28)`` (cached when
@@ -130,6 +169,7 @@ class TaskStream:
         uint8 ``(B, *input_shape)``, int64 labels ``(B,)``."""
         # index_select, not advanced indexing (8x faster for a batch on CPU)
         self._check(task_id)
+        split, positions = self._resolve(task_id, split, positions)
         idx = self._indices(task_id, split)
         rows = positions if idx is None else idx.index_select(0, positions)
         if self.cache_transformed:

@@ -335,6 +335,8 @@ class AvalancheBackend:
                               "benchmark.permutation_source=avalanche (the native backend then draws the same ones)")
         if cfg.train.layer_lr is not None:
             raise ConfigError("train.layer_lr", "is not supported by backend avalanche; use backend native")
+        if cfg.benchmark.validation is not None:
+            raise ConfigError("benchmark.validation", "is not supported by backend avalanche; use backend native")
         if cfg.train.checkpoint_every is not None:
             raise ConfigError("train.checkpoint_every", "backend avalanche does not checkpoint; use backend native")
         for key in ("at_tasks", "sample_tasks", "extra_objectives"):  # native-only evaluation options

@@ -9,7 +9,8 @@ level: Avalanche is imported only when its backend runs.
 from __future__ import annotations
 
 import os
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from ..config import RunConfig
 from ..registry import Registry
@@ -21,7 +22,7 @@ __all__ = ["BACKENDS", "Backend", "check_config", "run_experiment", "saved_confi
 class Backend(Protocol):
     def check(self, cfg: RunConfig) -> None: ...
 
-    def run(self, cfg: RunConfig, out_dir: str | os.PathLike, resume: bool) -> RunResults: ...
+    def run(self, cfg: RunConfig, out_dir: str | os.PathLike, resume: bool, **options) -> RunResults: ...
 
 
 BACKENDS: Registry[Backend] = Registry("backend")
@@ -36,10 +37,16 @@ def check_config(cfg: RunConfig) -> None:
     BACKENDS.get(cfg.backend).check(cfg)
 
 
-def run_experiment(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False) -> RunResults:
-    """Run ``cfg`` into ``out_dir`` with its backend; returns what ``results.json`` holds."""
+def run_experiment(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False,
+                   on_task: Callable[[dict[str, Any]], None] | None = None) -> RunResults:
+    """Run ``cfg`` into ``out_dir`` with its backend; returns what ``results.json`` holds.
+    ``on_task`` (native backend, SupSup) gets each finished task's row (its keys:
+    :data:`~.loggers.METRIC_FIELDS`); an exception it raises stops the run (its last checkpoint
+    stays)."""
     check_config(cfg)
-    return BACKENDS.get(cfg.backend).run(cfg, out_dir, resume)
+    if on_task is None:
+        return BACKENDS.get(cfg.backend).run(cfg, out_dir, resume)
+    return BACKENDS.get(cfg.backend).run(cfg, out_dir, resume, on_task=on_task)
 
 
 

@@ -37,8 +37,15 @@ def build_stream(cfg: RunConfig, device: torch.device, *, progress: bool = True)
         kwargs["angles"] = cfg.benchmark.angles
     if cfg.benchmark.labels != "task":
         kwargs["labels"] = cfg.benchmark.labels
-    return create_stream(cfg.benchmark.name, data, num_tasks=cfg.benchmark.num_tasks, seed=cfg.seed,
-                         device=device, **kwargs)
+    stream = create_stream(cfg.benchmark.name, data, num_tasks=cfg.benchmark.num_tasks, seed=cfg.seed,
+                           device=device, **kwargs)
+    if cfg.benchmark.validation:
+        stream.hold_out(cfg.benchmark.validation)
+        try:
+            stream.num_samples(0, "train")  # fewer training images than asked to hold out: say so now
+        except ValueError as err:
+            raise ConfigError("benchmark.validation", str(err)) from None
+    return stream
 
 
 def likelihood_spec(cfg: RunConfig) -> LikelihoodSpec | None:

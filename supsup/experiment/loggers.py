@@ -28,6 +28,7 @@ import io
 import json
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,10 +48,13 @@ class RunLogger:
     """Logs one row per finished task to the configured backends (``log.backends``)."""
 
     def __init__(self, cfg: RunConfig, out: Path, *, resume_from_task: int = 0, enabled: bool = True,
-                 only: tuple[str, ...] | None = None, wandb_run: Any = None):
+                 only: tuple[str, ...] | None = None, wandb_run: Any = None,
+                 on_task: Callable[[dict[str, Any]], None] | None = None):
         """``only``: of ``log.backends``, just these; ``wandb_run``: a W&B run already started
-        (Avalanche's ``WandBLogger``) to log into instead of starting one."""
+        (Avalanche's ``WandBLogger``) to log into instead of starting one; ``on_task``: also
+        gets every task row (e.g. a tuner's pruning, which may stop the run by raising)."""
         self.out = out
+        self.on_task = on_task
         self.backends = list(cfg.log.backends) if enabled else []  # several processes: rank 0 logs
         if only is not None:
             self.backends = [b for b in self.backends if b in only]
@@ -117,6 +121,8 @@ class RunLogger:
             self._mlflow.log_metrics([("train/loss", loss, step) for step, loss in self._losses]
                                      + [(k, v, int(row["tasks_learned"])) for k, v in values.items()])
         self._losses = []
+        if self.on_task is not None:
+            self.on_task(row)
 
     def log_results(self, results: RunResults, out: Path) -> None:
         """The end of a run: means, the accuracy matrix, the bank's digest and the figures."""

@@ -235,7 +235,7 @@ class NativeBackend:
                                                 "tasks cannot be trained in parallel: run one process")
 
     @staticmethod
-    def run(cfg: RunConfig, out_dir: str | os.PathLike, resume: bool) -> RunResults:
+    def run(cfg: RunConfig, out_dir: str | os.PathLike, resume: bool, on_task=None) -> RunResults:
         device = resolve_device(cfg.device)
         if cfg.method == "hopsupsup":
             out = Path(out_dir)
@@ -245,12 +245,13 @@ class NativeBackend:
         dist = Distributed.from_env(device)
         try:
             with contextlib.ExitStack() as held:  # the run directory's writer lock (rank 0)
-                return _run(cfg, Path(out_dir), resume, device, dist, held)
+                return _run(cfg, Path(out_dir), resume, device, dist, held, on_task)
         finally:
             dist.close()
 
 
-def _run(cfg: RunConfig, out: Path, resume: bool, device, dist: Distributed, held: contextlib.ExitStack) -> RunResults:
+def _run(cfg: RunConfig, out: Path, resume: bool, device, dist: Distributed, held: contextlib.ExitStack,
+         on_task=None) -> RunResults:
     problem = None
     if dist.is_main:  # rank 0 alone writes the directory, so it alone holds the lock
         out.mkdir(parents=True, exist_ok=True)
@@ -286,7 +287,7 @@ def _run(cfg: RunConfig, out: Path, resume: bool, device, dist: Distributed, hel
     if dist.is_main:
         atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     train = _training_config(cfg, results, stream, device, dist)
-    logger = RunLogger(cfg, out, resume_from_task=loop.next_task, enabled=dist.is_main)
+    logger = RunLogger(cfg, out, resume_from_task=loop.next_task, enabled=dist.is_main, on_task=on_task)
     learned: dict[int, GivenCounts] = {}
     cache = EvaluationCache(cfg, model, stream, learned)
     try:
