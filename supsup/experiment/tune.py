@@ -191,12 +191,13 @@ def tune(base: RunConfig, space: Sequence[SearchParam], out_dir: str | os.PathLi
     url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
     # a trial whose process stopped beating for 3 minutes (another machine's, say) is failed and
     # retried; the callback's keyword was renamed in Optuna 4.9
-    retry = optuna.storages.RetryFailedTrialCallback(max_retry=2)
-    name = ("heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in
-            inspect.signature(RDBStorage).parameters else "failed_trial_callback")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        rdb = RDBStorage(url, heartbeat_interval=60, grace_period=180, **{name: retry})
+        if "heartbeat_stale_trial_callback" in inspect.signature(RDBStorage).parameters:
+            extra = {"heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)}
+        else:
+            extra = {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=2)}
+        rdb = RDBStorage(url, heartbeat_interval=60, grace_period=180, **extra)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=study_name or "supsup", storage=rdb, load_if_exists=True,
                                 direction="maximize", sampler=optuna.samplers.TPESampler(seed=base.seed),
