@@ -123,6 +123,13 @@ BUGS = [
      "            model.load_bank_state(bank_entries(tensors))\n        except ValueError as err:\n            raise CheckpointError(f\"{out} has",
      "            pass\n        except ValueError as err:\n            raise CheckpointError(f\"{out} has",
      "tests/test_pretrained.py::test_save_pretrained_round_trip_is_bitwise_and_never_unpickles"),
+    ("validation hold-out not applied to the stream", "supsup/experiment/build.py",
+     "        stream.hold_out(cfg.benchmark.validation)", "        pass",
+     "tests/test_tune.py::test_validation_images_come_from_the_training_data_and_leave_it"),
+    ("held-out validation images still trained on", "supsup/data/streams.py",
+     'part = order[: self.validation] if split == "test" else order[self.validation:]',
+     'part = order[: self.validation] if split == "test" else order[: order.numel() - self.validation]',
+     "tests/test_tune.py::test_validation_images_come_from_the_training_data_and_leave_it"),
 ]
 
 #: failure messages that mean "an assertion of the test failed" rather than "an exception escaped"

@@ -106,7 +106,8 @@ def test_exported_run_gives_the_runs_accuracies(tmp_path, mnist_data):
     from supsup.evaluation import evaluate_given_task
 
     cfg = load_config(ROOT / "configs" / "permuted_mnist_gg.yaml",
-                      ["benchmark.num_tasks=2", "train.iterations=30", "progress=false", "eval.max_batches=4"])
+                      ["benchmark.num_tasks=2", "train.iterations=10", "progress=false", "eval.max_batches=4",
+                       "model.backbone=fc_300_300"])
     results = run_experiment(cfg, tmp_path / "run")
     proc = subprocess.run([sys.executable, "-m", "supsup", "export", str(tmp_path / "run"), str(tmp_path / "model")],
                           capture_output=True, text=True)

@@ -72,7 +72,7 @@ def mlflow_run(out: Path):
 def test_native_run_writes_wandb_and_mlflow(tmp_path, offline, mnist_data):
     cfg = load_config(ROOT / "configs" / "permuted_mnist_gn.yaml",
                       ["benchmark.num_tasks=2", "train.iterations=15", "progress=false", "eval.max_batches=2",
-                       "log.backends=[csv,wandb,mlflow]"])
+                       "model.backbone=fc_300_300", "log.backends=[csv,wandb,mlflow]"])
     out = tmp_path / "run"
     results = run_experiment(cfg, out)
     given = [r.acc_given_task for r in results.tasks]
@@ -103,7 +103,7 @@ def test_native_run_writes_wandb_and_mlflow(tmp_path, offline, mnist_data):
 def test_avalanche_run_logs_through_avalanches_wandb_logger(tmp_path, offline, mnist_data):
     cfg = load_config(ROOT / "configs" / "permuted_mnist_gg.yaml",
                       ["benchmark.num_tasks=2", "train.iterations=10", "progress=false", "eval.max_batches=2",
-                       "backend=avalanche", "benchmark.permutation_source=avalanche", "log.backends=[wandb,mlflow]"])
+                       "model.backbone=fc_300_300", "backend=avalanche", "benchmark.permutation_source=avalanche", "log.backends=[wandb,mlflow]"])
     out = tmp_path / "run"
     results = run_experiment(cfg, out)
     (run_dir,) = (out / "wandb").glob("offline-run-*")

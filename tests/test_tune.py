@@ -47,6 +47,29 @@ def test_a_bad_space_is_a_one_line_error(tmp_path, base, text, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+def test_validation_images_come_from_the_training_data_and_leave_it(mnist_data):
+    import torch
+
+    from supsup.experiment import build_stream
+
+    cfg = load_config(ROOT / "configs" / "permuted_mnist_gn.yaml", ["benchmark.num_tasks=2", "benchmark.validation=500"])
+    held = build_stream(cfg, torch.device("cpu"), progress=False)
+    plain = build_stream(load_config(ROOT / "configs" / "permuted_mnist_gn.yaml", ["benchmark.num_tasks=2"]),
+                         torch.device("cpu"), progress=False)
+    n = plain.num_samples(1, "train")
+    assert held.num_samples(1, "test") == 500 and held.num_samples(1, "train") == n - 500
+
+    def rows(stream, split, count):
+        x, _ = stream.batch(1, split, torch.arange(count))
+        return {bytes(r.numpy()) for r in x.flatten(1)}
+
+    validation = rows(held, "test", 500)
+    assert len(validation) == 500
+    assert validation <= rows(plain, "train", n)  # training images
+    assert not validation & rows(held, "train", n - 500)  # no longer trained on
+    assert not validation & rows(plain, "test", plain.num_samples(1, "test"))  # the test set is not read
+
+
 def test_trials_train_and_score_on_held_out_training_images(base):
     cfg = trial_config(base, {"train.lr": 0.01}, 300)
     assert cfg.train.lr == 0.01 and cfg.benchmark.validation == 300 and cfg.eval.at_tasks == [1, 2, 3]

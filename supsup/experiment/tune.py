@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -170,6 +171,21 @@ def _fail_dead_trials(optuna, study, out: Path) -> None:
         log.info("trial %d was interrupted: failed, its values queued again", trial.number)
 
 
+def _open_storage(RDBStorage, url: str, extra: dict[str, Any]):
+    """The RDB storage; when several processes create a new database at once, one of them
+    loses the race to write its schema version, and simply tries again (the schema is there)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    for attempt in range(5):
+        try:
+            return RDBStorage(url, heartbeat_interval=60, grace_period=180, **extra)
+        except SQLAlchemyError:
+            if attempt == 4:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def tune(base: RunConfig, space: Sequence[SearchParam], out_dir: str | os.PathLike, *, trials: int,
          storage: str | None = None, study_name: str | None = None, validation: int = 2000,
          pruner: str = "median", warmup_tasks: int = 1) -> dict[str, Any]:
@@ -197,7 +213,9 @@ def tune(base: RunConfig, space: Sequence[SearchParam], out_dir: str | os.PathLi
             extra = {"heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)}
         else:
             extra = {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=2)}
-        rdb = RDBStorage(url, heartbeat_interval=60, grace_period=180, **extra)
+        if url.startswith("sqlite"):  # processes sharing the file wait for each other's writes
+            extra["engine_kwargs"] = {"connect_args": {"timeout": 120}}
+        rdb = _open_storage(RDBStorage, url, extra)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=study_name or "supsup", storage=rdb, load_if_exists=True,
                                 direction="maximize", sampler=optuna.samplers.TPESampler(seed=base.seed),
