@@ -100,8 +100,8 @@ def test_tensorboard_logs_and_bad_backends(tmp_path, mnist_data):
     run_experiment(cfg, tmp_path / "run")
     events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 100
-    with pytest.raises(ConfigError, match="log.backends: unknown value 'wandb'"):
-        load_config(None, ["log.backends=[wandb]"])
+    with pytest.raises(ConfigError, match="log.backends: unknown value 'neptune'"):
+        load_config(None, ["log.backends=[neptune]"])
 
 
 def test_resumed_run_rewrites_metrics_after_its_checkpoint(tmp_path, mnist_data):
