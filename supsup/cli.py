@@ -160,7 +160,7 @@ def _cmd_run(args) -> int:
         return _fail(f"{err}. The last checkpoint in {out} is intact: continue with --resume {out}", 1)
     if int(os.environ.get("RANK", "0")) == 0:  # several processes (torchrun): rank 0 reports
         print(format_table(results))
-        names = ("results.json", "accuracy.png", "confusion.png", "config.yaml", "checkpoint.pt",
+        names = ("results.json", "accuracy.png", "confusion.png", "metrics.csv", "config.yaml", "checkpoint.pt",
                  "hopsupsup_checkpoint.pt", "avalanche_log.txt")
         print("wrote " + ", ".join(f"{out}/{name}" for name in names if (out / name).exists()))
     return 0
