@@ -115,6 +115,13 @@ def test_exported_run_gives_the_runs_accuracies(tmp_path, mnist_data):
     assert "2 tasks" in proc.stdout
     model = SupermaskModel.from_pretrained(tmp_path / "model")
     assert model.bank_sha256() == results.bank_sha256
+    from supsup.experiment.saved import saved_model
+
+    own = saved_model(tmp_path / "run")  # the run's own model, from its checkpoint
+    x = torch.randn(8, 1, 28, 28)
+    for task in range(2):
+        with own.use_task(task), model.use_task(task):
+            assert torch.equal(own(x), model(x))
     stream = build_stream(cfg, torch.device("cpu"), progress=False)
     for row in results.tasks:
         acc, _ = evaluate_given_task(model, stream.test_batches(row.task_id, cfg.eval.batch_size, cfg.eval.max_batches),
