@@ -253,8 +253,14 @@ def small_run(tmp_path, name, *extra):
     return run_experiment(cfg, tmp_path / name), tmp_path / name
 
 
-def test_native_run_on_split_mnist(tmp_path):
-    results, out = small_run(tmp_path, "run")
+@pytest.fixture(scope="module")
+def native(tmp_path_factory):
+    """One small native run, shared by the tests that compare against it."""
+    return small_run(tmp_path_factory.mktemp("hopsupsup"), "native")
+
+
+def test_native_run_on_split_mnist(native):
+    results, out = native
     saved = json.loads((out / "results.json").read_text())
     assert saved["method"] == "hopsupsup" and saved["bank_bytes"] == 2 * (256 * 256 + 256) * 4 + 2 * 8
     for row in saved["tasks"]:
@@ -270,8 +276,8 @@ def test_native_run_on_split_mnist(tmp_path):
     assert proc.returncode == 2 and "hopsupsup run" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_resume_after_a_kill_gives_the_uninterrupted_results(tmp_path):
-    whole, _ = small_run(tmp_path, "whole")
+def test_resume_after_a_kill_gives_the_uninterrupted_results(tmp_path, native):
+    whole, _ = native
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "supsup", "run", str(CONFIG), "--out", str(out), "--threads", "1"]
     for s in SMALL:
@@ -290,8 +296,8 @@ def test_resume_after_a_kill_gives_the_uninterrupted_results(tmp_path):
     assert resumed["bank_sha256"] == whole.bank_sha256
 
 
-def test_avalanche_strategy_gives_the_native_results(tmp_path):
-    native, _ = small_run(tmp_path, "native")
+def test_avalanche_strategy_gives_the_native_results(tmp_path, native):
+    native, _ = native
     avalanche, out = small_run(tmp_path, "avalanche", "backend=avalanche")
     assert avalanche.bank_sha256 == native.bank_sha256  # the same masks were stored
     for a, n in zip(avalanche.tasks, native.tasks):
