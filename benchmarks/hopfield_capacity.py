@@ -36,14 +36,14 @@ from supsup.data import STREAMS, create_stream
 from supsup.hopfield import HopfieldStore, capacity_estimates, recall
 from supsup.hopsupsup import (
     NeuronMaskNet,
-    batch_positions,
+    binary_masks,
     evaluate_neuron_masks,
+    evaluation_batches,
     hamming,
     recover_masks,
     scores_for,
     train_neuron_masks,
 )
-from supsup.rng import make_generator
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ("storkey", "hebbian")
@@ -93,9 +93,10 @@ def learned_capacity(args, results: dict, save) -> None:
         scores, _ = train_neuron_masks(net, stream.train_batches(t, steps, 128), lr=0.1, momentum=0.9,
                                        weight_decay=1e-4)
         net.store_task(scores)
-        for store, s in zip(hebbian, scores):
-            store.store((s >= 0).float())
-        learned.append([(s >= 0).float() for s in scores])
+        masks = binary_masks(scores)
+        for store, mask in zip(hebbian, masks):
+            store.store(mask)
+        learned.append(masks)
         train_seconds += time.perf_counter() - t0
         n = t + 1
         if n not in args.tasks or str(n) in done:
@@ -106,8 +107,7 @@ def learned_capacity(args, results: dict, save) -> None:
             net.stores = torch.nn.ModuleList(stores)
             accs, given, nearest, dist, secs = [], [], [], [], []
             for task in range(n):
-                pos = batch_positions(stream.num_samples(task, "test"), 64,
-                                      make_generator(args.seed, "hopsupsup_test_order", task))[: args.eval_batches]
+                pos = evaluation_batches(stream.num_samples(task, "test"), 64, args.seed, task)[: args.eval_batches]
                 batches = [stream.batch(task, "test", p) for p in pos]
                 rec = recover_masks(net, [x for x, _ in batches])
                 c, total = evaluate_neuron_masks(net, batches, rec.scores)

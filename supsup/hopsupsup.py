@@ -40,8 +40,9 @@ from .hopfield import HopfieldStore
 from .objectives import entropy
 from .rng import make_generator
 
-__all__ = ["NeuronMaskNet", "Recovery", "batch_positions", "evaluate_neuron_masks", "hamming", "mask_bytes", "mask_of",
-           "recover_masks", "recovery_loss", "scores_for", "train_neuron_masks"]
+__all__ = ["NeuronMaskNet", "Recovery", "batch_positions", "binary_masks", "evaluate_neuron_masks",
+           "evaluation_batches", "hamming", "mask_bytes", "mask_of", "recover_masks", "recovery_loss",
+           "scores_for", "train_neuron_masks"]
 
 
 class _Binarize(torch.autograd.Function):
@@ -59,6 +60,11 @@ class _Binarize(torch.autograd.Function):
 def mask_of(scores: torch.Tensor) -> torch.Tensor:
     """The binary mask ``1[scores >= 0]`` ``(d,)``, differentiable straight-through."""
     return _Binarize.apply(scores)
+
+
+def binary_masks(scores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The masks ``1[s >= 0]`` of scores (one ``(d,)`` per layer), as float tensors, no gradient."""
+    return [(s >= 0).float() for s in scores]
 
 
 def scores_for(masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -118,8 +124,8 @@ class NeuronMaskNet(nn.Module):
     @torch.no_grad()
     def store_task(self, scores: Sequence[torch.Tensor]) -> None:
         """Add a learned task's masks ``1[s >= 0]`` to the stores (the scores can then go)."""
-        for store, s in zip(self.stores, scores):
-            store.store((s >= 0).float())
+        for store, mask in zip(self.stores, binary_masks(scores)):
+            store.store(mask)
 
 
 def train_neuron_masks(model: NeuronMaskNet, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
@@ -161,7 +167,7 @@ class Recovery:
     energies: list[float] = field(default_factory=list)
 
     def masks(self) -> list[torch.Tensor]:
-        return [(s >= 0).float() for s in self.scores]
+        return binary_masks(self.scores)
 
 
 def recover_masks(model: NeuronMaskNet, images: Sequence[torch.Tensor], *, lr: float = 500.0,
@@ -212,6 +218,12 @@ def batch_positions(n: int, batch_size: int, generator: torch.Generator | None =
         cuts[-2] = torch.cat(cuts[-2:])
         cuts.pop()
     return cuts
+
+
+def evaluation_batches(num_images: int, batch_size: int, seed: int, task_id: int) -> list[torch.Tensor]:
+    """A task's test images, shuffled by ``(seed, task_id)``, in the batches recovery and
+    evaluation share (:func:`batch_positions`): the same order in every runner."""
+    return batch_positions(num_images, batch_size, make_generator(seed, "hopsupsup_test_order", task_id))
 
 
 def hamming(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> int:

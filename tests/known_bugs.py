@@ -65,7 +65,7 @@ BUGS = [
     ("inference.log_base 1 accepted", "supsup/config/sections.py", "self.log_base, 1.0, lo_open=True",
      "self.log_base, 1.0", "tests/test_config.py::test_bad_values_name_the_key"),
     ("the strategy ignores task_id_source task_label", "supsup/integrations/avalanche/strategy.py",
-     "if self.task_id_source == \"experience\":", "if True:",
+     "if source == \"experience\":", "if True:",
      "tests/test_avalanche.py::test_strategy_takes_the_task_from_the_task_label"),
     ("one-shot argmax", "supsup/inference.py", "return grads.argsort(dim=1, stable=True), 1",
      "return grads.argsort(dim=1, descending=True, stable=True), 1",

@@ -199,13 +199,9 @@ def test_sigkill_during_checkpoint_write_keeps_previous_checkpoint(mnist_data, u
     assert all(torch.equal(full[k], resumed[k]) for k in full)
 
 
-@pytest.mark.parametrize("method", ["likelihood"])  # the numbering does not depend on the method
-def test_nn_sigkill_then_resume_is_bitwise_identical(mnist_data, tmp_path, method):
-    """Regression: an NN checkpoint counted the mask in training as learned, so on resume
-    add_task() gave it the next id (one past its bank row) and later masks were misnumbered.
-    With likelihood statistics, the checkpoint also holds the last images of the mask in
-    training, on which its statistics are fitted when it is banked."""
-    sets = [*SMALL, "benchmark.num_tasks=3", "train.iterations=300", f"inference.method={method}"]
+def _nn_run_killed_in_its_first_mask_then_resumed(tmp_path, sets: list[str]) -> tuple[Path, Path]:
+    """An NN run of ``sets`` uninterrupted (``full``), and one killed at its second checkpoint
+    write, while mask 0 is still in training, then resumed (``run``)."""
     full = tmp_path / "full"
     run_experiment(load_config("configs/permuted_mnist_nn.yaml", sets), full)
     out = tmp_path / "run"
@@ -216,6 +212,17 @@ def test_nn_sigkill_then_resume_is_bitwise_identical(mnist_data, tmp_path, metho
     assert meta["loop"]["next_task"] == 1 and meta["loop"]["active_task"] == 0  # mask 0 still in training
     r = _cli(["run", "--resume", str(out)])
     assert r.returncode == 0, r.stderr
+    return full, out
+
+
+@pytest.mark.parametrize("method", ["likelihood"])  # the numbering does not depend on the method
+def test_nn_sigkill_then_resume_is_bitwise_identical(mnist_data, tmp_path, method):
+    """Regression: an NN checkpoint counted the mask in training as learned, so on resume
+    add_task() gave it the next id (one past its bank row) and later masks were misnumbered.
+    With likelihood statistics, the checkpoint also holds the last images of the mask in
+    training, on which its statistics are fitted when it is banked."""
+    sets = [*SMALL, "benchmark.num_tasks=3", "train.iterations=300", f"inference.method={method}"]
+    full, out = _nn_run_killed_in_its_first_mask_then_resumed(tmp_path, sets)
     a, b = _bank(full), _bank(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(k.startswith("likelihood.") for k in a) == (method == "likelihood")
@@ -607,15 +614,6 @@ def test_nn_resume_on_a_batchnorm_backbone_is_bitwise_identical(mnist_data, tmp_
     sets = [*SMALL, "model.backbone=conv4_bn", "benchmark.num_tasks=2", "train.iterations=60",
             "train.batch_size=32", "inference.method=likelihood", "inference.likelihood_images=64",
             "eval.max_batches=2"]
-    full = tmp_path / "full"
-    run_experiment(load_config("configs/permuted_mnist_nn.yaml", sets), full)
-    out = tmp_path / "run"
-    r = _cli(["run", "configs/permuted_mnist_nn.yaml", *_sets(sets), "--out", str(out)],
-             env={"SUPSUP_CRASH_AT": "checkpoint_write:2"})
-    assert r.returncode == -signal.SIGKILL
-    _, meta = load_checkpoint(out)
-    assert meta["loop"]["next_task"] == 1 and meta["loop"]["active_task"] == 0
-    r = _cli(["run", "--resume", str(out)])
-    assert r.returncode == 0, r.stderr
+    full, out = _nn_run_killed_in_its_first_mask_then_resumed(tmp_path, sets)
     ra, rb = (json.loads((d / "results.json").read_text()) for d in (full, out))
     assert ra["bank_sha256"] == rb["bank_sha256"]  # masks, BatchNorm statistics, likelihood statistics

@@ -316,6 +316,18 @@ class HopfieldConfig:
         check_range("hopfield.recovery_weight_decay", self.recovery_weight_decay, 0.0)
         check_range("hopfield.batch_size", self.batch_size, 2)
 
+    def steps_per_task(self, num_train: int, train: TrainConfig) -> int:
+        """Optimizer steps for a task with ``num_train`` images: ``epochs`` passes in batches of
+        ``train.batch_size`` (the last partial batch dropped), or ``train.iterations``."""
+        if self.epochs is None:
+            return train.iterations
+        return max(1, self.epochs * (num_train // train.batch_size))
+
+    def recovery_options(self) -> dict[str, float]:
+        """The keyword arguments of :func:`supsup.hopsupsup.recover_masks`."""
+        return {"lr": self.recovery_lr, "momentum": self.recovery_momentum,
+                "weight_decay": self.recovery_weight_decay, "gamma": self.gamma}
+
 
 LOG_BACKENDS = ("csv", "tensorboard", "wandb", "mlflow")
 

@@ -42,6 +42,7 @@ def run_evaluator(cfg: RunConfig, out: Path, *metrics):
 
     with open(out / "avalanche_log.txt", "w") as text:
         loggers = [TextLogger(text)] + ([InteractiveLogger()] if cfg.progress else [])
+        stays_open = []  # the W&B run: finish_trackers logs the results into it, then ends it
         if "csv" in cfg.log.backends:
             loggers.append(CSVLogger(str(out / "csv")))
         if "tensorboard" in cfg.log.backends:
@@ -50,15 +51,18 @@ def run_evaluator(cfg: RunConfig, out: Path, *metrics):
             try:
                 from ..integrations.avalanche.wandb_logger import SupSupWandBLogger
             except ImportError:
-                raise ConfigError("log.backends", "wandb needs the wandb package: pip install 'supsup[track]'") from None
-            loggers.append(SupSupWandBLogger(project_name=os.environ.get("WANDB_PROJECT", "supsup"), run_name=out.name,
-                                             dir=str(out), save_code=False, config=config_to_dict(cfg)))
+                from .loggers import missing_tracker
+
+                raise missing_tracker("wandb") from None
+            stays_open.append(SupSupWandBLogger(project_name=os.environ.get("WANDB_PROJECT", "supsup"),
+                                                run_name=out.name, dir=str(out), save_code=False,
+                                                config=config_to_dict(cfg)))
         try:
             yield EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loss_metrics(experience=True),
-                                   *metrics, loggers=loggers)
+                                   *metrics, loggers=loggers + stays_open)
         finally:
             for logger in loggers[1:]:
-                if hasattr(logger, "close") and type(logger).__name__ != "SupSupWandBLogger":
+                if hasattr(logger, "close"):
                     logger.close()
 
 
@@ -80,7 +84,7 @@ def finish_trackers(cfg: RunConfig, out: Path, results: RunResults) -> None:
         for row in results.tasks:
             logger.log_task({"task": row.task_id, "tasks_learned": row.task_id + 1, "acc_given_task": row.acc_given_task,
                              "mean_acc_inferred": row.acc_inferred, "task_inference_acc": row.task_inference_acc})
-        logger.log_results(results, out)
+        logger.log_results(results)
     finally:
         logger.close()
 
@@ -276,7 +280,6 @@ def run_hopsupsup(cfg: RunConfig, out_dir, *, resume: bool = False) -> RunResult
     bench = classic_benchmark(cfg)
     model = build_net(cfg, bench.input_shape, bench.num_classes, device)
     results = RunResults.new(cfg)
-    results.backbone = "mlp-" + "-".join(map(str, cfg.hopfield.hidden)) + "-swish-neuronmask"
     with run_evaluator(cfg, out) as evaluator:
         strategy = HopSupSupStrategy(model=model, train_config=cfg.train, hopfield_config=cfg.hopfield, seed=cfg.seed,
                                      task_id_source="task_label", device=device, evaluator=evaluator,

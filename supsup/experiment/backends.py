@@ -55,10 +55,10 @@ def saved_config(out_dir: str | os.PathLike) -> dict:
     ``checkpoint.pt`` or a HopSupSup run's ``hopsupsup_checkpoint.pt``."""
     from pathlib import Path
 
-    from ..checkpoint import CHECKPOINT_MAGIC, CHECKPOINT_NAME, load_checkpoint, read_checksummed
-    from .hopsupsup_run import HOPSUPSUP_CHECKPOINT
+    from ..checkpoint import CHECKPOINT_MAGIC, load_checkpoint, read_checksummed
+    from .hopsupsup_run import HOPSUPSUP_CHECKPOINT, is_hopsupsup_run
 
     out = Path(out_dir)
-    if not (out / CHECKPOINT_NAME).exists() and (out / HOPSUPSUP_CHECKPOINT).exists():
+    if is_hopsupsup_run(out):
         return read_checksummed(out / HOPSUPSUP_CHECKPOINT, magic=CHECKPOINT_MAGIC)[1]["config"]
     return load_checkpoint(out)[1]["config"]

@@ -33,21 +33,27 @@ import yaml
 
 from .._faults import maybe_crash
 from ..backbones import WEIGHT_INITS
-from ..checkpoint import CHECKPOINT_MAGIC, CheckpointError, read_checksummed, write_checksummed
+from ..checkpoint import (
+    CHECKPOINT_MAGIC,
+    CHECKPOINT_NAME,
+    CheckpointError,
+    read_checksummed,
+    write_checksummed,
+)
 from ..config import ConfigError, RunConfig, Scenario, config_to_dict
 from ..fileio import atomic_write_text
 from ..hopsupsup import (
     NeuronMaskNet,
     Recovery,
-    batch_positions,
+    binary_masks,
     evaluate_neuron_masks,
+    evaluation_batches,
     hamming,
     mask_bytes,
     recover_masks,
     scores_for,
     train_neuron_masks,
 )
-from ..rng import make_generator
 from .build import build_stream
 from .evaluate import matrix_points
 from .report import write_report
@@ -61,12 +67,17 @@ from .results import (
     peak_rss_bytes,
 )
 
-__all__ = ["HOPSUPSUP_CHECKPOINT", "build_net", "check_hopsupsup", "evaluate_tasks", "finish_results", "recover",
-           "run_hopsupsup_native", "score_recovery", "task_steps"]
+__all__ = ["HOPSUPSUP_CHECKPOINT", "build_net", "check_hopsupsup", "evaluate_tasks", "finish_results",
+           "is_hopsupsup_run", "run_hopsupsup_native", "score_recovery"]
 
 log = logging.getLogger(__name__)
 
 HOPSUPSUP_CHECKPOINT = "hopsupsup_checkpoint.pt"
+
+
+def is_hopsupsup_run(out: Path) -> bool:
+    """Whether ``out`` holds a HopSupSup run (its checkpoint, and no SupSup bank)."""
+    return (out / HOPSUPSUP_CHECKPOINT).exists() and not (out / CHECKPOINT_NAME).exists()
 
 
 def check_hopsupsup(cfg: RunConfig, *, backend: str) -> None:
@@ -92,14 +103,6 @@ def check_hopsupsup(cfg: RunConfig, *, backend: str) -> None:
         raise ConfigError("eval.at_tasks", "is not supported by backend avalanche; use backend native")
 
 
-def task_steps(cfg: RunConfig, num_train: int) -> int:
-    """Optimizer steps for a task with ``num_train`` images: ``hopfield.epochs`` passes (the
-    last partial batch dropped), or ``train.iterations``."""
-    if cfg.hopfield.epochs is None:
-        return cfg.train.iterations
-    return max(1, cfg.hopfield.epochs * (num_train // cfg.train.batch_size))
-
-
 def build_net(cfg: RunConfig, input_shape, num_classes: int, device) -> NeuronMaskNet:
     return NeuronMaskNet(math.prod(input_shape), cfg.hopfield.hidden, num_classes, seed=cfg.seed,
                          rule=cfg.hopfield.rule, weight_init=WEIGHT_INITS.get(cfg.model.weight_init), device=device)
@@ -122,13 +125,6 @@ def score_recovery(model: NeuronMaskNet, batches, rec: Recovery, learned: list[l
     return row, detail
 
 
-def recover(cfg: RunConfig, model: NeuronMaskNet, images) -> Recovery:
-    """:func:`~supsup.hopsupsup.recover_masks` with the settings of ``cfg.hopfield``."""
-    hc = cfg.hopfield
-    return recover_masks(model, images, lr=hc.recovery_lr, momentum=hc.recovery_momentum,
-                         weight_decay=hc.recovery_weight_decay, gamma=hc.gamma)
-
-
 def evaluate_tasks(cfg: RunConfig, model: NeuronMaskNet, test_batches, learned: list[list[torch.Tensor]],
                    num_learned: int) -> tuple[list[TaskRow], list[dict]]:
     """Recover and score each of the first ``num_learned`` tasks; ``test_batches(t)`` gives the
@@ -136,8 +132,8 @@ def evaluate_tasks(cfg: RunConfig, model: NeuronMaskNet, test_batches, learned: 
     rows, details = [], []
     for t in range(num_learned):
         batches = test_batches(t)
-        row, detail = score_recovery(model, batches, recover(cfg, model, [x for x, _ in batches]), learned, t,
-                                     num_learned)
+        rec = recover_masks(model, [x for x, _ in batches], **cfg.hopfield.recovery_options())
+        row, detail = score_recovery(model, batches, rec, learned, t, num_learned)
         rows.append(row)
         details.append(detail)
     return rows, details
@@ -147,8 +143,7 @@ def stream_test_batches(cfg: RunConfig, stream):
     """Task ``t``'s test set, shuffled by ``(seed, t)``, in batches of ``hopfield.batch_size``
     (at most ``eval.max_batches``)."""
     def batches(t: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        pos = batch_positions(stream.num_samples(t, "test"), cfg.hopfield.batch_size,
-                              make_generator(cfg.seed, "hopsupsup_test_order", t))
+        pos = evaluation_batches(stream.num_samples(t, "test"), cfg.hopfield.batch_size, cfg.seed, t)
         if cfg.eval.max_batches is not None:
             pos = pos[: cfg.eval.max_batches]
         return [stream.batch(t, "test", p) for p in pos]
@@ -159,6 +154,7 @@ def stream_test_batches(cfg: RunConfig, stream):
 def finish_results(cfg: RunConfig, results: RunResults, model: NeuronMaskNet, rows: list[TaskRow],
                    details: list[dict], points: list[CurvePoint], losses: list[float]) -> None:
     """Rows, summary, accuracy matrix, confusion, memory and the HopSupSup details."""
+    results.backbone = "mlp-" + "-".join(map(str, cfg.hopfield.hidden)) + "-swish-neuronmask"
     results.tasks = rows
     results.summarise()
     T = cfg.benchmark.num_tasks
@@ -200,7 +196,6 @@ def run_hopsupsup_native(cfg: RunConfig, out: Path, resume: bool, device: torch.
     num_classes = cfg.benchmark.num_classes
     model = build_net(cfg, stream.input_shape, num_classes, device)
     results = RunResults.new(cfg)
-    results.backbone = "mlp-" + "-".join(map(str, cfg.hopfield.hidden)) + "-swish-neuronmask"
     learned: list[list[torch.Tensor]] = []
     points: list[CurvePoint] = []
     losses: list[float] = []
@@ -225,12 +220,12 @@ def run_hopsupsup_native(cfg: RunConfig, out: Path, resume: bool, device: torch.
     test_batches = stream_test_batches(cfg, stream)
     for t in range(start, cfg.benchmark.num_tasks):
         t0 = time.perf_counter()
-        steps = task_steps(cfg, stream.num_samples(t, "train"))
+        steps = cfg.hopfield.steps_per_task(stream.num_samples(t, "train"), cfg.train)
         scores, task_losses = train_neuron_masks(model, stream.train_batches(t, steps, cfg.train.batch_size),
                                                  lr=cfg.train.lr, momentum=cfg.train.momentum,
                                                  weight_decay=cfg.train.weight_decay)
         model.store_task(scores)
-        learned.append([(s >= 0).float() for s in scores])
+        learned.append(binary_masks(scores))
         losses.append(task_losses[-1])
         results.train_seconds += time.perf_counter() - t0
         log.info("task %d learned (%d steps, last loss %.4f)", t, steps, task_losses[-1])

@@ -28,6 +28,7 @@ import io
 import json
 import os
 import secrets
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +39,7 @@ from ..fileio import atomic_write_text
 if TYPE_CHECKING:  # annotations only
     from .results import RunResults
 
-__all__ = ["METRIC_FIELDS", "RunLogger", "flat_config"]
+__all__ = ["METRIC_FIELDS", "RunLogger", "flat_config", "missing_tracker"]
 
 METRIC_FIELDS = ("task", "tasks_learned", "loss", "acc_given_task", "mean_acc_given_task", "mean_acc_inferred",
                  "task_inference_acc", "train_seconds", "eval_seconds")
@@ -124,8 +125,10 @@ class RunLogger:
         if self.on_task is not None:
             self.on_task(row)
 
-    def log_results(self, results: RunResults, out: Path) -> None:
-        """The end of a run: means, the accuracy matrix, the bank's digest and the figures."""
+    def log_results(self, results: RunResults) -> None:
+        """The end of a run: means, the accuracy matrix, the bank's digest and the figures (from
+        the run directory)."""
+        out = self.out
         d = results.to_dict()
         means = {k: d[k] for k in ("mean_acc_given_task", "mean_acc_inferred", "task_inference_acc",
                                    "acc_inferred_per_image") if isinstance(d.get(k), (int, float))}
@@ -179,12 +182,17 @@ def flat_config(cfg: RunConfig) -> dict[str, str]:
     return out
 
 
+def missing_tracker(name: str) -> ConfigError:
+    """The error for a ``log.backends`` tracker whose package is not installed."""
+    return ConfigError("log.backends", f"{name} needs the {name} package: pip install 'supsup[track]' "
+                                       "(or drop it from log.backends)")
+
+
 def _start_wandb(cfg: RunConfig, out: Path):
     try:
         import wandb
     except ImportError:
-        raise ConfigError("log.backends", "wandb needs the wandb package: pip install 'supsup[track]' "
-                                          "(or drop it from log.backends)") from None
+        raise missing_tracker("wandb") from None
     id_file = out / "wandb_run_id"
     run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
     atomic_write_text(id_file, run_id + "\n")
@@ -199,8 +207,7 @@ class _MlflowRun:
         try:
             from mlflow.tracking import MlflowClient
         except ImportError:
-            raise ConfigError("log.backends", "mlflow needs the mlflow package: pip install 'supsup[track]' "
-                                              "(or drop it from log.backends)") from None
+            raise missing_tracker("mlflow") from None
         # default: an SQLite database in the run directory (MLflow 3 refuses its old file store),
         # artifacts beside it; MLFLOW_TRACKING_URI (a server, PostgreSQL, ...) takes its own defaults
         self.uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out.resolve() / 'mlflow.db'}"
@@ -222,8 +229,6 @@ class _MlflowRun:
             self.client.log_batch(self.run_id, params=params[i: i + 100])
 
     def log_metrics(self, values: list[tuple[str, float, int]]) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)

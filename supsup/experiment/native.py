@@ -299,7 +299,7 @@ def _run(cfg: RunConfig, out: Path, resume: bool, device, dist: Distributed, hel
             _run_labeled(cfg, train, out, model, stream, results, loop, training, logger, learned, cache)
         _finish(cfg, out, model, stream, results, dist, cache)
         if dist.is_main:
-            logger.log_results(results, out)
+            logger.log_results(results)
     finally:
         logger.close()
     return results

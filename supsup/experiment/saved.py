@@ -11,11 +11,12 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
+from ..checkpoint import CheckpointError, load_checkpoint
 from ..config import ConfigError, Scenario, apply_overrides, config_from_dict
 from ..model import SupermaskModel
 from .build import build_model, build_stream, resolve_device
 from .evaluate import EvaluationCache, curve_point, final_evaluation, sampled_tasks
+from .hopsupsup_run import is_hopsupsup_run
 from .results import RunResults
 from .runstate import restore_active_task, restore_checkpoint
 
@@ -34,9 +35,7 @@ def evaluate_saved(out_dir: str | os.PathLike, *, overrides: list[str] = (), sce
     learned mask never changes. So a finished run's curve can be measured again with other
     inference settings, without training."""
     out = Path(out_dir)
-    from .hopsupsup_run import HOPSUPSUP_CHECKPOINT
-
-    if (out / HOPSUPSUP_CHECKPOINT).exists() and not (out / CHECKPOINT_NAME).exists():
+    if is_hopsupsup_run(out):
         raise CheckpointError(f"{out} holds a hopsupsup run, which has no bank to evaluate again: its masks are "
                               "recovered from the test data during the run (results.json)")
     _, meta = load_checkpoint(out)
@@ -60,9 +59,7 @@ def evaluate_saved(out_dir: str | os.PathLike, *, overrides: list[str] = (), sce
     state = restore_checkpoint(out, restored, model)
     results, training = state.results, state.training
     if restore_active_task(out, model, state.loop, training):  # NN ends by banking the mask it trains
-        task = model.finish_task()
-        if model.likelihood is not None and training.calibration:  # its last batches, kept for this
-            model.fit_likelihood(task, training.calibration["x"].to(device), training.calibration["y"].to(device))
+        _bank_active_task(model, training)
     if model.active_task is None and model.num_banked_tasks < cfg.benchmark.num_tasks and cfg.scenario is not Scenario.NN:
         log.warning("the bank holds %d of %d tasks; evaluating those", model.num_banked_tasks, cfg.benchmark.num_tasks)
     missing = [t for t in range(model.num_banked_tasks) if model.task_likelihood(t) is None]
@@ -99,23 +96,26 @@ def evaluate_saved(out_dir: str | os.PathLike, *, overrides: list[str] = (), sce
     return results
 
 
+def _bank_active_task(model: SupermaskModel, training) -> None:
+    """Bank the mask in training, fitting its likelihood statistics on the last batches the
+    checkpoint kept for this."""
+    task = model.finish_task()
+    if model.likelihood is not None and training.calibration:
+        model.fit_likelihood(task, training.calibration["x"].to(model.device), training.calibration["y"].to(model.device))
+
+
 def saved_model(out_dir: str | os.PathLike, *, device: torch.device | str = "cpu") -> SupermaskModel:
     """The model of the run checkpointed in ``out_dir`` with every banked task (an NN run's mask
     in training banked, as its evaluation does); a task checkpointed halfway is not included."""
     out = Path(out_dir)
-    from .hopsupsup_run import HOPSUPSUP_CHECKPOINT
-
-    if (out / HOPSUPSUP_CHECKPOINT).exists() and not (out / CHECKPOINT_NAME).exists():
+    if is_hopsupsup_run(out):
         raise CheckpointError(f"{out} holds a hopsupsup run, which keeps no mask bank to export")
     _, meta = load_checkpoint(out)
     cfg = config_from_dict(meta["config"])
     model = build_model(cfg, torch.device(device))
     state = restore_checkpoint(out, cfg, model)
     if restore_active_task(out, model, state.loop, state.training) and cfg.scenario is Scenario.NN:
-        task = model.finish_task()
-        if model.likelihood is not None and state.training.calibration:
-            model.fit_likelihood(task, state.training.calibration["x"].to(device),
-                                 state.training.calibration["y"].to(device))
+        _bank_active_task(model, state.training)
     elif model.active_task is not None:
         model.abandon_task()
     return model

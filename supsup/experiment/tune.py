@@ -52,7 +52,7 @@ from ..fileio import atomic_write_text
 from .backends import check_config, run_experiment
 from .runlock import RunLockedError, run_lock
 
-__all__ = ["PRUNERS", "SearchParam", "load_space", "tune"]
+__all__ = ["PRUNERS", "SearchParam", "load_space", "tune", "with_values"]
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +121,17 @@ def load_space(path: str | os.PathLike, base: RunConfig) -> list[SearchParam]:
             values = (low, high)
         for value in values:  # the key exists and the config accepts the value
             try:
-                config_from_dict(apply_overrides(config_to_dict(base), [f"{key}={json.dumps(value)}"]))
+                with_values(base, {key: value})
             except ConfigError as err:
                 raise ConfigError(where, str(err)) from None
         params.append(param)
     return params
+
+
+def with_values(base: RunConfig, values: dict[str, Any], extra: Sequence[str] = ()) -> RunConfig:
+    """``base`` with dotted keys set to ``values`` (then the ``key=value`` overrides ``extra``)."""
+    sets = [f"{k}={json.dumps(v)}" for k, v in values.items()] + list(extra)
+    return config_from_dict(apply_overrides(config_to_dict(base), sets))
 
 
 def objective_value(row: dict[str, Any], scenario: Scenario) -> float | None:
@@ -139,10 +145,8 @@ def objective_value(row: dict[str, Any], scenario: Scenario) -> float | None:
 def trial_config(base: RunConfig, values: dict[str, Any], validation: int) -> RunConfig:
     """``base`` with a trial's values, evaluating on ``validation`` held-out training images per
     task after every task, without progress bars."""
-    sets = [f"{k}={json.dumps(v)}" for k, v in values.items()]
-    sets += [f"benchmark.validation={validation}", "progress=false",
-             f"eval.at_tasks={json.dumps(list(range(1, base.benchmark.num_tasks + 1)))}"]
-    return config_from_dict(apply_overrides(config_to_dict(base), sets))
+    return with_values(base, values, [f"benchmark.validation={validation}", "progress=false",
+                                      f"eval.at_tasks={json.dumps(list(range(1, base.benchmark.num_tasks + 1)))}"])
 
 
 def _make_pruner(optuna, name: str, warmup_tasks: int):
@@ -268,7 +272,7 @@ def write_summary(study, base: RunConfig, out: Path, validation: int) -> dict[st
                                "trials": rows, "best": None}
     if complete:
         best = study.best_trial
-        cfg = config_from_dict(apply_overrides(config_to_dict(base), [f"{k}={json.dumps(v)}" for k, v in best.params.items()]))
+        cfg = with_values(base, best.params)
         cfg = dataclasses.replace(cfg, benchmark=dataclasses.replace(cfg.benchmark, validation=None))
         atomic_write_text(out / "best.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         summary["best"] = {"number": best.number, "value": best.value, "params": best.params,

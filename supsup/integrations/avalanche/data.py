@@ -140,17 +140,19 @@ class CachedBatches:
 
     Build with :meth:`training` (exactly ``num_batches`` batches of ``batch_size``, reshuffled
     every epoch by a seeded generator, an epoch's last partial batch dropped: the order of
-    :meth:`supsup.data.streams.TaskStream.train_batches`) or :meth:`evaluation` (in order, at
-    most ``max_batches`` batches, the last possibly smaller).
+    :meth:`supsup.data.streams.TaskStream.train_batches`), :meth:`evaluation` (in order, at
+    most ``max_batches`` batches, the last possibly smaller) or :meth:`at` (given positions).
     """
 
     def __init__(self, source: CachedExperience, *, batch_size: int, num_batches: int | None,
-                 generator: torch.Generator | None, max_batches: int | None = None):
+                 generator: torch.Generator | None, max_batches: int | None = None,
+                 positions: list[torch.Tensor] | None = None):
         self.source = source
         self.batch_size = batch_size
         self.num_batches = num_batches
         self.generator = generator
         self.max_batches = max_batches
+        self.positions = positions
 
     @classmethod
     def training(cls, source: CachedExperience, *, batch_size: int, num_batches: int,
@@ -163,13 +165,22 @@ class CachedBatches:
     def evaluation(cls, source: CachedExperience, *, batch_size: int, max_batches: int | None = None) -> CachedBatches:
         return cls(source, batch_size=batch_size, num_batches=None, generator=None, max_batches=max_batches)
 
+    @classmethod
+    def at(cls, source: CachedExperience, positions: list[torch.Tensor]) -> CachedBatches:
+        """One batch per tensor of ``positions`` (rows of the experience), in that order."""
+        return cls(source, batch_size=0, num_batches=None, generator=None, positions=list(positions))
+
     def __len__(self) -> int:
+        if self.positions is not None:
+            return len(self.positions)
         if self.generator is not None:
             return self.num_batches
         n = -(-len(self.source) // self.batch_size)
         return n if self.max_batches is None else min(n, self.max_batches)
 
     def _index_batches(self) -> list[torch.Tensor]:
+        if self.positions is not None:
+            return self.positions
         n, bs = len(self.source), self.batch_size
         if self.generator is None:
             return [torch.arange(i * bs, min(n, (i + 1) * bs)) for i in range(len(self))]

@@ -20,28 +20,12 @@ from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
 
 from ...config import HopfieldConfig, TrainConfig
-from ...hopsupsup import NeuronMaskNet, Recovery, batch_positions, recover_masks
+from ...hopsupsup import NeuronMaskNet, Recovery, binary_masks, evaluation_batches, recover_masks
 from ...rng import make_generator
-from .data import CachedBatches, CachedExperience, ExperienceCache
+from .data import CachedBatches, ExperienceCache
+from .strategy import TASK_ID_SOURCES, experience_task_id
 
 __all__ = ["HopSupSupStrategy"]
-
-
-class _Batches:
-    """Minibatches ``[x, y, t]`` of a cached experience at given positions."""
-
-    def __init__(self, source: CachedExperience, positions: Sequence[torch.Tensor]):
-        self.source, self.positions = source, list(positions)
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def __iter__(self):
-        if self.positions:
-            self.source.fill(torch.cat(self.positions))
-        for rows in self.positions:
-            d = self.source.tensors(rows)
-            yield [d.x, d.y, d.t]
 
 
 class HopSupSupStrategy(SupervisedTemplate):
@@ -60,8 +44,8 @@ class HopSupSupStrategy(SupervisedTemplate):
                  evaluator: Any = default_evaluator, max_eval_batches: int | None = None):
         if not isinstance(model, NeuronMaskNet):
             raise TypeError(f"HopSupSupStrategy trains a NeuronMaskNet, got {type(model).__name__}")
-        if task_id_source not in ("experience", "task_label"):
-            raise ValueError(f"unknown task_id_source {task_id_source!r}; known: experience, task_label")
+        if task_id_source not in TASK_ID_SOURCES:
+            raise ValueError(f"unknown task_id_source {task_id_source!r}; known: {', '.join(TASK_ID_SOURCES)}")
         self.train_config = train_config if train_config is not None else TrainConfig(lr=0.1, optimizer="sgd",
                                                                                       momentum=0.9, weight_decay=1e-4)
         self.hopfield_config = hopfield_config if hopfield_config is not None else HopfieldConfig()
@@ -79,13 +63,7 @@ class HopSupSupStrategy(SupervisedTemplate):
                          evaluator=evaluator, eval_every=-1)
 
     def task_id_of(self, experience) -> int:
-        if self.task_id_source == "experience":
-            return int(experience.current_experience)
-        labels = list(experience.task_labels)
-        if len(labels) != 1:
-            raise ValueError(f"experience {experience.current_experience} has task labels {labels}: HopSupSupStrategy "
-                             "needs one task per experience (or task_id_source='experience')")
-        return int(labels[0])
+        return experience_task_id(experience, self.task_id_source, "HopSupSupStrategy (or task_id_source='experience')")
 
     # ------------------------------------------------------------------ training
     def check_model_and_optimizer(self, **kwargs):
@@ -99,8 +77,7 @@ class HopSupSupStrategy(SupervisedTemplate):
 
     def make_train_dataloader(self, **kwargs):
         data = self.data_cache.get(self.experience.dataset, "train")
-        steps = self.train_config.iterations if self.hopfield_config.epochs is None else \
-            max(1, self.hopfield_config.epochs * (len(data) // self.train_mb_size))
+        steps = self.hopfield_config.steps_per_task(len(data), self.train_config)
         self.dataloader = CachedBatches.training(data, batch_size=self.train_mb_size, num_batches=steps,
                                                  generator=make_generator(self.seed, "train_order",
                                                                           self.task_id_of(self.experience)))
@@ -120,16 +97,16 @@ class HopSupSupStrategy(SupervisedTemplate):
     def _after_training_exp(self, **kwargs):
         scores = [s.detach() for s in self.scores]
         self.model.store_task(scores)
-        self.learned[self.task_id_of(self.experience)] = [(s >= 0).float() for s in scores]
+        self.learned[self.task_id_of(self.experience)] = binary_masks(scores)
         self.scores = []
         self.data_cache.release(self.experience.dataset, "train")
         super()._after_training_exp(**kwargs)
 
     # ---------------------------------------------------------------- evaluation
-    def dataloader_for(self, experience) -> _Batches:
+    def dataloader_for(self, experience) -> CachedBatches:
         """The batches ``[x, y, t]`` in which ``experience`` was last recovered and evaluated."""
-        return _Batches(self.data_cache.get(experience.dataset, "eval"),
-                        self._eval_positions[experience.current_experience])
+        return CachedBatches.at(self.data_cache.get(experience.dataset, "eval"),
+                                self._eval_positions[experience.current_experience])
 
     def make_eval_dataloader(self, **kwargs):
         self.dataloader = self.dataloader_for(self.experience)
@@ -138,14 +115,10 @@ class HopSupSupStrategy(SupervisedTemplate):
         """Recover this experience's mask from its images (labels unused), in the batches the
         evaluation then classifies: shuffled by ``(seed, task)``, ``hopfield_config.batch_size``."""
         source = self.data_cache.get(self.experience.dataset, "eval")
-        positions = batch_positions(len(source), self.eval_mb_size,
-                                    make_generator(self.seed, "hopsupsup_test_order", self.task_id_of(self.experience)))
+        positions = evaluation_batches(len(source), self.eval_mb_size, self.seed, self.task_id_of(self.experience))
         exp_id = self.experience.current_experience
         self._eval_positions[exp_id] = positions if self.max_eval_batches is None else positions[: self.max_eval_batches]
-        hc = self.hopfield_config
         images = [x for x, _, _ in self.dataloader_for(self.experience)]
         with torch.enable_grad():  # Avalanche evaluates under no_grad; recovery needs gradients
-            self.recoveries[exp_id] = recover_masks(
-                self.model, images, lr=hc.recovery_lr, momentum=hc.recovery_momentum,
-                weight_decay=hc.recovery_weight_decay, gamma=hc.gamma)
+            self.recoveries[exp_id] = recover_masks(self.model, images, **self.hopfield_config.recovery_options())
         super()._before_eval_exp(**kwargs)

@@ -34,10 +34,22 @@ from ...training import (
 )
 from .data import CachedBatches, ExperienceCache
 
-__all__ = ["SupSupStrategy", "TaskInferenceAccuracy"]
+__all__ = ["TASK_ID_SOURCES", "SupSupStrategy", "TaskInferenceAccuracy", "experience_task_id"]
 
 TASK_ID_SOURCES = ("experience", "task_label")
 EVAL_TASKS = ("given", "inferred")
+
+
+def experience_task_id(experience, source: str, strategy: str) -> int:
+    """The task an experience stands for: its index in the stream (``source="experience"``) or
+    its single task label (``"task_label"``; ``strategy`` names who needs one per experience)."""
+    if source == "experience":
+        return int(experience.current_experience)
+    labels = list(experience.task_labels)
+    if len(labels) != 1:
+        raise ValueError(f"experience {experience.current_experience} has task labels {labels}; "
+                         f"{strategy} needs one task per experience")
+    return int(labels[0])
 
 
 #: how far below a row's lowest answerable logit the classes its task does not answer are put
@@ -197,13 +209,7 @@ class SupSupStrategy(SupervisedTemplate):
     def task_id_of(self, experience) -> int:
         """The task an experience stands for. Selects the mask when training GG/GN and when
         evaluating with the task given; otherwise used for reporting only."""
-        if self.task_id_source == "experience":
-            return int(experience.current_experience)
-        labels = list(experience.task_labels)
-        if len(labels) != 1:
-            raise ValueError(f"experience {experience.current_experience} has task labels {labels}; "
-                             "SupSup needs one task per experience")
-        return int(labels[0])
+        return experience_task_id(experience, self.task_id_source, "SupSup")
 
     def mask_to_task(self) -> dict[int, int]:
         """Each learned mask -> the task it stands for (NN: the true task it trained on most,
