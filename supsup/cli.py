@@ -262,6 +262,18 @@ def _cmd_data(args) -> int:
     return 0
 
 
+#: how long a rank other than 0 waits before exiting on a user error (see _quiet_rank_exit)
+RANK_EXIT_GRACE_SECONDS = 3.0
+
+
+def _quiet_rank_exit() -> int:
+    """Exit code 2 for a rank other than 0, which has the same error as rank 0 and leaves the
+    message to it. It waits first: torchrun stops every worker as soon as one exits, and a rank
+    leaving at once could have rank 0 stopped before it printed why."""
+    time.sleep(RANK_EXIT_GRACE_SECONDS)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # a warning is one line, like an error (no source line under it)
@@ -298,13 +310,13 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_data(args)
     except (ConfigError, CheckpointError, DataUnavailableError) as err:
         if int(os.environ.get("RANK", "0")) != 0:  # several processes: every rank has the same error
-            return 2
+            return _quiet_rank_exit()
         return _fail(_one_line(err, args.verbose))
     except OSError as err:
         if err.filename is None:  # not about a path the user gave: a fault of ours, with its traceback
             raise
         if int(os.environ.get("RANK", "0")) != 0:
-            return 2
+            return _quiet_rank_exit()
         return _fail(_path_error(err))
     except KeyboardInterrupt:
         return _fail("interrupted (the last checkpoint is intact; continue with --resume)", 130)
