@@ -34,11 +34,11 @@ from pathlib import Path
 import torch
 
 
-def _ratio(model, x: torch.Tensor, packed: list[torch.Tensor], extra: list[torch.Tensor] | None) -> tuple[float, int]:
+def _ratio(model, x: torch.Tensor, candidates) -> tuple[float, int]:
     """NN's statistic times n (uniform = 1), and the best candidate."""
     from supsup.detection import nn_detection_gradients
 
-    grads, confidence = nn_detection_gradients(model, x, packed=packed, extra=extra)
+    grads, confidence = nn_detection_gradients(model, x, candidates)
     return confidence * grads.shape[0], int(grads.argmin())
 
 
@@ -49,8 +49,8 @@ def _span(values: list[float]) -> str:
 def _first_batch_tail(model, stream, tasks: range, batch_size: int, threshold: float) -> None:
     """Ratio over every banked mask on each unseen task's first batch: quantiles and tail counts."""
     k = model.num_banked_tasks
-    packed = [layer.bank_rows[:k] for layer in model.masked_layers]
-    ratios = torch.tensor([_ratio(model, next(stream.train_batches(t, 1, batch_size))[0], packed, None)[0]
+    candidates = model.candidates(num_banked=k)
+    ratios = torch.tensor([_ratio(model, next(stream.train_batches(t, 1, batch_size))[0], candidates)[0]
                            for t in tasks])
     print(f"n = {k}: first batch of tasks {tasks.start}-{tasks.stop - 1} ({len(tasks)} unseen tasks), "
           f"nn.threshold in the config {threshold}")
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
 
     from supsup import masks as M
+    from supsup.candidates import Candidates
     from supsup.checkpoint import load_checkpoint
     from supsup.config import load_config
     from supsup.experiment import build_model, build_stream
@@ -111,12 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|" + "---|" * len(a.trained))
     model.add_task()  # puts the model in TRAIN mode for the 'after b' rows; the bank is read, never written
     for n in sizes:
-        packed = [layer.bank_rows[:n] for layer in model.masked_layers]
-        new = [_ratio(model, x, packed, None)[0] for x in new_x]
+        banked = model.candidates(num_banked=n)
+        new = [_ratio(model, x, banked)[0] for x in new_x]
         seen, found = [], 0
         for task in (n - 1, n // 2):
             for x, _ in stream.train_batches(task, a.batches // 2 or 1, bs):
-                r, best = _ratio(model, x, packed, None)
+                r, best = _ratio(model, x, banked)
                 seen.append(r)
                 found += best == task
         # NN's next mask after n masks has id n: the scores it would start from
@@ -134,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
                 loss.backward()
                 opt.step()
                 steps += 1
-            extra = [M.pack_bits(layer.current_mask()).unsqueeze(0) for layer in model.masked_layers]
-            r, best = _ratio(model, next(batches)[0], packed, extra)  # a batch it has not trained on
+            with_new = Candidates(tuple((layer.bank_rows[:n], M.pack_bits(layer.current_mask()).unsqueeze(0))
+                                        for layer in model.masked_layers), (*range(n), None), banked=n)
+            r, best = _ratio(model, next(batches)[0], with_new)  # a batch it has not trained on
             after.append(f"{r:.3f}" + ("" if best == n else " (mask not found)"))
         print(f"| {n} | {_span(new)} | {_span(seen)} ({found}/{len(seen)}) | " + " | ".join(after) + " |", flush=True)
     return 0

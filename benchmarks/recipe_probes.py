@@ -75,6 +75,7 @@ def layer_swap(runs: Path, low: str, high: str, batches: int = 8) -> dict:
     ``low``, and the reverse (the first ``batches`` test batches of each task, one image)."""
     import torch
 
+    from supsup.candidates import Candidates
     from supsup.config import load_config
     from supsup.experiment import build_model, build_stream
     from supsup.experiment.runstate import restore_checkpoint
@@ -93,11 +94,11 @@ def layer_swap(runs: Path, low: str, high: str, batches: int = 8) -> dict:
     stream = build_stream(cfg, torch.device("cpu"), progress=False)
     test = {t: [x[:1] for x, _ in stream.test_batches(t, 128, batches)] for t in range(5)}
 
-    def accuracy(packed):
+    def accuracy(rows):
         hits = total = 0
         for t, xs in test.items():
             got, _ = infer_tasks(model, torch.stack(xs), method="one_shot", objective="g", num_classes=10,
-                                 packed=packed)
+                                 candidates=Candidates.of_rows(rows))
             hits += int((got == t).sum())
             total += len(xs)
         return hits / total

@@ -71,10 +71,11 @@ def selection(cfg, model, val_stream, temperatures: list[float]) -> dict:
             batches = [x for x, _ in val_stream.test_batches(task, cfg.eval.batch_size)]
             x = torch.stack([b for b in batches if b.shape[0] == cfg.eval.batch_size])[:, :inf.num_images]
             method = INFERENCE_METHODS.get(inf.method)
-            kw = dict(objective=inf.objective, num_classes=model.num_classes, log_base=inf.log_base, packed=None, extra=None)
+            kw = dict(objective=inf.objective, num_classes=model.num_classes, log_base=inf.log_base)
             with torch.enable_grad():
-                best, _ = method(model, x, k, keep=1, **kw)
-                shortlist = method(model, x, k, keep=min(k, inf.refine_candidates), **kw)[0][:, :inf.refine_candidates]
+                best, _ = method(model, x, model.candidates(), keep=1, **kw)
+                shortlist = method(model, x, model.candidates(), keep=min(k, inf.refine_candidates),
+                                   **kw)[0][:, :inf.refine_candidates]
             hits["none"] += int((best[:, 0] == task).sum())
             total += x.shape[0]
             exact = {t: torch.full(shortlist.shape, float("inf")) for t in temperatures}

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from .candidates import Candidates
 from .config import NNConfig, TrainConfig
-from .inference import alpha_gradients, candidate_extras
+from .inference import alpha_gradients
 from .masks import SAMPLED_KINDS
 from .model import SupermaskModel
 from .objectives import entropy
@@ -84,15 +85,16 @@ class Verdict:
         return self.decision is not Decision.KEEP
 
 
-def nn_detection_gradients(model: SupermaskModel, x: torch.Tensor, *, packed: list[torch.Tensor] | None = None,
-                           extra: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, float]:
+def nn_detection_gradients(model: SupermaskModel, x: torch.Tensor,
+                           candidates: Candidates | None = None) -> tuple[torch.Tensor, float]:
     """The statistic of NN's check on batch ``x`` ``(n_img, ...)``: ``d H / d alpha`` ``(n,)``
-    at ``alpha = 1/n`` over the ``n`` candidates (``packed``, default the bank, then ``extra``;
-    see :func:`~supsup.inference.alpha_gradients`), and ``max softmax(-grad)``."""
-    n = (packed[0].shape[0] if packed is not None else model.num_banked_tasks) + (extra[0].shape[0] if extra else 0)
+    at ``alpha = 1/n`` over the ``n`` candidates (default: the bank;
+    :meth:`SupermaskModel.candidates`), and ``max softmax(-grad)``."""
+    candidates = model.candidates() if candidates is None else candidates
+    n = len(candidates)
     alphas = torch.full((1, n), 1.0 / n, dtype=x.dtype, device=x.device)
     grads = alpha_gradients(model, x.unsqueeze(0), alphas, objective="entropy", num_classes=1,
-                            packed=packed, extra=extra)[0]
+                            candidates=candidates)[0]
     return grads, float(torch.softmax(-grads, dim=0).max())
 
 
@@ -232,7 +234,7 @@ class NNDetector:
             is_new, best, conf = self._calibrated_rule(x)
         else:  # the paper's: n * max softmax(-grad) below the threshold over n >= min_candidates masks
             n = max(k, cfg.min_candidates)
-            grads, conf = nn_detection_gradients(model, x, extra=candidate_extras(model, include_active=True, pad_to=n))
+            grads, conf = nn_detection_gradients(model, x, model.candidates(include_active=True, pad_to=n))
             best = int(grads[:k].argmin())
             is_new = conf < cfg.threshold / n
         if is_new:  # no learned mask is sure of this batch: a new task

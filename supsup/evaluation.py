@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .candidates import Candidates
 from .config import InferenceConfig
 from .inference import TaskRanking, likelihood_candidates, likelihood_scores, rank_tasks
 from .model import SupermaskModel
@@ -126,17 +127,18 @@ class BatchInference:
 
 
 def infer_batches(model: SupermaskModel, images: Sequence[torch.Tensor], cfg: InferenceConfig, *,
-                  packed: list[torch.Tensor] | None = None, extra: list[torch.Tensor] | None = None,
+                  candidates: Candidates | None = None,
                   true_masks: Sequence[int | None] | None = None) -> list[BatchInference]:
     """The mask inferred for each test batch ``images[i]`` ``(B_i, ...)`` from its first
-    ``cfg.num_images`` images (paper protocol), over the candidates ``packed`` / ``extra``
-    (:func:`supsup.inference.alpha_gradients`); with ``true_masks`` (each batch's own mask),
-    where that mask was ranked.
+    ``cfg.num_images`` images (paper protocol), over ``candidates`` (default: the bank;
+    :meth:`SupermaskModel.candidates`); with ``true_masks`` (each batch's own mask), where that
+    mask was ranked.
 
     Batches share an inference pass in groups of ``cfg.group_size`` (speed only); a group only
     holds batches that give the same number of images, so every batch uses its own first
     ``num_images`` (a short last batch uses all it has, on its own).
     """
+    candidates = model.candidates() if candidates is None else candidates
     out: list[BatchInference | None] = [None] * len(images)
     by_size: dict[int, list[int]] = {}
     for i, x in enumerate(images):
@@ -150,19 +152,18 @@ def infer_batches(model: SupermaskModel, images: Sequence[torch.Tensor], cfg: In
         for start in range(0, len(members), group):
             chunk = members[start: start + group]
             xs = torch.stack([images[i][:n] for i in chunk])
-            ranking = _rank(model, xs, cfg, packed, extra)
+            ranking = _rank(model, xs, cfg, candidates)
             for row, i in enumerate(chunk):
                 out[i] = _batch_inference(ranking.order[row], ranking.shortlist,
                                           None if true_masks is None else true_masks[i])
     return out
 
 
-def _rank(model: SupermaskModel, xs: torch.Tensor, cfg: InferenceConfig, packed: list[torch.Tensor] | None,
-          extra: list[torch.Tensor] | None) -> TaskRanking:
+def _rank(model: SupermaskModel, xs: torch.Tensor, cfg: InferenceConfig, candidates: Candidates) -> TaskRanking:
     """:func:`~supsup.inference.rank_tasks` of groups ``xs`` ``(G, n, ...)`` with the settings of ``cfg``."""
     return rank_tasks(model, xs, method=cfg.method, objective=cfg.objective, num_classes=model.num_classes,
                       log_base=cfg.log_base, refine=cfg.refine, refine_candidates=cfg.refine_candidates,
-                      refine_temperature=cfg.refine_temperature, packed=packed, extra=extra)
+                      refine_temperature=cfg.refine_temperature, candidates=candidates)
 
 
 def _batch_inference(order: torch.Tensor, shortlist: int, true_mask: int | None) -> BatchInference:
@@ -178,10 +179,9 @@ def _batch_inference(order: torch.Tensor, shortlist: int, true_mask: int | None)
 
 
 def infer_batch_masks(model: SupermaskModel, images: Sequence[torch.Tensor], cfg: InferenceConfig, *,
-                      packed: list[torch.Tensor] | None = None,
-                      extra: list[torch.Tensor] | None = None) -> list[int]:
+                      candidates: Candidates | None = None) -> list[int]:
     """The mask inferred for each test batch (:func:`infer_batches`)."""
-    return [b.mask for b in infer_batches(model, images, cfg, packed=packed, extra=extra)]
+    return [b.mask for b in infer_batches(model, images, cfg, candidates=candidates)]
 
 
 def likelihood_table(model: SupermaskModel, images: Sequence[torch.Tensor], cfg: InferenceConfig, *,
@@ -191,7 +191,7 @@ def likelihood_table(model: SupermaskModel, images: Sequence[torch.Tensor], cfg:
     images; one pass over the masks for all batches. A mask's score ignores the other
     candidates, so the columns of any prefix of the bank give the inference over that prefix
     (:func:`evaluate_from_table`)."""
-    tasks = likelihood_candidates(model, None, None)
+    tasks = likelihood_candidates(model, model.candidates())
     if candidates is not None:
         tasks = [tasks[t] for t in candidates]
     n = [min(cfg.num_images, x.shape[0]) for x in images]
@@ -204,17 +204,33 @@ def likelihood_table(model: SupermaskModel, images: Sequence[torch.Tensor], cfg:
 
 def activation_bytes_per_image(model: SupermaskModel, x: torch.Tensor) -> int:
     """Bytes of the outputs of every leaf module for one input ``x`` ``(1, ...)``: what one image
-    adds to an inference pass, so that :func:`infer_batch_masks` can bound a group (128 batches
-    of 128 images through a ResNet-18 would hold tens of GB). Measured once per model and input
-    shape (:meth:`SupermaskModel.activation_bytes_per_image`); 0 when no task is banked yet."""
-    return model.activation_bytes_per_image(x)
+    adds to an inference pass, so that :func:`infer_batches` can bound a group (128 batches of
+    128 images through a ResNet-18 would hold tens of GB). One forward pass of one image with
+    the first banked task, without gradients; 0 while no task is banked or a task is in
+    training (no task to run it with)."""
+    if model.num_banked_tasks == 0 or model.active_task is not None:
+        return 0
+    total = 0
+
+    def count(_module, _inputs, out):
+        nonlocal total
+        if isinstance(out, torch.Tensor):
+            total += out.numel() * out.element_size()
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if not any(True for _ in m.children())]
+    try:
+        with torch.no_grad(), model.use_task(0):
+            model(x[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
 
 
 def evaluate_inferred(model: SupermaskModel, batches: Sequence[Batch], task_id: int, cfg: InferenceConfig, *,
                       per_batch_given: list[tuple[int, int]] | None = None,
                       task_map: Callable[[int], int] | None = None,
-                      packed: list[torch.Tensor] | None = None,
-                      extra: list[torch.Tensor] | None = None,
+                      candidates: Candidates | None = None,
                       true_mask: int | None = None, table: torch.Tensor | None = None) -> TaskScores:
     """GN accuracy of task ``task_id`` over its test ``batches`` (the protocol of the module
     docstring).
@@ -223,6 +239,7 @@ def evaluate_inferred(model: SupermaskModel, batches: Sequence[Batch], task_id: 
         per_batch_given: ``(correct, size)`` per batch with the task's own mask, when known
             (GG/GN: a batch inferred right is then scored without another forward pass).
         task_map: mask id -> the task it stands for (NN); default: mask ``i`` is task ``i``.
+        candidates: the masks inference chooses among (default: the bank).
         true_mask: the task's own mask (default: ``task_id`` without a ``task_map``), whose
             rank among the candidates is recorded.
         table: ``(len(batches), k)`` scores of every batch under each candidate, lowest best,
@@ -235,7 +252,7 @@ def evaluate_inferred(model: SupermaskModel, batches: Sequence[Batch], task_id: 
         k = table.shape[1]
         inferred = [_batch_inference(o, k, true_mask) for o in table.argsort(dim=1, stable=True)]
     else:
-        inferred = infer_batches(model, [x for x, _ in batches], cfg, packed=packed, extra=extra,
+        inferred = infer_batches(model, [x for x, _ in batches], cfg, candidates=candidates,
                                  true_masks=[true_mask] * len(batches))
     outcomes = []
     for i, ((x, y), inf) in enumerate(zip(batches, inferred)):
@@ -268,13 +285,14 @@ def evaluate_from_table(task_id: int, table: torch.Tensor, per_batch_given: Sequ
 
 @torch.no_grad()
 def evaluate_per_image(model: SupermaskModel, batches: Sequence[Batch], cfg: InferenceConfig, *,
-                       packed: list[torch.Tensor] | None = None, extra: list[torch.Tensor] | None = None) -> float:
+                       candidates: Candidates | None = None) -> float:
     """Accuracy when the task of every test image is inferred from that image alone and the
     image classified with the inferred mask (among that task's classes): the class-incremental
     reading, where a test image need not come with others of its task."""
+    candidates = model.candidates() if candidates is None else candidates
     correct = total = 0
     for x, y in batches:
-        tasks = _rank(model, x.unsqueeze(1), cfg, packed, extra).tasks  # each image its own group
+        tasks = _rank(model, x.unsqueeze(1), cfg, candidates).tasks  # each image its own group
         for mask in tasks.unique().tolist():
             rows = tasks == mask
             with model.use_task(int(mask)):

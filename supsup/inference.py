@@ -14,29 +14,32 @@ bank (:func:`supsup.masks.bank_matmul`). Memory: O(G * P) floats plus the packed
 ``k x P`` float stack of the original code is never built. :func:`alpha_gradients_reference`
 is the plain float-stack implementation, kept as the test oracle and benchmark reference.
 
-Candidates are the bank's masks by default; :func:`candidate_extras` adds the mask in training
-and untrained masks of future task ids (NN detection, evaluation while a task trains).
+Candidates are a :class:`~supsup.candidates.Candidates`, built once by the caller with
+:meth:`SupermaskModel.candidates` (default: the bank's masks; it may add the mask in training
+and untrained masks of future task ids, for NN detection and evaluation while a task trains).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from . import masks as M
+from .candidates import Candidates
 from .likelihood import layer_features
 from .model import SupermaskModel
 from .objectives import OBJECTIVES, exact_score
 from .registry import Registry
 
 __all__ = ["INFERENCE_METHODS", "REFINEMENTS", "InferenceError", "alpha_gradients", "alpha_gradients_reference",
-           "binary_keep", "candidate_extras", "default_method", "default_objective", "exact_objectives", "float_stacks", "infer_task",
+           "binary_keep", "Candidates", "default_method", "default_objective", "exact_objectives", "float_stacks", "infer_task",
            "infer_tasks", "likelihood_candidates", "likelihood_scores", "num_inference_steps", "rank_tasks",
            "TaskRanking"]
 
-#: by name: ``fn(model, x, k, *, objective, num_classes, log_base, packed, extra, keep) -> (order, steps)``:
+#: by name: ``fn(model, x, candidates, *, objective, num_classes, log_base, keep) -> (order, steps)``:
 #: ``order`` ``(G, k)`` ranks every candidate of each group, best first; the first ``keep`` are the
 #: method's own shortlist (binary search stops there); ``steps`` counts gradient evaluations
 INFERENCE_METHODS: Registry = Registry("inference method")
@@ -65,27 +68,27 @@ def num_inference_steps(k: int, log_base: float) -> int:
     return steps
 
 
-def candidate_extras(model: SupermaskModel, *, include_active: bool = False, pad_to: int = 0) -> list[torch.Tensor]:
-    """Packed masks per layer, ``(e, packed_nbytes(P_l))``, that follow the bank's ``k`` masks
-    as candidates of task inference (candidate ``k + j`` is row ``j``): the active task's
-    current mask if it is new and ``include_active``, then untrained masks of future task ids
-    (the initial scores they will get, :meth:`SupermaskModel.initial_scores`) until
-    ``k + e >= pad_to``. The bank itself is never copied."""
-    layers = model.masked_layers
-    rows: list[list[torch.Tensor]] = [[] for _ in layers]
-    n = model.num_banked_tasks
-    active = model.active_task
-    if include_active and active is not None and active >= n:
-        for r, layer in zip(rows, layers):
-            r.append(M.pack_bits(layer.current_mask()).unsqueeze(0))
-        n += 1
-    next_id = max(n, model.num_learned_tasks)
-    while n < pad_to:
-        for r, layer, scores in zip(rows, layers, model.initial_scores(next_id)):
-            r.append(M.pack_bits(M.binarize(scores, layer.mask_kind, layer.density)).unsqueeze(0))
-        n += 1
-        next_id += 1
-    return [torch.cat(r) if r else layer.bank.new_zeros(0, layer.bank.shape[1]) for r, layer in zip(rows, layers)]
+def _resolve(model: SupermaskModel, candidates: Candidates | None, packed: list[torch.Tensor] | None = None,
+             extra: list[torch.Tensor] | None = None) -> Candidates:
+    """The candidate set a public entry point was given: ``candidates``, default the bank; the
+    ``packed`` / ``extra`` row lists of earlier versions are still taken, with a warning."""
+    if packed is None and extra is None:
+        return model.candidates() if candidates is None else candidates
+    if candidates is not None:
+        raise TypeError("pass candidates= or the deprecated packed=/extra=, not both")
+    warnings.warn("packed= and extra= are deprecated and will be removed in 0.4: pass "
+                  "candidates=model.candidates(...) (the bank, a prefix of it, the mask in training, untrained "
+                  "masks) or Candidates.of_rows(rows)", FutureWarning, stacklevel=3)
+    bank = [layer.bank_rows for layer in model.masked_layers]
+    base = bank if packed is None else packed
+    n = base[0].shape[0]
+    in_place = n <= bank[0].shape[0] and (n == 0 or base[0].data_ptr() == bank[0].data_ptr())
+    more = 0 if extra is None else extra[0].shape[0]
+    if extra is not None and (len(extra) != len(base) or any(e.shape[0] != more for e in extra)):
+        raise InferenceError("extra candidates need the same number of rows for every masked layer")
+    blocks = tuple((b,) if extra is None else (b, e) for b, e in zip(base, extra or base))
+    tasks = (tuple(range(n)) if in_place else (None,) * n) + (None,) * more
+    return Candidates(blocks, tasks, banked=n if in_place else 0, whole_bank=in_place and n == bank[0].shape[0])
 
 
 def _check_inputs(x: torch.Tensor) -> None:
@@ -126,27 +129,14 @@ def _layer_io_grads(model: SupermaskModel, x: torch.Tensor, objective: str,
     return out
 
 
-def _candidate_blocks(model: SupermaskModel, packed: list[torch.Tensor] | None,
-                      extra: list[torch.Tensor] | None) -> list[list[torch.Tensor]]:
-    """Per layer, the row blocks whose concatenation is the candidate set: ``packed`` (default:
-    the bank, used in place), then ``extra``."""
-    layers = model.masked_layers
-    base = packed if packed is not None else [layer.bank_rows for layer in layers]
-    if extra is None:
-        return [[b] for b in base]
-    if len(extra) != len(layers) or any(e.shape[0] != extra[0].shape[0] for e in extra):
-        raise InferenceError("extra candidates need the same number of rows for every masked layer")
-    return [[b, e] for b, e in zip(base, extra)]
-
-
-def _superposed_coefs(model: SupermaskModel, blocks: list[list[torch.Tensor]], alphas: torch.Tensor,
+def _superposed_coefs(model: SupermaskModel, candidates: Candidates, alphas: torch.Tensor,
                       bank_in_place: bool) -> list[torch.Tensor]:
     """``sum_i alphas[:, i] M_i`` per layer, ``(A, *W.shape)`` for alphas ``(A, k)``. Uniform
     coefficients over a candidate set that starts with the bank cost O(P): the bank's part is
     the cached mask count (:meth:`SupermaskLayer.mask_count`)."""
     out = []
     uniform = alphas.shape[0] == 1 and bool((alphas == alphas[0, 0]).all())
-    for layer, rows in zip(model.masked_layers, blocks):
+    for layer, rows in zip(model.masked_layers, candidates.blocks):
         total = None
         start = 0
         for j, r in enumerate(rows):
@@ -164,26 +154,25 @@ def _superposed_coefs(model: SupermaskModel, blocks: list[list[torch.Tensor]], a
 
 
 def alpha_gradients(model: SupermaskModel, x: torch.Tensor, alphas: torch.Tensor, *, objective: str,
-                    num_classes: int, packed: list[torch.Tensor] | None = None,
-                    extra: list[torch.Tensor] | None = None) -> torch.Tensor:
+                    num_classes: int, candidates: Candidates | None = None,
+                    packed: list[torch.Tensor] | None = None, extra: list[torch.Tensor] | None = None) -> torch.Tensor:
     """``d obj_g / d alpha`` for ``G`` independent inferences.
 
     Args:
         x: ``(G, n, ...)``: ``n`` images per inference.
         alphas: ``(G, k)`` coefficients (rows may differ, e.g. during binary search).
-        packed: candidate masks per layer, ``(k0, packed_nbytes(P_l))`` (default: the bank, read
-            in place).
-        extra: more candidates per layer, ``(e, packed_nbytes(P_l))``, after those (e.g.
-            :meth:`SupermaskModel.candidate_extras`: the mask in training, untrained masks).
+        candidates: the ``k`` candidate masks (default: the bank's, read in place;
+            :meth:`SupermaskModel.candidates`).
+        packed, extra: deprecated (earlier versions' row lists; :class:`Candidates` instead).
 
     Returns:
-        ``(G, k)`` gradients, ``k = k0 + e``.
+        ``(G, k)`` gradients.
     """
     _check_inputs(x)
     layers = model.masked_layers
-    blocks = _candidate_blocks(model, packed, extra)
+    candidates = _resolve(model, candidates, packed, extra)
     G, k = alphas.shape
-    n_cand = sum(r.shape[0] for r in blocks[0])
+    n_cand = len(candidates)
     if n_cand != k:
         raise InferenceError(f"alphas cover {k} masks, the candidates hold {n_cand}")
     if k == 0:
@@ -191,7 +180,7 @@ def alpha_gradients(model: SupermaskModel, x: torch.Tensor, alphas: torch.Tensor
     alphas = alphas.to(device=x.device, dtype=x.dtype)
     try:
         if bool((alphas == alphas[:1]).all()):  # the same superposition for every group
-            coefs = _superposed_coefs(model, blocks, alphas[:1], bank_in_place=packed is None)
+            coefs = _superposed_coefs(model, candidates, alphas[:1], bank_in_place=candidates.whole_bank)
             # BatchNorm: each inference normalises with its own images' statistics
             model.superpose_fixed([c[0] for c in coefs], groups=G)
             io = _layer_io_grads(model, x, objective, num_classes)
@@ -201,7 +190,7 @@ def alpha_gradients(model: SupermaskModel, x: torch.Tensor, alphas: torch.Tensor
             per_group = []
             for g0 in range(0, G, 8):
                 sub = alphas[g0: g0 + 8]
-                coefs = _superposed_coefs(model, blocks, sub, bank_in_place=False)
+                coefs = _superposed_coefs(model, candidates, sub, bank_in_place=False)
                 for j in range(sub.shape[0]):
                     model.superpose_fixed([c[j] for c in coefs])
                     per_group.append(_layer_io_grads(model, x[g0 + j: g0 + j + 1], objective, num_classes))
@@ -211,7 +200,7 @@ def alpha_gradients(model: SupermaskModel, x: torch.Tensor, alphas: torch.Tensor
     finally:
         model.restore_mode()
     out = x.new_zeros(k, G)
-    for rows, layer, (xi, gi) in zip(blocks, layers, io):
+    for rows, layer, (xi, gi) in zip(candidates.blocks, layers, io):
         start = 0
         for r in rows:
             if r.shape[0]:
@@ -220,20 +209,17 @@ def alpha_gradients(model: SupermaskModel, x: torch.Tensor, alphas: torch.Tensor
     return out.t()
 
 
-def float_stacks(model: SupermaskModel, packed: list[torch.Tensor] | None = None,
-                 extra: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-    """Every candidate mask unpacked to floats, ``(k, *W.shape)`` per layer: the state the
-    original implementation keeps (``k x P`` fp32). Reference and test oracle only."""
-    layers = model.masked_layers
-    blocks = _candidate_blocks(model, packed, extra)
-    return [M.unpack_bits(torch.cat(rows), layer.num_weights).to(layer.weight.dtype).view(-1, *layer.weight.shape)
-            for rows, layer in zip(blocks, layers)]
+def float_stacks(model: SupermaskModel, candidates: Candidates | None = None) -> list[torch.Tensor]:
+    """Every candidate mask (default: the bank's) unpacked to floats, ``(k, *W.shape)`` per
+    layer: the state the original implementation keeps (``k x P`` fp32). Reference and test
+    oracle only."""
+    rows = (model.candidates() if candidates is None else candidates).rows()
+    return [M.unpack_bits(r, layer.num_weights).to(layer.weight.dtype).view(-1, *layer.weight.shape)
+            for r, layer in zip(rows, model.masked_layers)]
 
 
 def alpha_gradients_reference(model: SupermaskModel, x: torch.Tensor, alphas: torch.Tensor, *,
-                              objective: str, num_classes: int,
-                              packed: list[torch.Tensor] | None = None,
-                              extra: list[torch.Tensor] | None = None,
+                              objective: str, num_classes: int, candidates: Candidates | None = None,
                               stacks: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Float-stack oracle for :func:`alpha_gradients` (the original implementation's method):
     with a float ``(k, *W.shape)`` stack of masks per layer (:func:`float_stacks`),
@@ -241,7 +227,7 @@ def alpha_gradients_reference(model: SupermaskModel, x: torch.Tensor, alphas: to
     ``(G, k)``; returns ``(G, k)``."""
     _check_inputs(x)
     layers = model.masked_layers
-    stacks = stacks if stacks is not None else float_stacks(model, packed, extra)
+    stacks = stacks if stacks is not None else float_stacks(model, candidates)
     out = []
     try:
         for g in range(alphas.shape[0]):
@@ -257,31 +243,30 @@ def alpha_gradients_reference(model: SupermaskModel, x: torch.Tensor, alphas: to
     return torch.stack(out)
 
 
-def _one_shot(model: SupermaskModel, x: torch.Tensor, k: int, *, objective: str, num_classes: int,
-              log_base: float, packed, extra, keep: int = 1) -> tuple[torch.Tensor, int]:
+def _one_shot(model: SupermaskModel, x: torch.Tensor, candidates: Candidates, *, objective: str, num_classes: int,
+              log_base: float, keep: int = 1) -> tuple[torch.Tensor, int]:
     """Paper Alg. 1: ``argmin_i d obj / d alpha_i`` at ``alpha = 1/k`` (one gradient). Returns every
     candidate per group, best (most negative gradient) first."""
+    k = len(candidates)
     alphas = torch.full((x.shape[0], k), 1.0 / k, dtype=x.dtype, device=x.device)
-    grads = alpha_gradients(model, x, alphas, objective=objective, num_classes=num_classes,
-                            packed=packed, extra=extra)
+    grads = alpha_gradients(model, x, alphas, objective=objective, num_classes=num_classes, candidates=candidates)
     return grads.argsort(dim=1, stable=True), 1  # stable: the first is argmin's (lowest index on a tie)
 
 
-def _binary(model: SupermaskModel, x: torch.Tensor, k: int, *, objective: str, num_classes: int,
-            log_base: float, packed, extra, keep: int = 1) -> tuple[torch.Tensor, int]:
+def _binary(model: SupermaskModel, x: torch.Tensor, candidates: Candidates, *, objective: str, num_classes: int,
+            log_base: float, keep: int = 1) -> tuple[torch.Tensor, int]:
     """Paper Alg. 2: keep the best ``1/log_base`` of the candidates (most negative gradient),
     put alpha uniform over the survivors, repeat until one is left (or ``keep``). Returns every
     candidate per group: the survivors by the last gradient, then the candidates of each step
     back, later eliminations first, each step's by its gradient."""
-    G = x.shape[0]
+    G, k = x.shape[0], len(candidates)
     alive = torch.ones(G, k, dtype=torch.bool, device=x.device)
     count, steps = k, 0  # every group starts from k and follows the same rule: one count for all
     order = torch.arange(k, device=x.device).expand(G, k)
     eliminated: list[torch.Tensor] = []
     while count > keep:
         alphas = alive.to(x.dtype) / count
-        grads = alpha_gradients(model, x, alphas, objective=objective, num_classes=num_classes,
-                                packed=packed, extra=extra)
+        grads = alpha_gradients(model, x, alphas, objective=objective, num_classes=num_classes, candidates=candidates)
         steps += 1
         grads = grads.masked_fill(~alive, math.inf)
         before, count = count, max(keep, binary_keep(count, log_base))
@@ -293,31 +278,20 @@ def _binary(model: SupermaskModel, x: torch.Tensor, k: int, *, objective: str, n
     return torch.cat([order[:, :count], *reversed(eliminated)], dim=1), steps
 
 
-def likelihood_candidates(model: SupermaskModel, packed: list[torch.Tensor] | None,
-                          extra: list[torch.Tensor] | None) -> list[int | None]:
-    """The task of each candidate mask (:func:`alpha_gradients`' ``packed`` then ``extra``) that
-    likelihood inference can score: banked tasks (``packed``: the bank or a prefix of it), then
-    the task in training if it is the first extra row and has statistics; None for a candidate
-    without statistics (an untrained mask), which is never chosen."""
-    bank = model.masked_layers[0].bank_rows
-    if packed is None:
-        n = model.num_banked_tasks
-    elif packed[0].shape[0] <= bank.shape[0] and (packed[0].shape[0] == 0 or packed[0].data_ptr() == bank.data_ptr()):
-        n = packed[0].shape[0]
-    else:
-        raise InferenceError("likelihood inference scores the banked tasks, or the bank's first n of them; "
-                             "it cannot score arbitrary packed masks")
-    out: list[int | None] = list(range(n))
-    rows = 0 if extra is None else extra[0].shape[0]
-    active = model.active_task
-    for j in range(rows):
-        first_is_active = j == 0 and active is not None and active >= model.num_banked_tasks
-        out.append(active if first_is_active and model.task_likelihood(active) is not None else None)
-    missing = [t for t in out[:n] if model.task_likelihood(t) is None]
+def likelihood_candidates(model: SupermaskModel, candidates: Candidates) -> list[int | None]:
+    """The task of each candidate that likelihood inference can score: every banked task (each
+    must have statistics), the task in training if it has statistics; None for a candidate
+    without them (an untrained mask, a mask that is no task), which is never chosen."""
+    banked = candidates.tasks[: candidates.banked]
+    missing = [t for t in banked if model.task_likelihood(t) is None]
     if missing:
         shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
         raise InferenceError(f"{len(missing)} banked tasks have no likelihood statistics (tasks {shown}): fit them "
                              "with model.fit_likelihood(task, x, y) on the task's images, or `supsup calibrate DIR`")
+    out = list(banked) + [t if t is not None and model.task_likelihood(t) is not None else None
+                          for t in candidates.tasks[candidates.banked:]]
+    if all(t is None for t in out):
+        raise InferenceError("likelihood inference scores tasks with statistics; none of these candidates is one")
     return out
 
 
@@ -341,13 +315,13 @@ def likelihood_scores(model: SupermaskModel, x: torch.Tensor, tasks: list[int | 
     return out
 
 
-def _likelihood(model: SupermaskModel, x: torch.Tensor, k: int, *, objective: str, num_classes: int,
-                log_base: float, packed, extra, keep: int = 1) -> tuple[torch.Tensor, int]:
+def _likelihood(model: SupermaskModel, x: torch.Tensor, candidates: Candidates, *, objective: str, num_classes: int,
+                log_base: float, keep: int = 1) -> tuple[torch.Tensor, int]:
     """Beyond the paper: each candidate scored by the likelihood of the images' features under
     its own mask and banked statistics (:mod:`supsup.likelihood`), a group's images adding
     their scores; every candidate, lowest score first. No gradient: ``steps`` is 0."""
     G, n = x.shape[:2]
-    tasks = likelihood_candidates(model, packed, extra)
+    tasks = likelihood_candidates(model, candidates)
     scores = likelihood_scores(model, x.reshape(G * n, *x.shape[2:]), tasks).view(G, n, -1).sum(1)
     return scores.argsort(dim=1, stable=True), 0
 
@@ -359,27 +333,20 @@ INFERENCE_METHODS.register("likelihood")(_likelihood)
 REFINEMENTS = ("none", "exact")  #: after the gradient's ranking: none (the paper) or exact (infer_tasks)
 
 
-def _candidate_masks(model: SupermaskModel, blocks: list[list[torch.Tensor]], index: int) -> list[torch.Tensor]:
+def _candidate_masks(model: SupermaskModel, candidates: Candidates, index: int) -> list[torch.Tensor]:
     """Candidate ``index``'s mask per layer, as floats shaped like the weight."""
-    out = []
-    for layer, rows in zip(model.masked_layers, blocks):
-        i = index
-        for r in rows:
-            if i < r.shape[0]:
-                out.append(M.unpack_bits(r[i], layer.num_weights).view_as(layer.weight).to(layer.weight.dtype))
-                break
-            i -= r.shape[0]
-    return out
+    return [M.unpack_bits(candidates.row(i, index), layer.num_weights).view_as(layer.weight).to(layer.weight.dtype)
+            for i, layer in enumerate(model.masked_layers)]
 
 
 @torch.no_grad()
 def exact_objectives(model: SupermaskModel, x: torch.Tensor, shortlist: torch.Tensor, *, objective: str,
-                     num_classes: int, packed=None, extra=None, temperature: float = 1.0) -> torch.Tensor:
+                     num_classes: int, candidates: Candidates | None = None, temperature: float = 1.0) -> torch.Tensor:
     """The exact score (:func:`supsup.objectives.exact_score`) of the logits / ``temperature`` of
     each group ``x[g]`` ``(n, ...)`` under each of its candidates alone (``shortlist`` ``(G, r)``):
     ``(G, r)``. One forward per candidate over the groups that have it; the bank read in place."""
-    blocks = _candidate_blocks(model, packed, extra)
-    banked = blocks[0][0].shape[0] if blocks[0][0].data_ptr() == model.masked_layers[0].bank_rows.data_ptr() else 0
+    candidates = model.candidates() if candidates is None else candidates
+    banked = candidates.banked
     score = exact_score(objective)
     G, n = x.shape[:2]
     out = torch.full(shortlist.shape, math.inf, dtype=x.dtype, device=x.device)
@@ -387,7 +354,7 @@ def exact_objectives(model: SupermaskModel, x: torch.Tensor, shortlist: torch.Te
         for cand in shortlist.unique().tolist():
             where = (shortlist == cand).nonzero()
             groups = where[:, 0]
-            model.superpose_fixed(_candidate_masks(model, blocks, int(cand)), groups=len(groups),  # a banked mask
+            model.superpose_fixed(_candidate_masks(model, candidates, int(cand)), groups=len(groups),  # a banked mask
                                   norm_task=int(cand) if cand < banked else None)  # runs with its own BN stats
             logits = model(x[groups].reshape(len(groups) * n, *x.shape[2:]))
             out[groups, where[:, 1]] = score(logits.view(len(groups), n, -1) / temperature, num_classes)
@@ -424,8 +391,8 @@ class TaskRanking:
 
 def rank_tasks(model: SupermaskModel, x: torch.Tensor, *, method: str = "one_shot", objective: str = "g",
                num_classes: int | None = None, log_base: float = 2.0, refine: str = "none",
-               refine_candidates: int = 5, refine_temperature: float = 1.0, packed: list[torch.Tensor] | None = None,
-               extra: list[torch.Tensor] | None = None) -> TaskRanking:
+               refine_candidates: int = 5, refine_temperature: float = 1.0, candidates: Candidates | None = None,
+               packed: list[torch.Tensor] | None = None, extra: list[torch.Tensor] | None = None) -> TaskRanking:
     """Rank every candidate mask for each of ``G`` groups of images (:func:`infer_tasks` is its
     first column).
 
@@ -441,10 +408,11 @@ def rank_tasks(model: SupermaskModel, x: torch.Tensor, *, method: str = "one_sho
             objective evaluated exactly under each of them alone reorders them;
             :func:`exact_objectives`, at ``refine_temperature``: above 1, confident images count
             too, where at 1 a batch's mean entropy follows its few uncertain ones).
-        packed, extra: the candidate masks, as for :func:`alpha_gradients` (default: the
-            bank's finished tasks).
+        candidates: the candidate masks (default: the bank's finished tasks;
+            :meth:`SupermaskModel.candidates`). ``packed``, ``extra``: deprecated.
     """
-    k = sum(r.shape[0] for r in _candidate_blocks(model, packed, extra)[0])
+    candidates = _resolve(model, candidates, packed, extra)
+    k = len(candidates)
     G = x.shape[0]
     if k == 0:
         raise InferenceError("no candidate masks: learn a task first")
@@ -456,21 +424,21 @@ def rank_tasks(model: SupermaskModel, x: torch.Tensor, *, method: str = "one_sho
         return TaskRanking(torch.zeros(G, 1, dtype=torch.long, device=x.device), 1, 0)
     num_classes = model.num_classes if num_classes is None else num_classes
     keep = min(k, refine_candidates) if refine == "exact" else 1
-    order, steps = INFERENCE_METHODS.get(method)(model, x, k, objective=objective, num_classes=num_classes,
-                                                 log_base=log_base, packed=packed, extra=extra, keep=keep)
+    order, steps = INFERENCE_METHODS.get(method)(model, x, candidates, objective=objective, num_classes=num_classes,
+                                                 log_base=log_base, keep=keep)
     if keep == 1:
         return TaskRanking(order, k, steps)
     shortlist = order[:, :keep]
-    exact = exact_objectives(model, x, shortlist, objective=objective, num_classes=num_classes, packed=packed,
-                             extra=extra, temperature=refine_temperature)
+    exact = exact_objectives(model, x, shortlist, objective=objective, num_classes=num_classes,
+                             candidates=candidates, temperature=refine_temperature)
     reordered = shortlist.gather(1, exact.argsort(dim=1, stable=True))
     return TaskRanking(torch.cat([reordered, order[:, keep:]], dim=1), keep, steps)
 
 
 def infer_tasks(model: SupermaskModel, x: torch.Tensor, *, method: str = "one_shot", objective: str = "g",
                 num_classes: int | None = None, log_base: float = 2.0, refine: str = "none",
-                refine_candidates: int = 5, refine_temperature: float = 1.0, packed: list[torch.Tensor] | None = None,
-                extra: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
+                refine_candidates: int = 5, refine_temperature: float = 1.0, candidates: Candidates | None = None,
+                packed: list[torch.Tensor] | None = None, extra: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
     """Infer the task of each of ``G`` groups of images ``x`` ``(G, n, ...)`` (arguments as for
     :func:`rank_tasks`).
 
@@ -481,7 +449,7 @@ def infer_tasks(model: SupermaskModel, x: torch.Tensor, *, method: str = "one_sh
     """
     ranking = rank_tasks(model, x, method=method, objective=objective, num_classes=num_classes, log_base=log_base,
                          refine=refine, refine_candidates=refine_candidates, refine_temperature=refine_temperature,
-                         packed=packed, extra=extra)
+                         candidates=_resolve(model, candidates, packed, extra))
     return ranking.tasks, ranking.steps
 
 

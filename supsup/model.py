@@ -36,6 +36,7 @@ from .bank import (
     norm_running_key,
     task_rows,
 )
+from .candidates import Candidates
 from .errors import CapacityError, ModeError
 from .layers import SupermaskLayer, wrap_backbone
 from .likelihood import (
@@ -148,7 +149,6 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
         self._num_learned = 0
         #: task id -> the classes it answers among (class-incremental streams only)
         self.task_classes: dict[int, list[int]] = {}
-        self._activation_bytes: dict[tuple, int] = {}  #: (input shape, dtype) -> bytes (activation_bytes_per_image)
 
     @classmethod
     def from_name(cls, backbone: str, *, num_tasks: int, num_outputs: int, num_classes: int | None = None,
@@ -379,6 +379,35 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
             if lk is not None:
                 self._likelihoods[first + i] = lk.to(self.device)
         self._num_learned = self.num_banked_tasks
+
+    def candidates(self, *, num_banked: int | None = None, include_active: bool = False,
+                   pad_to: int = 0) -> Candidates:
+        """The masks task inference chooses among (:class:`~supsup.candidates.Candidates`): the
+        bank's first ``num_banked`` tasks (default: all; fewer is the state after that many
+        tasks), read in place; then, with ``include_active``, the mask in training of a new
+        task; then untrained masks of future task ids (the initial scores they will get) until
+        there are ``pad_to`` (NN detection's floor on the candidate count)."""
+        layers = self.masked_layers
+        n = self.num_banked_tasks if num_banked is None else num_banked
+        if not 0 <= n <= self.num_banked_tasks:
+            raise IndexError(f"num_banked must be in 0..{self.num_banked_tasks}, got {num_banked}")
+        rows: list[list[torch.Tensor]] = [[] for _ in layers]
+        tasks: list[int | None] = list(range(n))
+        active = self._active_task
+        if include_active and active is not None and active >= self.num_banked_tasks:
+            for r, layer in zip(rows, layers):
+                r.append(M.pack_bits(layer.current_mask()).unsqueeze(0))
+            tasks.append(active)
+        next_id = max(len(tasks), self._num_learned)
+        while len(tasks) < pad_to:
+            for r, layer, scores in zip(rows, layers, self.initial_scores(next_id)):
+                r.append(M.pack_bits(M.binarize(scores, layer.mask_kind, layer.density)).unsqueeze(0))
+            tasks.append(None)
+            next_id += 1
+        blocks = tuple((layer.bank_rows[:n], torch.cat(r)) if r else (layer.bank_rows[:n],)
+                       for r, layer in zip(rows, layers))
+        return Candidates(blocks, tuple(tasks), banked=n, whole_bank=n == self.num_banked_tasks)
+
     def task_masks(self, task_id: int) -> list[torch.Tensor]:
         """Boolean masks of a task, one per masked layer."""
         if task_id == self._active_task:

@@ -53,34 +53,3 @@ class Prediction:
         the ``num_classes`` real classes (superfluous neurons are never a class) and, for a task
         with its own classes, among those."""
         return self.class_logits(x).argmax(dim=1)
-
-    def activation_bytes_per_image(self, x: torch.Tensor) -> int:
-        """Bytes of the outputs of every leaf module for one input ``x`` ``(1, ...)``: what one
-        image adds to an inference pass (for bounding how many images share one).
-
-        Measured once per input shape and dtype by a forward pass with the first banked task
-        (no gradients); the sizes depend on the architecture alone, which never changes, so
-        later calls cost nothing. 0 (not remembered) while no task is banked or a task is in
-        training, when there is no task to run it with.
-        """
-        key = (tuple(x.shape[1:]), x.dtype)
-        if key in self._activation_bytes:
-            return self._activation_bytes[key]
-        if self.num_banked_tasks == 0 or self._active_task is not None:
-            return 0
-        total = 0
-
-        def count(_module, _inputs, out):
-            nonlocal total
-            if isinstance(out, torch.Tensor):
-                total += out.numel() * out.element_size()
-
-        hooks = [m.register_forward_hook(count) for m in self.modules() if not any(True for _ in m.children())]
-        try:
-            with torch.no_grad(), self.use_task(0):
-                self(x[:1])
-        finally:
-            for h in hooks:
-                h.remove()
-        self._activation_bytes[key] = total
-        return total

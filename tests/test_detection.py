@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from supsup import detection
+from supsup.candidates import Candidates
 from supsup.config import NNConfig
 from supsup.detection import Decision, NNDetector, NNState, mask_to_task, shared_masks
 from supsup.model import Mode, SupermaskModel
@@ -26,10 +27,10 @@ def statistic(monkeypatch):
     extras: list = []
     value: dict = {}
 
-    def fake(model, x, *, packed=None, extra=None):
-        n = (model.num_banked_tasks if packed is None else packed[0].shape[0]) + (extra[0].shape[0] if extra else 0)
+    def fake(model, x, candidates=None):
+        n = model.num_banked_tasks if candidates is None else len(candidates)
         calls.append(n)
-        extras.append(extra)
+        extras.append(candidates)
         return value["grads"](n), value["conf"]
 
     monkeypatch.setattr(detection, "nn_detection_gradients", fake)
@@ -175,7 +176,7 @@ def test_the_real_statistic_is_uniform_for_identical_candidates():
     model.add_task()
     model.finish_task()
     rows = [layer.bank_rows.repeat(4, 1) for layer in model.masked_layers]
-    grads, conf = detection.nn_detection_gradients(model, torch.randn(3, 1, 28, 28), packed=rows)
+    grads, conf = detection.nn_detection_gradients(model, torch.randn(3, 1, 28, 28), Candidates.of_rows(rows))
     assert grads.shape == (4,) and torch.allclose(grads, grads[0].expand(4))
     assert conf == pytest.approx(0.25)
 
@@ -306,7 +307,7 @@ def test_decisions_are_logged_with_batch_and_mask(statistic, caplog):
 def test_the_real_statistic_counts_every_candidate(monkeypatch):
     """``n`` is the bank's masks plus the extra candidates: alpha = 1/n for each, and the
     statistic is max softmax(-grad) of the gradient the float-stack oracle gives."""
-    from supsup.inference import alpha_gradients_reference, candidate_extras
+    from supsup.inference import alpha_gradients_reference
 
     model = _model(num_tasks=5)
     for t in range(2):
@@ -317,12 +318,12 @@ def test_the_real_statistic_counts_every_candidate(monkeypatch):
         F_train.step()
         model.finish_task()
     model.add_task()
-    extra = candidate_extras(model, include_active=True, pad_to=4)
+    candidates = model.candidates(include_active=True, pad_to=4)
+    assert candidates.tasks == (0, 1, 2, None)
     x = torch.randn(6, 1, 28, 28, generator=torch.Generator().manual_seed(9))
-    grads, conf = detection.nn_detection_gradients(model, x, extra=extra)
-    packed = [torch.cat([layer.bank_rows, e]) for layer, e in zip(model.masked_layers, extra)]
+    grads, conf = detection.nn_detection_gradients(model, x, candidates)
     ref = alpha_gradients_reference(model, x.unsqueeze(0), torch.full((1, 4), 0.25), objective="entropy",
-                                    num_classes=1, packed=packed)[0]
+                                    num_classes=1, candidates=Candidates.of_rows(candidates.rows()))[0]
     assert grads.shape == (4,) and torch.allclose(grads, ref, rtol=1e-4, atol=1e-7)
     assert conf == pytest.approx(float(torch.softmax(-ref, 0).max()), rel=1e-5)
 
@@ -364,8 +365,9 @@ def test_the_papers_check_counts_the_mask_in_training_among_the_candidates(stati
     det = NNDetector(model, NNConfig(check_every=1, min_candidates=3, threshold=1.0, min_batches_per_task=0))
     statistic([-1.0], conf=0.9)
     _step(det, 2, true_task=0)  # batch 0 starts mask 0, batch 1 is checked
-    (extra,) = statistic.extras
-    for layer, rows, later in zip(model.masked_layers, extra, model.initial_scores(1)):
-        assert rows.shape[0] == 3
+    (candidates,) = statistic.extras
+    assert candidates.tasks == (0, None, None) and candidates.banked == 0
+    for i, (layer, later) in enumerate(zip(model.masked_layers, model.initial_scores(1))):
+        rows = torch.stack([candidates.row(i, j) for j in range(3)])
         assert torch.equal(rows[0], pack_bits(layer.current_mask()))
         assert torch.equal(rows[1], pack_bits(binarize(later, layer.mask_kind, layer.density)))

@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from supsup import evaluation, inference
+from supsup.candidates import Candidates
 from supsup.config import InferenceConfig, TrainConfig
 from supsup.data.streams import create_stream
 from supsup.evaluation import evaluate_given_task, evaluate_inferred
+from supsup.inference import infer_tasks
 from supsup.model import Mode, ModeError, SupermaskModel
 from supsup.training import train_task
 
@@ -163,12 +165,8 @@ def test_groups_shrink_to_fit_the_activation_memory(mnist_data, monkeypatch):
         model.finish_task()
     per_image = evaluation.activation_bytes_per_image(model, torch.zeros(1, 1, 28, 28))
     assert per_image > 64 * 26 * 26 * 4  # at least the first conv's output
-    # measured once per model and input shape: a second call runs no forward pass
-    forwards: list[int] = []
-    hook = model.register_forward_pre_hook(lambda *_: forwards.append(1))
-    assert evaluation.activation_bytes_per_image(model, torch.ones(1, 1, 28, 28)) == per_image
-    assert forwards == []
-    hook.remove()
+    assert evaluation.activation_bytes_per_image(model, torch.ones(1, 1, 28, 28)) == per_image  # sizes only
+    assert model.mode is Mode.IDLE  # the measuring pass leaves the model as it was
     passes: list[int] = []
     real = evaluation.rank_tasks
 
@@ -343,5 +341,24 @@ def test_gn_evaluation_infers_among_the_candidates_it_is_given():
     cfg = InferenceConfig(method="one_shot", objective="entropy", num_images=4)
     whole = evaluate_inferred(model, batches, 2, cfg)
     assert set(whole.inferred_counts) - {0, 1}  # over the whole bank some batch goes to mask 2
-    prefix = evaluate_inferred(model, batches, 2, cfg, packed=[layer.bank_rows[:2] for layer in model.masked_layers])
+    prefix = evaluate_inferred(model, batches, 2, cfg, candidates=model.candidates(num_banked=2))
     assert set(prefix.inferred_counts) <= {0, 1} and prefix.task_inference_acc == 0.0
+    # earlier versions' row lists still work, with a warning, and mean the same candidates
+    x = torch.stack([b[0] for b in batches[:6]])
+    with pytest.warns(FutureWarning, match="candidates="):
+        old, _ = infer_tasks(model, x, objective="entropy", packed=[layer.bank_rows[:2] for layer in model.masked_layers])
+    new, _ = infer_tasks(model, x, objective="entropy", candidates=model.candidates(num_banked=2))
+    assert torch.equal(old, new)
+    with pytest.raises(TypeError, match="not both"):
+        infer_tasks(model, x, candidates=model.candidates(), extra=[r[:1] for r in model.candidates().rows()])
+
+
+def test_a_candidate_set_needs_one_row_per_candidate_in_every_layer():
+    model = SupermaskModel.from_name("lenet_300_100", num_tasks=2, num_outputs=10)
+    model.add_task()
+    model.finish_task()
+    rows = model.candidates().rows()
+    with pytest.raises(ValueError, match="one row per candidate"):
+        Candidates((tuple(rows[:1]), (rows[1].repeat(2, 1),), (rows[2],)), (0,))
+    with pytest.raises(IndexError, match="num_banked must be in 0..1"):
+        model.candidates(num_banked=2)

@@ -181,8 +181,8 @@ def test_scores_are_each_masks_own_and_any_prefix_gives_the_state_after_n_tasks(
     cfg = InferenceConfig(method="likelihood", num_images=2)
     table = likelihood_table(model, images, cfg)
     for n in (2, 3):
-        packed = [layer.bank_rows[:n] for layer in model.masked_layers]
-        tasks, _ = inference.infer_tasks(model, torch.stack(images), method="likelihood", packed=packed)
+        tasks, _ = inference.infer_tasks(model, torch.stack(images), method="likelihood",
+                                         candidates=model.candidates(num_banked=n))
         assert torch.equal(table[:, :n].argmin(1), tasks)
     # the table is a sum of per-image scores of each mask alone
     single = inference.likelihood_scores(model, images[4][:1], [1])

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from supsup import masks as M
 from supsup.inference import (
     alpha_gradients,
     alpha_gradients_reference,
@@ -189,22 +190,26 @@ def test_extra_candidates_read_the_bank_in_place_and_match_the_oracle():
     """NN's candidates: the bank (read in place, never copied), the mask in training and
     untrained masks of future task ids; gradients equal the float-stack oracle's over the
     concatenated candidates, and one-shot picks among all of them."""
-    from supsup.inference import _candidate_blocks, candidate_extras
+    from supsup.candidates import Candidates
 
     model = _trained(num_tasks=3, capacity=6)  # three finished tasks
     model.add_task()
     _train(model, *_data(seed=7))  # a fourth in training
-    extra = candidate_extras(model, include_active=True, pad_to=5)
-    assert [e.shape[0] for e in extra] == [2] * len(model.masked_layers)  # active + one untrained
-    assert _candidate_blocks(model, None, extra)[0][0].data_ptr() == model.masked_layers[0].bank.data_ptr()
+    candidates = model.candidates(include_active=True, pad_to=5)
+    assert candidates.tasks == (0, 1, 2, 3, None) and candidates.banked == 3 and candidates.whole_bank
+    assert [b[1].shape[0] for b in candidates.blocks] == [2] * len(model.masked_layers)  # active + one untrained
+    assert candidates.blocks[0][0].data_ptr() == model.masked_layers[0].bank.data_ptr()
+    untrained = model.initial_scores(4)  # the padding is what task 4 will start from
+    assert torch.equal(M.unpack_bits(candidates.row(0, 4), model.masked_layers[0].num_weights),
+                       M.binarize(untrained[0], "threshold", 0.5).flatten())
     x = torch.randn(2, 4, 1, 28, 28, generator=torch.Generator().manual_seed(3))
     alphas = torch.full((2, 5), 1 / 5)
-    fast = alpha_gradients(model, x, alphas, objective="entropy", num_classes=10, extra=extra)
-    packed = [torch.cat([layer.bank_rows, e]) for layer, e in zip(model.masked_layers, extra)]
-    ref = alpha_gradients_reference(model, x, alphas, objective="entropy", num_classes=10, packed=packed)
+    fast = alpha_gradients(model, x, alphas, objective="entropy", num_classes=10, candidates=candidates)
+    ref = alpha_gradients_reference(model, x, alphas, objective="entropy", num_classes=10,
+                                    candidates=Candidates.of_rows(candidates.rows()))
     assert torch.allclose(fast, ref, rtol=1e-4, atol=1e-6 * ref.abs().max().item())
     assert model.mode is Mode.TRAIN  # inference restores the training mode
-    tasks, _ = infer_tasks(model, x, method="binary", objective="entropy", extra=extra)
+    tasks, _ = infer_tasks(model, x, method="binary", objective="entropy", candidates=candidates)
     assert ((0 <= tasks) & (tasks < 5)).all()
 
 

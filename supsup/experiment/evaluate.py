@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..candidates import Candidates
 from ..config import InferenceConfig, RunConfig, Scenario
 from ..evaluation import (
     evaluate_from_table,
@@ -22,7 +23,6 @@ from ..evaluation import (
     evaluate_per_image,
     likelihood_table,
 )
-from ..inference import candidate_extras
 from ..model import SupermaskModel
 from .results import AccuracyMatrix, CurvePoint, InferredScores, RunResults, Summary, TaskRow
 
@@ -143,10 +143,9 @@ class EvaluationCache:
 
 def evaluate_task(cfg: RunConfig, model: SupermaskModel, stream, task_id: int,
                   mask_to_task: dict[int, int] | None, *, inferred: bool = True,
-                  packed: list[torch.Tensor] | None = None, cache: EvaluationCache | None = None) -> TaskRow:
+                  candidates: Candidates | None = None, cache: EvaluationCache | None = None) -> TaskRow:
     """One task's row: GG accuracy, and in GN/NN (if ``inferred``) the task-inferred accuracy
-    per objective, over the candidate masks ``packed`` (default: the bank and the mask in
-    training). ``mask_to_task`` (NN) maps detected masks to the true tasks they stand for.
+    per objective, over ``candidates`` (default: the bank and the mask in training). ``mask_to_task`` (NN) maps detected masks to the true tasks they stand for.
     ``cache``: what evaluations of the same bank share (GG counts, mask-independent scores);
     with both cached, the task's test set is not even loaded."""
     row = TaskRow(task_id)
@@ -176,16 +175,17 @@ def evaluate_task(cfg: RunConfig, model: SupermaskModel, stream, task_id: int,
         row.acc_given_task, per_batch = evaluate_given_task(model, batches(), task_id)
     if cfg.scenario is Scenario.GG or not inferred:
         return row
-    extra = candidate_extras(model, include_active=True) if model.active_task is not None else None
+    candidates = model.candidates(include_active=True) if candidates is None else candidates
+    only_banked = len(candidates) == candidates.banked  # a prefix of the bank: the state after that many tasks
     for i, objective in enumerate(objectives(cfg)):
         inf = dataclasses.replace(cfg.inference, objective=objective)
-        k = model.num_banked_tasks if packed is None else packed[0].shape[0]  # a prefix: the state after k tasks
-        table = cache.table(task_id, inf, k) if cache is not None and extra is None and mask_to_task is None else None
+        table = (cache.table(task_id, inf, candidates.banked) if cache is not None and only_banked
+                 and mask_to_task is None else None)
         if table is not None:
             res = evaluate_from_table(task_id, table, per_batch)
         else:
             res = evaluate_inferred(model, batches(), task_id, inf, per_batch_given=per_batch, task_map=task_map,
-                                    packed=packed, extra=extra, true_mask=true_mask)
+                                    candidates=candidates, true_mask=true_mask)
         scores = InferredScores(res.acc_inferred, res.task_inference_acc)
         if i == 0:
             row.inferred = scores
@@ -193,7 +193,7 @@ def evaluate_task(cfg: RunConfig, model: SupermaskModel, stream, task_id: int,
             row.shortlist_recall = res.shortlist_recall
             row.true_rank_counts = res.true_rank_counts
             if cfg.benchmark.labels == "global":  # class-incremental: also the task of each image alone
-                row.acc_inferred_per_image = evaluate_per_image(model, batches(), inf, packed=packed, extra=extra)
+                row.acc_inferred_per_image = evaluate_per_image(model, batches(), inf, candidates=candidates)
         else:
             row.by_objective[objective] = scores
     return row
@@ -208,8 +208,8 @@ def curve_point(cfg: RunConfig, model: SupermaskModel, stream, num_learned: int,
     learned)."""
     t0 = time.perf_counter()
     tasks = sampled_tasks(num_learned, cfg.eval.sample_tasks)
-    packed = [layer.bank_rows[:num_learned] for layer in model.masked_layers] if bank_prefix else None
-    rows = [evaluate_task(cfg, model, stream, t, mask_to_task, packed=packed, cache=cache) for t in tasks]
+    candidates = model.candidates(num_banked=num_learned) if bank_prefix else model.candidates(include_active=True)
+    rows = [evaluate_task(cfg, model, stream, t, mask_to_task, candidates=candidates, cache=cache) for t in tasks]
     inferred = not cfg.scenario.task_given_at_test
     point = CurvePoint(num_tasks_learned=num_learned, tasks_evaluated=tasks, summary=Summary.of(rows, inferred=inferred),
                        seconds=time.perf_counter() - t0, rows=rows, inferred=inferred)
@@ -251,8 +251,9 @@ def final_evaluation(cfg: RunConfig, model: SupermaskModel, stream, results: Run
             and set(last.tasks_evaluated) == inferred_tasks):
         reuse = {r.task_id: r for r in last.rows}
     rows = []
+    candidates = model.candidates(include_active=True)
     for task_id in range(num_tasks):
-        row = evaluate_task(cfg, model, stream, task_id, mask_to_task,
+        row = evaluate_task(cfg, model, stream, task_id, mask_to_task, candidates=candidates,
                             inferred=task_id in inferred_tasks and task_id not in reuse, cache=cache)
         if task_id in reuse:
             old_row = reuse[task_id]

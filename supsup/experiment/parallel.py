@@ -124,8 +124,8 @@ def _sharded_rows(cfg: RunConfig, model: SupermaskModel, stream, pairs: list[tup
     gathered on all."""
     mine = {}
     for n, task, inferred in dist.shard(pairs):
-        packed = None if n == model.num_banked_tasks else [layer.bank_rows[:n] for layer in model.masked_layers]
-        mine[(n, task)] = evaluate_task(cfg, model, stream, task, None, inferred=inferred, packed=packed).to_dict()
+        mine[(n, task)] = evaluate_task(cfg, model, stream, task, None, inferred=inferred,
+                                        candidates=model.candidates(num_banked=n)).to_dict()
     out = {}
     for part in dist.gather(mine):
         out.update({key: TaskRow.from_dict(row) for key, row in part.items()})

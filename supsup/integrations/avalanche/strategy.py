@@ -22,7 +22,6 @@ from avalanche.training.templates import SupervisedTemplate
 from ...config import EvalConfig, InferenceConfig, NNConfig, Scenario, TrainConfig
 from ...detection import NNDetector
 from ...evaluation import BatchOutcome, infer_batch_masks, infer_batches
-from ...inference import candidate_extras
 from ...model import SupermaskModel
 from ...rng import make_generator
 from ...training import (
@@ -342,9 +341,8 @@ class SupSupStrategy(SupervisedTemplate):
         """Logits ``(B, num_classes)``: each image's task inferred from it alone, the image
         classified with that mask; one outcome of size 1 per image."""
         model = self.model
-        extra = candidate_extras(model, include_active=True)
         masks = infer_batch_masks(model, list(x.unsqueeze(1)), dataclasses.replace(self.inference_config, num_images=1),
-                                  extra=extra)
+                                  candidates=model.candidates(include_active=True))
         logits = x.new_zeros(x.shape[0], self.num_classes)
         masks_t = torch.tensor(masks, device=x.device)
         for mask in sorted(set(masks)):
@@ -371,9 +369,9 @@ class SupSupStrategy(SupervisedTemplate):
             return None
         # Finished masks, plus the one being trained (evaluation during training, or NN):
         # candidate i is mask i.
-        extra = candidate_extras(model, include_active=True)
         own = self.task_to_mask().get(self.task_id_of(self.experience))  # where it ranks: reporting only
-        (self._last_inference,) = infer_batches(model, [x], self.inference_config, extra=extra, true_masks=[own])
+        (self._last_inference,) = infer_batches(model, [x], self.inference_config,
+                                                candidates=model.candidates(include_active=True), true_masks=[own])
         self.last_inferred_task = self._last_inference.mask
         return self.last_inferred_task
 
