@@ -16,77 +16,61 @@ weights are rebuilt (and checked against their digest).
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Sequence
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import masks as M
-from .backbones import create_backbone, init_weights
+from .backbones import KEEP_WEIGHTS, create_backbone, paper_init
 from .bank import (
     LIKELIHOOD_PREFIX,
     TASK_CLASSES_KEY,
+    bank_sha256,
     bank_size,
+    bank_state,
     check_bank_state,
     likelihood_state,
     mask_key,
     norm_key,
     norm_running_key,
+    task_classes_state,
     task_rows,
+    task_sha256,
 )
 from .candidates import Candidates
+from .checkpoint import CheckpointError
 from .errors import CapacityError, ModeError
 from .layers import SupermaskLayer, wrap_backbone
 from .likelihood import (
     DEFAULT_LIKELIHOOD,
     LikelihoodSpec,
     TaskLikelihood,
-    choose_rank,
-    fit_class_gaussians,
+    fit_task_likelihood,
     layer_features,
-    layer_rank,
-    stats_nbytes,
     unpack_likelihoods,
 )
-from .modelfile import ModelFile
+from .modelfile import (
+    check_fresh_backbone,
+    constructor_kwargs,
+    frozen_weights_digest,
+    read_model_file,
+    read_pretrained,
+    write_model_file,
+    write_pretrained,
+)
 from .modes import Mode
 from .norm import NORMS, TaskBatchNorm
-from .prediction import Prediction
 from .rng import make_generator
 
-__all__ = ["MIN_CLASS_RANK", "Mode", "ModeError", "CapacityError", "SupermaskModel"]
+__all__ = ["Mode", "ModeError", "CapacityError", "SupermaskModel"]
 
-#: likelihood statistics are kept per class only when every class can keep this many directions
-#: (fewer per class ranked worse than one Gaussian per task at full rank: FC 1024, 50
-#: PermutedMNIST tasks, one image: 10 classes at rank 5, 0.979; one Gaussian at rank 32, 1.000)
-MIN_CLASS_RANK = 16
-
-
-#: ``weight_init`` that keeps a module's own weights (a pretrained backbone, as in Piggyback)
-KEEP_WEIGHTS = "keep"
-
-
-def _paper_init(backbone: nn.Module, weight_init: str, seed: int) -> None:
-    """Initialise a backbone's Linear/Conv2d weights for masks to learn on (:func:`init_weights`
-    from (seed, "backbone")): whether a mask can learn depends on the frozen weights' scale,
-    and torch's default init leaves masks of a small MLP near chance (measured in
-    ``benchmarks/results/user_backbones.md``). Biases are set to 0, with a warning when there are
-    any: a frozen bias would be shared by every task, unmasked, and the paper's networks have none."""
-    has_bias = any(isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None and bool(m.bias.detach().any())
-                   for m in backbone.modules())
-    try:
-        init_weights(backbone, weight_init, make_generator(seed, "backbone"))
-    except KeyError as err:
-        raise ValueError(f"{err.args[0]}, or {KEEP_WEIGHTS!r} (the module's own weights)") from None
-    if has_bias:
-        warnings.warn(f"the backbone's Linear/Conv2d biases are set to 0 by weight_init={weight_init!r} (SupSup masks "
-                      "weights only, and a frozen bias would be shared by every task); weight_init='keep' keeps the "
-                      "module's own weights and biases (e.g. a pretrained backbone)", UserWarning, stacklevel=3)
-
-
-class SupermaskModel(ModelFile, Prediction, nn.Module):
+class SupermaskModel(nn.Module):
     """A frozen backbone whose Linear/Conv2d layers carry per-task supermasks.
 
     Args:
@@ -121,7 +105,7 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
             raise TypeError("this backbone is already wrapped (it belongs to a SupermaskModel): pass a fresh instance "
                             "of your module, or SupermaskModel.load(path, backbone=YourModule())")
         if weight_init != KEEP_WEIGHTS:
-            _paper_init(backbone, weight_init, seed)
+            paper_init(backbone, weight_init, seed)
         wrap_backbone(backbone, norm, mask_kind=mask_kind, density=density, score_init=score_init)
         self.backbone = backbone
         if not self.masked_layers:
@@ -435,9 +419,7 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
         """Fit and bank task ``task_id``'s likelihood statistics (:mod:`supsup.likelihood`) from
         images ``x`` ``(n, ...)`` of the task with labels ``y`` ``(n,)``: the features its own mask
         (and BatchNorm statistics) compute, a probabilistic PCA Gaussian per feature layer, within
-        the mask's bytes. One Gaussian per class when every class can keep
-        ``min(16, likelihood.max_rank)`` directions or more (classes with a single image left
-        out), else one for the whole task at the largest rank that fits."""
+        the mask's bytes (:func:`supsup.likelihood.fit_task_likelihood`)."""
         if self.likelihood is None:
             raise ModeError("this model keeps no likelihood statistics (likelihood=None)")
         if x.shape[0] != y.shape[0] or x.shape[0] < 2:
@@ -446,23 +428,10 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
         with self.use_task(task_id):
             feats = [torch.cat(f) for f in zip(*(layer_features(self, self.feature_layers, xc)
                                                  for xc in x.split(chunk)))]
-        labels = y.to(feats[0].device)
-        dims = [f.shape[1] for f in feats]
-        budget, spec = self.mask_nbytes, self.likelihood
-        classes, counts = labels.unique(return_counts=True)
-        enough = counts >= 2
-        rank = -1
-        if int(enough.sum()) > 1:
-            rank = choose_rank(budget, dims, int(enough.sum()), spec.max_rank, int(counts[enough].min()))
-        if rank >= min(MIN_CLASS_RANK, spec.max_rank):  # a Gaussian per class
-            keep = torch.isin(labels, classes[enough])
-        else:  # one Gaussian for the task: more directions than per class (measured: sharper)
-            labels, keep = torch.zeros_like(labels), torch.ones_like(labels, dtype=torch.bool)
-            rank = choose_rank(budget, dims, 1, spec.max_rank, labels.numel())
-            if rank < 0:
-                raise ValueError(f"task {task_id}'s likelihood statistics ({stats_nbytes(dims, 1, 0)} bytes at least) "
-                                 f"exceed its mask's {budget} bytes: use a model with fewer feature units")
-        fitted = TaskLikelihood([fit_class_gaussians(f[keep], labels[keep], layer_rank(rank, f.shape[1])) for f in feats])
+        try:
+            fitted = fit_task_likelihood(feats, y.to(feats[0].device), self.mask_nbytes, self.likelihood)
+        except ValueError as err:
+            raise ValueError(f"task {task_id}: {err}") from None
         self._likelihoods[task_id] = fitted
         return fitted
 
@@ -476,6 +445,42 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
             bn.set_mode(Mode.TASK, stats=bn.task_stats(None if task_id == self._active_task else task_id))
         self._mode = Mode.TASK
         self._current_task = task_id
+
+    @contextlib.contextmanager
+    def use_task(self, task_id: int) -> Iterator[SupermaskModel]:
+        """``with model.use_task(t): ...`` runs task ``t``'s mask inside the block, then puts
+        the model back in the mode it was in (training the active task, or idle)."""
+        self.set_task(task_id)
+        try:
+            yield self
+        finally:
+            self.restore_mode()
+
+    def set_task_classes(self, task_id: int, classes: Sequence[int]) -> None:
+        """Task ``task_id`` answers among ``classes`` only (class-incremental streams, where
+        labels are global: a task's mask predicts one of its own classes)."""
+        classes = sorted({int(c) for c in classes})
+        if not classes or classes[0] < 0 or classes[-1] >= self.num_classes:
+            raise ValueError(f"task classes must be in 0..{self.num_classes - 1}, got {classes}")
+        self.task_classes[task_id] = classes
+
+    def class_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, num_classes)`` of the real classes in the current mode; a task with its
+        own classes (:meth:`set_task_classes`) gets ``-inf`` for the others."""
+        logits = self(x)[:, : self.num_classes]
+        classes = self.task_classes.get(self._current_task) if self._mode is Mode.TASK else None
+        if classes is None:
+            return logits
+        allowed = torch.zeros(self.num_classes, dtype=torch.bool, device=logits.device)
+        allowed[classes] = True
+        return logits.masked_fill(~allowed, float("-inf"))
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Class predictions ``(B,)`` int64 for inputs ``(B, ...)`` in the current mode, among
+        the ``num_classes`` real classes (superfluous neurons are never a class) and, for a task
+        with its own classes, among those."""
+        return self.class_logits(x).argmax(dim=1)
 
     # --------------------------------------------------------------------- superposition
     def superpose(self, alphas: torch.Tensor, packed: list[torch.Tensor] | None = None,
@@ -557,3 +562,113 @@ class SupermaskModel(ModelFile, Prediction, nn.Module):
                 bn.running_var.copy_(norm_entries[norm_running_key(j)][1])
         self._num_learned = rows[0].shape[0] if num_learned is None else num_learned
         self.restore_mode()
+
+    def frozen_weights_digest(self) -> str:
+        """SHA-256 of the frozen weights (:func:`supsup.modelfile.frozen_weights_digest`)."""
+        return frozen_weights_digest(self.backbone)
+
+    def bank_state(self) -> dict[str, torch.Tensor]:
+        """Packed bank rows per layer (exactly ``num_banked_tasks`` rows each), BatchNorm and
+        likelihood statistics and task classes, on the CPU (:func:`supsup.bank.bank_state`)."""
+        state = bank_state(self.masked_layers, self.norm_layers)
+        state.update(task_classes_state(self.task_classes, self.num_banked_tasks))  # class-incremental
+        state.update(likelihood_state([self._likelihoods.get(t) for t in range(self.num_banked_tasks)]))
+        return state
+
+    def bank_sha256(self) -> str:
+        """SHA-256 of the bank, task by task (:func:`supsup.bank.bank_sha256`)."""
+        return bank_sha256(self.masked_layers, norms=self.norm_layers,
+                           likelihoods=[self._likelihoods.get(t) for t in range(self.num_banked_tasks)])
+
+    def task_sha256(self, task_id: int) -> str:
+        """SHA-256 of a banked task's mask and BatchNorm statistics (:func:`supsup.bank.task_sha256`)."""
+        return task_sha256(self.masked_layers, task_id, self.norm_layers)
+
+    def identity(self) -> dict[str, Any]:
+        """What defines this model besides its masks: the backbone spec (if built by name), the
+        output and class counts, capacity, seed, mask kind and the frozen weights' digest."""
+        return {"spec": self.spec, "num_outputs": self.num_outputs, "num_classes": self.num_classes,
+                "num_tasks": self.num_tasks, "seed": self.seed, "weight_init": self.weight_init,
+                "mask_kind": self.mask_kind, "density": self.density, "score_init": self.score_init, "norm": self.norm,
+                "likelihood": None if self.likelihood is None else dataclasses.asdict(self.likelihood),
+                "num_masked_weights": self.num_masked_weights,
+                "layer_shapes": [list(layer.weight.shape) for layer in self.masked_layers],
+                "frozen_weights_sha256": self.frozen_weights_digest()}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save the banked tasks and the model's identity to one checksummed file (written
+        atomically; nothing in it is pickled). A task still in training is not saved: call
+        :meth:`finish_task` first."""
+        self._check_saveable("save")
+        write_model_file(path, self.bank_state(), self.identity())
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write the banked tasks as ``DIR/supermasks.safetensors`` + ``DIR/supsup_config.json``
+        (:func:`supsup.modelfile.write_pretrained`: peft's layout, no pickle)."""
+        self._check_saveable("save_pretrained")
+        return write_pretrained(directory, self.bank_state(), self.identity(), num_banked_tasks=self.num_banked_tasks,
+                                bank_sha256=self.bank_sha256())
+
+    def _check_saveable(self, how: str) -> None:
+        if self._active_task is not None:
+            raise ModeError(f"task {self._active_task} is still being trained: call finish_task() before {how}()")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, backbone: nn.Module | None = None,
+             device: torch.device | str = "cpu") -> SupermaskModel:
+        """A model saved by :meth:`save`, with its banked tasks; outputs equal the saved model's.
+
+        Args:
+            backbone: the backbone module, for a model that was not built by :meth:`from_name`
+                (the file then holds no recipe for it); its weights must be the saved ones.
+
+        Raises:
+            CheckpointError: a missing, corrupt or foreign file, or frozen weights that differ
+                from the saved model's.
+        """
+        check_fresh_backbone(backbone)
+        state, identity = read_model_file(path)
+        return cls._rebuild(identity, state, backbone, where=str(path)).to(device)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, backbone: nn.Module | None = None,
+                        device: torch.device | str = "cpu") -> SupermaskModel:
+        """A model written by :meth:`save_pretrained` (or ``supsup export``); outputs equal the
+        saved model's. ``backbone``: as for :meth:`load`.
+
+        Raises:
+            CheckpointError: a missing or unreadable file, tensors that do not match the config's
+                digest, or frozen weights that differ from the saved model's.
+        """
+        check_fresh_backbone(backbone)
+        state, identity, digest = read_pretrained(directory)
+        model = cls._rebuild(identity, state, backbone, where=str(directory))
+        if model.bank_sha256() != digest:
+            raise CheckpointError(f"{directory}: the loaded bank's digest differs from the saved one")
+        return model.to(device)
+
+    @classmethod
+    def _rebuild(cls, identity: dict[str, Any], state: dict[str, torch.Tensor], backbone: nn.Module | None, *,
+                 where: str) -> SupermaskModel:
+        """A saved model: rebuilt from its identity (the frozen weights checked), its bank loaded."""
+        try:
+            kwargs, spec = constructor_kwargs(identity), identity["spec"]
+            if backbone is not None:
+                # files written before weight_init was recorded kept the module's own weights
+                model = cls(backbone, weight_init=identity.get("weight_init") or KEEP_WEIGHTS, **kwargs)
+            elif spec is not None:
+                model = cls.from_name(spec["backbone"], num_outputs=spec["num_outputs"], input_shape=spec["input_shape"],
+                                      weight_init=spec["weight_init"], **kwargs)
+            else:
+                raise CheckpointError(f"{where} holds a model built from a custom backbone: pass it as "
+                                      "SupermaskModel.load(path, backbone=module) (or from_pretrained(dir, backbone=module))")
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{where}: unusable model identity ({type(err).__name__}: {err})") from None
+        if model.frozen_weights_digest() != identity["frozen_weights_sha256"]:
+            raise CheckpointError(f"{where}: the rebuilt backbone's frozen weights differ from the saved model's "
+                                  "(another torch version's initialisation, or another backbone module)")
+        try:
+            model.load_bank_state(state)
+        except ValueError as err:
+            raise CheckpointError(f"{where} has an unusable mask bank: {err}") from None
+        return model

@@ -23,6 +23,12 @@ PACKAGE = ROOT / "supsup"
 #: a guard against a module growing into several concepts, not a budget to squeeze code into: a
 #: module near it should be split where its concepts part, not compressed
 MAX_LINES = 600
+#: modules past MAX_LINES, each with why it is one concept (the warning list: a module joins it in
+#: a reviewed change, never by squeezing another)
+LONG_MODULES = {
+    "supsup.model": "SupermaskModel: one class whose methods are its whole API (task bank, modes, superposition, "
+                    "files); split, it would be mixins reading each other's private state again",
+}
 
 LAYERS = {
     "supsup.training": 1, "supsup.evaluation": 1, "supsup.detection": 1,
@@ -137,7 +143,11 @@ def test_no_private_name_is_imported_from_another_module():
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_modules_stay_small(module):
     lines = len(MODULES[module].read_text().splitlines())
-    assert lines <= MAX_LINES, f"{MODULES[module].relative_to(ROOT)} has {lines} lines (at most {MAX_LINES})"
+    if module in LONG_MODULES:  # the list stays true: a module that shrank leaves it
+        assert lines > MAX_LINES, f"{module} has {lines} lines: take it off LONG_MODULES"
+    else:
+        assert lines <= MAX_LINES, (f"{MODULES[module].relative_to(ROOT)} has {lines} lines (at most {MAX_LINES}): "
+                                    "split it where its concepts part, or list it in LONG_MODULES with why it is one")
 
 
 def test_every_package_is_installed():

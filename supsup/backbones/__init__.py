@@ -14,6 +14,14 @@ Weights are initialised by :func:`init_weights` from a local generator.
 """
 
 from . import convnets, mlp, resnet  # noqa: F401  (each registers its backbones)
-from .registry import BACKBONES, WEIGHT_INITS, create_backbone, has_batchnorm, init_weights
+from .registry import (
+    BACKBONES,
+    KEEP_WEIGHTS,
+    WEIGHT_INITS,
+    create_backbone,
+    has_batchnorm,
+    init_weights,
+    paper_init,
+)
 
-__all__ = ["BACKBONES", "WEIGHT_INITS", "create_backbone", "has_batchnorm", "init_weights"]
+__all__ = ["BACKBONES", "KEEP_WEIGHTS", "WEIGHT_INITS", "create_backbone", "has_batchnorm", "init_weights", "paper_init"]

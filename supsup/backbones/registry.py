@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from ..registry import Registry
+from ..rng import make_generator
 
-__all__ = ["BACKBONES", "WEIGHT_INITS", "create_backbone", "features", "has_batchnorm", "init_weights"]
+__all__ = ["BACKBONES", "KEEP_WEIGHTS", "WEIGHT_INITS", "create_backbone", "features", "has_batchnorm", "init_weights",
+           "paper_init"]
+
+#: ``weight_init`` that keeps a module's own weights (a pretrained backbone, as in Piggyback)
+KEEP_WEIGHTS = "keep"
 
 BACKBONES: Registry[Callable[..., nn.Module]] = Registry("backbone")
 WEIGHT_INITS: Registry[Callable[[torch.Tensor, torch.Generator], None]] = Registry("weight_init")
@@ -51,6 +57,24 @@ def init_weights(backbone: nn.Module, weight_init: str, generator: torch.Generat
             if module.bias is not None:
                 with torch.no_grad():
                     module.bias.zero_()
+
+
+def paper_init(backbone: nn.Module, weight_init: str, seed: int) -> None:
+    """Initialise a backbone's Linear/Conv2d weights for masks to learn on (:func:`init_weights`
+    from (seed, "backbone")): whether a mask can learn depends on the frozen weights' scale,
+    and torch's default init leaves masks of a small MLP near chance (measured in
+    ``benchmarks/results/user_backbones.md``). Biases are set to 0, with a warning when there are
+    any: a frozen bias would be shared by every task, unmasked, and the paper's networks have none."""
+    has_bias = any(isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None and bool(m.bias.detach().any())
+                   for m in backbone.modules())
+    try:
+        init_weights(backbone, weight_init, make_generator(seed, "backbone"))
+    except KeyError as err:
+        raise ValueError(f"{err.args[0]}, or {KEEP_WEIGHTS!r} (the module's own weights)") from None
+    if has_bias:
+        warnings.warn(f"the backbone's Linear/Conv2d biases are set to 0 by weight_init={weight_init!r} (SupSup masks "
+                      "weights only, and a frozen bias would be shared by every task); weight_init='keep' keeps the "
+                      "module's own weights and biases (e.g. a pretrained backbone)", UserWarning, stacklevel=3)
 
 
 def has_batchnorm(module: nn.Module) -> bool:
