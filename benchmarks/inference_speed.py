@@ -73,7 +73,7 @@ def _worker(kind: str, k: int, group: int, repeats: int, backbone: str, num_outp
     stacks = None
     if kind == "reference":
         # The original implementation's state: a float stack of every mask, kept across calls.
-        stacks = float_stacks(model)
+        stacks = float_stacks(model, model.candidates())
         storage += sum(s.numel() * s.element_size() for s in stacks)
 
     def once(xs):

@@ -85,12 +85,10 @@ class Verdict:
         return self.decision is not Decision.KEEP
 
 
-def nn_detection_gradients(model: SupermaskModel, x: torch.Tensor,
-                           candidates: Candidates | None = None) -> tuple[torch.Tensor, float]:
+def nn_detection_gradients(model: SupermaskModel, x: torch.Tensor, candidates: Candidates) -> tuple[torch.Tensor, float]:
     """The statistic of NN's check on batch ``x`` ``(n_img, ...)``: ``d H / d alpha`` ``(n,)``
-    at ``alpha = 1/n`` over the ``n`` candidates (default: the bank;
-    :meth:`SupermaskModel.candidates`), and ``max softmax(-grad)``."""
-    candidates = model.candidates() if candidates is None else candidates
+    at ``alpha = 1/n`` over the ``n`` ``candidates`` (:meth:`SupermaskModel.candidates`), and
+    ``max softmax(-grad)``."""
     n = len(candidates)
     alphas = torch.full((1, n), 1.0 / n, dtype=x.dtype, device=x.device)
     grads = alpha_gradients(model, x.unsqueeze(0), alphas, objective="entropy", num_classes=1,

@@ -30,7 +30,7 @@ import torch
 
 from .candidates import Candidates
 from .config import InferenceConfig
-from .inference import TaskRanking, likelihood_candidates, likelihood_scores, rank_tasks
+from .inference import TaskRanking, likelihood_candidates, likelihood_scores, rank_among
 from .model import SupermaskModel
 
 __all__ = ["BatchInference", "BatchOutcome", "TaskScores", "classify", "evaluate_given_task", "evaluate_inferred",
@@ -126,19 +126,17 @@ class BatchInference:
     in_shortlist: bool | None = None
 
 
-def infer_batches(model: SupermaskModel, images: Sequence[torch.Tensor], cfg: InferenceConfig, *,
-                  candidates: Candidates | None = None,
-                  true_masks: Sequence[int | None] | None = None) -> list[BatchInference]:
+def infer_batches(model: SupermaskModel, images: Sequence[torch.Tensor], cfg: InferenceConfig,
+                  candidates: Candidates, *, true_masks: Sequence[int | None] | None = None) -> list[BatchInference]:
     """The mask inferred for each test batch ``images[i]`` ``(B_i, ...)`` from its first
-    ``cfg.num_images`` images (paper protocol), over ``candidates`` (default: the bank;
-    :meth:`SupermaskModel.candidates`); with ``true_masks`` (each batch's own mask), where that
+    ``cfg.num_images`` images (paper protocol), among ``candidates``
+    (:meth:`SupermaskModel.candidates`); with ``true_masks`` (each batch's own mask), where that
     mask was ranked.
 
     Batches share an inference pass in groups of ``cfg.group_size`` (speed only); a group only
     holds batches that give the same number of images, so every batch uses its own first
     ``num_images`` (a short last batch uses all it has, on its own).
     """
-    candidates = model.candidates() if candidates is None else candidates
     out: list[BatchInference | None] = [None] * len(images)
     by_size: dict[int, list[int]] = {}
     for i, x in enumerate(images):
@@ -160,10 +158,10 @@ def infer_batches(model: SupermaskModel, images: Sequence[torch.Tensor], cfg: In
 
 
 def _rank(model: SupermaskModel, xs: torch.Tensor, cfg: InferenceConfig, candidates: Candidates) -> TaskRanking:
-    """:func:`~supsup.inference.rank_tasks` of groups ``xs`` ``(G, n, ...)`` with the settings of ``cfg``."""
-    return rank_tasks(model, xs, method=cfg.method, objective=cfg.objective, num_classes=model.num_classes,
+    """:func:`~supsup.inference.rank_among` of groups ``xs`` ``(G, n, ...)`` with the settings of ``cfg``."""
+    return rank_among(model, xs, candidates, method=cfg.method, objective=cfg.objective, num_classes=model.num_classes,
                       log_base=cfg.log_base, refine=cfg.refine, refine_candidates=cfg.refine_candidates,
-                      refine_temperature=cfg.refine_temperature, candidates=candidates)
+                      refine_temperature=cfg.refine_temperature)
 
 
 def _batch_inference(order: torch.Tensor, shortlist: int, true_mask: int | None) -> BatchInference:
@@ -178,10 +176,10 @@ def _batch_inference(order: torch.Tensor, shortlist: int, true_mask: int | None)
     return BatchInference(mask, rank, rank < shortlist)
 
 
-def infer_batch_masks(model: SupermaskModel, images: Sequence[torch.Tensor], cfg: InferenceConfig, *,
-                      candidates: Candidates | None = None) -> list[int]:
+def infer_batch_masks(model: SupermaskModel, images: Sequence[torch.Tensor], cfg: InferenceConfig,
+                      candidates: Candidates) -> list[int]:
     """The mask inferred for each test batch (:func:`infer_batches`)."""
-    return [b.mask for b in infer_batches(model, images, cfg, candidates=candidates)]
+    return [b.mask for b in infer_batches(model, images, cfg, candidates)]
 
 
 def likelihood_table(model: SupermaskModel, images: Sequence[torch.Tensor], cfg: InferenceConfig, *,
@@ -227,11 +225,9 @@ def activation_bytes_per_image(model: SupermaskModel, x: torch.Tensor) -> int:
     return total
 
 
-def evaluate_inferred(model: SupermaskModel, batches: Sequence[Batch], task_id: int, cfg: InferenceConfig, *,
-                      per_batch_given: list[tuple[int, int]] | None = None,
-                      task_map: Callable[[int], int] | None = None,
-                      candidates: Candidates | None = None,
-                      true_mask: int | None = None, table: torch.Tensor | None = None) -> TaskScores:
+def evaluate_inferred(model: SupermaskModel, batches: Sequence[Batch], task_id: int, cfg: InferenceConfig,
+                      candidates: Candidates, *, per_batch_given: list[tuple[int, int]] | None = None,
+                      task_map: Callable[[int], int] | None = None, true_mask: int | None = None, table: torch.Tensor | None = None) -> TaskScores:
     """GN accuracy of task ``task_id`` over its test ``batches`` (the protocol of the module
     docstring).
 
@@ -239,7 +235,7 @@ def evaluate_inferred(model: SupermaskModel, batches: Sequence[Batch], task_id: 
         per_batch_given: ``(correct, size)`` per batch with the task's own mask, when known
             (GG/GN: a batch inferred right is then scored without another forward pass).
         task_map: mask id -> the task it stands for (NN); default: mask ``i`` is task ``i``.
-        candidates: the masks inference chooses among (default: the bank).
+        candidates: the masks inference chooses among (:meth:`SupermaskModel.candidates`).
         true_mask: the task's own mask (default: ``task_id`` without a ``task_map``), whose
             rank among the candidates is recorded.
         table: ``(len(batches), k)`` scores of every batch under each candidate, lowest best,
@@ -252,8 +248,7 @@ def evaluate_inferred(model: SupermaskModel, batches: Sequence[Batch], task_id: 
         k = table.shape[1]
         inferred = [_batch_inference(o, k, true_mask) for o in table.argsort(dim=1, stable=True)]
     else:
-        inferred = infer_batches(model, [x for x, _ in batches], cfg, candidates=candidates,
-                                 true_masks=[true_mask] * len(batches))
+        inferred = infer_batches(model, [x for x, _ in batches], cfg, candidates, true_masks=[true_mask] * len(batches))
     outcomes = []
     for i, ((x, y), inf) in enumerate(zip(batches, inferred)):
         mask = inf.mask
@@ -284,12 +279,11 @@ def evaluate_from_table(task_id: int, table: torch.Tensor, per_batch_given: Sequ
 
 
 @torch.no_grad()
-def evaluate_per_image(model: SupermaskModel, batches: Sequence[Batch], cfg: InferenceConfig, *,
-                       candidates: Candidates | None = None) -> float:
+def evaluate_per_image(model: SupermaskModel, batches: Sequence[Batch], cfg: InferenceConfig,
+                       candidates: Candidates) -> float:
     """Accuracy when the task of every test image is inferred from that image alone and the
     image classified with the inferred mask (among that task's classes): the class-incremental
     reading, where a test image need not come with others of its task."""
-    candidates = model.candidates() if candidates is None else candidates
     correct = total = 0
     for x, y in batches:
         tasks = _rank(model, x.unsqueeze(1), cfg, candidates).tasks  # each image its own group

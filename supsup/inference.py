@@ -36,7 +36,7 @@ from .registry import Registry
 
 __all__ = ["INFERENCE_METHODS", "REFINEMENTS", "InferenceError", "alpha_gradients", "alpha_gradients_reference",
            "binary_keep", "Candidates", "default_method", "default_objective", "exact_objectives", "float_stacks", "infer_task",
-           "infer_tasks", "likelihood_candidates", "likelihood_scores", "num_inference_steps", "rank_tasks",
+           "infer_tasks", "likelihood_candidates", "likelihood_scores", "num_inference_steps", "rank_among", "rank_tasks",
            "TaskRanking"]
 
 #: by name: ``fn(model, x, candidates, *, objective, num_classes, log_base, keep) -> (order, steps)``:
@@ -168,9 +168,14 @@ def alpha_gradients(model: SupermaskModel, x: torch.Tensor, alphas: torch.Tensor
     Returns:
         ``(G, k)`` gradients.
     """
+    return _alpha_gradients(model, x, alphas, _resolve(model, candidates, packed, extra), objective, num_classes)
+
+
+def _alpha_gradients(model: SupermaskModel, x: torch.Tensor, alphas: torch.Tensor, candidates: Candidates,
+                     objective: str, num_classes: int) -> torch.Tensor:
+    """:func:`alpha_gradients` over a given candidate set."""
     _check_inputs(x)
     layers = model.masked_layers
-    candidates = _resolve(model, candidates, packed, extra)
     G, k = alphas.shape
     n_cand = len(candidates)
     if n_cand != k:
@@ -209,11 +214,10 @@ def alpha_gradients(model: SupermaskModel, x: torch.Tensor, alphas: torch.Tensor
     return out.t()
 
 
-def float_stacks(model: SupermaskModel, candidates: Candidates | None = None) -> list[torch.Tensor]:
-    """Every candidate mask (default: the bank's) unpacked to floats, ``(k, *W.shape)`` per
-    layer: the state the original implementation keeps (``k x P`` fp32). Reference and test
-    oracle only."""
-    rows = (model.candidates() if candidates is None else candidates).rows()
+def float_stacks(model: SupermaskModel, candidates: Candidates) -> list[torch.Tensor]:
+    """Every candidate mask unpacked to floats, ``(k, *W.shape)`` per layer: the state the
+    original implementation keeps (``k x P`` fp32). Reference and test oracle only."""
+    rows = candidates.rows()
     return [M.unpack_bits(r, layer.num_weights).to(layer.weight.dtype).view(-1, *layer.weight.shape)
             for r, layer in zip(rows, model.masked_layers)]
 
@@ -227,7 +231,7 @@ def alpha_gradients_reference(model: SupermaskModel, x: torch.Tensor, alphas: to
     ``(G, k)``; returns ``(G, k)``."""
     _check_inputs(x)
     layers = model.masked_layers
-    stacks = stacks if stacks is not None else float_stacks(model, candidates)
+    stacks = stacks if stacks is not None else float_stacks(model, _resolve(model, candidates))
     out = []
     try:
         for g in range(alphas.shape[0]):
@@ -249,7 +253,7 @@ def _one_shot(model: SupermaskModel, x: torch.Tensor, candidates: Candidates, *,
     candidate per group, best (most negative gradient) first."""
     k = len(candidates)
     alphas = torch.full((x.shape[0], k), 1.0 / k, dtype=x.dtype, device=x.device)
-    grads = alpha_gradients(model, x, alphas, objective=objective, num_classes=num_classes, candidates=candidates)
+    grads = _alpha_gradients(model, x, alphas, candidates, objective, num_classes)
     return grads.argsort(dim=1, stable=True), 1  # stable: the first is argmin's (lowest index on a tie)
 
 
@@ -266,7 +270,7 @@ def _binary(model: SupermaskModel, x: torch.Tensor, candidates: Candidates, *, o
     eliminated: list[torch.Tensor] = []
     while count > keep:
         alphas = alive.to(x.dtype) / count
-        grads = alpha_gradients(model, x, alphas, objective=objective, num_classes=num_classes, candidates=candidates)
+        grads = _alpha_gradients(model, x, alphas, candidates, objective, num_classes)
         steps += 1
         grads = grads.masked_fill(~alive, math.inf)
         before, count = count, max(keep, binary_keep(count, log_base))
@@ -340,12 +344,11 @@ def _candidate_masks(model: SupermaskModel, candidates: Candidates, index: int) 
 
 
 @torch.no_grad()
-def exact_objectives(model: SupermaskModel, x: torch.Tensor, shortlist: torch.Tensor, *, objective: str,
-                     num_classes: int, candidates: Candidates | None = None, temperature: float = 1.0) -> torch.Tensor:
+def exact_objectives(model: SupermaskModel, x: torch.Tensor, shortlist: torch.Tensor, candidates: Candidates, *,
+                     objective: str, num_classes: int, temperature: float = 1.0) -> torch.Tensor:
     """The exact score (:func:`supsup.objectives.exact_score`) of the logits / ``temperature`` of
     each group ``x[g]`` ``(n, ...)`` under each of its candidates alone (``shortlist`` ``(G, r)``):
     ``(G, r)``. One forward per candidate over the groups that have it; the bank read in place."""
-    candidates = model.candidates() if candidates is None else candidates
     banked = candidates.banked
     score = exact_score(objective)
     G, n = x.shape[:2]
@@ -411,7 +414,16 @@ def rank_tasks(model: SupermaskModel, x: torch.Tensor, *, method: str = "one_sho
         candidates: the candidate masks (default: the bank's finished tasks;
             :meth:`SupermaskModel.candidates`). ``packed``, ``extra``: deprecated.
     """
-    candidates = _resolve(model, candidates, packed, extra)
+    return rank_among(model, x, _resolve(model, candidates, packed, extra), method=method, objective=objective,
+                      num_classes=num_classes, log_base=log_base, refine=refine, refine_candidates=refine_candidates,
+                      refine_temperature=refine_temperature)
+
+
+def rank_among(model: SupermaskModel, x: torch.Tensor, candidates: Candidates, *, method: str = "one_shot",
+               objective: str = "g", num_classes: int | None = None, log_base: float = 2.0, refine: str = "none",
+               refine_candidates: int = 5, refine_temperature: float = 1.0) -> TaskRanking:
+    """:func:`rank_tasks` among a candidate set the caller built once
+    (:meth:`SupermaskModel.candidates`) and passes to every ranking of an evaluation."""
     k = len(candidates)
     G = x.shape[0]
     if k == 0:
@@ -429,8 +441,8 @@ def rank_tasks(model: SupermaskModel, x: torch.Tensor, *, method: str = "one_sho
     if keep == 1:
         return TaskRanking(order, k, steps)
     shortlist = order[:, :keep]
-    exact = exact_objectives(model, x, shortlist, objective=objective, num_classes=num_classes,
-                             candidates=candidates, temperature=refine_temperature)
+    exact = exact_objectives(model, x, shortlist, candidates, objective=objective, num_classes=num_classes,
+                             temperature=refine_temperature)
     reordered = shortlist.gather(1, exact.argsort(dim=1, stable=True))
     return TaskRanking(torch.cat([reordered, order[:, keep:]], dim=1), keep, steps)
 
@@ -447,9 +459,9 @@ def infer_tasks(model: SupermaskModel, x: torch.Tensor, *, method: str = "one_sh
         evaluations used (one_shot 1; binary :func:`num_inference_steps`, ``ceil(log2 k)`` at base 2;
         likelihood 0).
     """
-    ranking = rank_tasks(model, x, method=method, objective=objective, num_classes=num_classes, log_base=log_base,
-                         refine=refine, refine_candidates=refine_candidates, refine_temperature=refine_temperature,
-                         candidates=_resolve(model, candidates, packed, extra))
+    ranking = rank_among(model, x, _resolve(model, candidates, packed, extra), method=method, objective=objective,
+                         num_classes=num_classes, log_base=log_base, refine=refine, refine_candidates=refine_candidates,
+                         refine_temperature=refine_temperature)
     return ranking.tasks, ranking.steps
 
 

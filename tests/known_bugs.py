@@ -103,7 +103,7 @@ BUGS = [
      "    if training.sampler is not None:\n        model.sampler().set_state(training.sampler)\n    return", "    return",
      "tests/test_runner.py::test_resume_inside_a_task_with_batchnorm_and_bernoulli_masks_is_bitwise_identical"),
     ("a resumed round gives every rank the first rank's task state", "supsup/experiment/parallel.py",
-     "resume_inside_task(out, model, task, ranks[dist.rank])", "resume_inside_task(out, model, task, ranks[0])",
+     "resume_inside_task(run.out, model, task, ranks[dist.rank])", "resume_inside_task(run.out, model, task, ranks[0])",
      "tests/test_distributed.py::test_two_processes_resume_inside_a_round_bitwise"),
     ("an NN resume restarts the BatchNorm statistics of the mask in training", "supsup/experiment/runstate.py",
      "            bn.running_mean.copy_(mean)\n            bn.running_var.copy_(var)\n", "            pass\n",

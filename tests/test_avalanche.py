@@ -163,7 +163,7 @@ def test_strategy_infers_the_task_of_each_image_alone(trained_gn, permuted2):
         batches = list(CachedBatches.evaluation(strategy.data_cache.get(exp.dataset, "eval"), batch_size=128,
                                                 max_batches=2))
         assert len(outcomes) == sum(len(b[1]) for b in batches) and all(o.size == 1 for o in outcomes)
-        native = evaluate_per_image(strategy.model, [(b[0], b[1]) for b in batches], strategy.inference_config)
+        native = evaluate_per_image(strategy.model, [(b[0], b[1]) for b in batches], strategy.inference_config, strategy.model.candidates())
         assert acc[exp.current_experience] == pytest.approx(native, abs=1e-9)
         assert sum(o.correct for o in outcomes) / len(outcomes) == pytest.approx(native, abs=1e-9)
         assert native > 0.7

@@ -69,13 +69,13 @@ def test_binary_search_superposes_its_survivors_uniformly(permuted, monkeypatch)
     dropped ones (paper Alg. 2 renormalises over the survivors): counts 4, 2 for four masks."""
     model, stream = permuted
     seen: list[torch.Tensor] = []
-    real = inference.alpha_gradients
+    real = inference._alpha_gradients
 
-    def spy(model, x, alphas, **kw):
+    def spy(model, x, alphas, *args):
         seen.append(alphas.clone())
-        return real(model, x, alphas, **kw)
+        return real(model, x, alphas, *args)
 
-    monkeypatch.setattr(inference, "alpha_gradients", spy)
+    monkeypatch.setattr(inference, "_alpha_gradients", spy)
     inference.infer_tasks(model, _groups(stream, 2, 3, 4), method="binary", objective="entropy", num_classes=10)
     assert len(seen) == 2
     for alphas, count in zip(seen, (4, 2)):
@@ -94,15 +94,15 @@ def test_gn_counts_a_batch_with_a_wrong_task_as_all_wrong(permuted, monkeypatch)
     batches = list(stream.test_batches(1, 128, 6))
     acc_given, per_batch = evaluate_given_task(model, batches, 1)
 
-    def every_other_wrong(model, x, **kw):
+    def every_other_wrong(model, x, candidates, **kw):
         first = torch.tensor([1 if i % 2 == 0 else 3 for i in range(x.shape[0])])
         rest = torch.tensor([[t for t in (1, 0, 2, 3) if t != f] for f in first.tolist()])  # task 1 second
         return inference.TaskRanking(torch.cat([first.unsqueeze(1), rest], dim=1), NUM_TASKS, 1)
 
-    monkeypatch.setattr(evaluation, "rank_tasks", every_other_wrong)
+    monkeypatch.setattr(evaluation, "rank_among", every_other_wrong)
     total = sum(n for _, n in per_batch)
     for given in (per_batch, None):  # the right batches scored from the GG counts, or again
-        res = evaluate_inferred(model, batches, 1, InferenceConfig(group_size=128), per_batch_given=given)
+        res = evaluate_inferred(model, batches, 1, InferenceConfig(group_size=128), model.candidates(), per_batch_given=given)
         assert res.task_inference_acc == 0.5
         assert res.acc_inferred == sum(c for c, _ in per_batch[0::2]) / total
         # where the batch's own task stood: chosen, or second behind the wrong one
@@ -141,15 +141,15 @@ def test_gn_infers_every_batch_from_its_own_first_images(mnist_data, monkeypatch
         model.add_task()
         model.finish_task()
     seen: list[int] = []
-    real = evaluation.rank_tasks
+    real = evaluation.rank_among
 
-    def spy(model, x, **kw):
+    def spy(model, x, candidates, **kw):
         seen.extend([x.shape[1]] * x.shape[0])
-        return real(model, x, **kw)
+        return real(model, x, candidates, **kw)
 
-    monkeypatch.setattr(evaluation, "rank_tasks", spy)
+    monkeypatch.setattr(evaluation, "rank_among", spy)
     batches = list(stream.test_batches(1, 128))
-    evaluate_inferred(model, batches, 1, InferenceConfig(num_images=128, group_size=32))
+    evaluate_inferred(model, batches, 1, InferenceConfig(num_images=128, group_size=32), model.candidates())
     sizes = [min(128, x.shape[0]) for x, _ in batches]
     assert sizes[-1] == 16 and sorted(seen) == sorted(sizes)
 
@@ -168,20 +168,20 @@ def test_groups_shrink_to_fit_the_activation_memory(mnist_data, monkeypatch):
     assert evaluation.activation_bytes_per_image(model, torch.ones(1, 1, 28, 28)) == per_image  # sizes only
     assert model.mode is Mode.IDLE  # the measuring pass leaves the model as it was
     passes: list[int] = []
-    real = evaluation.rank_tasks
+    real = evaluation.rank_among
 
-    def spy(model, x, **kw):
+    def spy(model, x, candidates, **kw):
         passes.append(x.shape[0] * x.shape[1])
-        return real(model, x, **kw)
+        return real(model, x, candidates, **kw)
 
-    monkeypatch.setattr(evaluation, "rank_tasks", spy)
+    monkeypatch.setattr(evaluation, "rank_among", spy)
     batches = list(stream.test_batches(1, 128, 6))
     budget = 3 * per_image * 300 / 2**20  # room for 300 images: two batches of 128 per pass
     small = evaluate_inferred(model, batches, 1, InferenceConfig(num_images=128, objective="entropy",
-                                                                   memory_mb=max(1, round(budget))))
+                                                                   memory_mb=max(1, round(budget))), model.candidates())
     assert max(passes) <= 300 and len(passes) == 3
     passes.clear()
-    big = evaluate_inferred(model, batches, 1, InferenceConfig(num_images=128, objective="entropy"))
+    big = evaluate_inferred(model, batches, 1, InferenceConfig(num_images=128, objective="entropy"), model.candidates())
     assert passes == [6 * 128] and big == small
 
 
@@ -197,7 +197,7 @@ def test_group_size_changes_speed_not_results(mnist_data, method):
     for task in (0, 4):
         batches = list(stream.test_batches(task, 128, 12))
         results = [evaluate_inferred(model, batches, task,
-                                     InferenceConfig(method=method, objective="entropy", group_size=g))
+                                     InferenceConfig(method=method, objective="entropy", group_size=g), model.candidates())
                    for g in (1, 5, 128)]
         assert results[0] == results[1] == results[2]
         assert results[0].task_inference_acc > 0.5  # real inference, not a degenerate constant
@@ -212,13 +212,13 @@ def test_exact_objectives_equal_each_mask_alone(permuted):
     x = _groups(stream, 2, 3, 4)
     shortlist = torch.tensor([[0, 2, 3], [1, 2, 0], [3, 1, 2]])
     for objective in ("entropy", "g"):
-        exact = inference.exact_objectives(model, x, shortlist, objective=objective, num_classes=10)
+        exact = inference.exact_objectives(model, x, shortlist, model.candidates(), objective=objective, num_classes=10)
         for g in range(3):
             for slot, t in enumerate(shortlist[g].tolist()):
                 with model.use_task(t):
                     ref = exact_score(objective)(model(x[g]).unsqueeze(0), 10)[0]
                 assert torch.allclose(exact[g, slot], ref, rtol=1e-5), (objective, g, t)
-    warm = inference.exact_objectives(model, x, shortlist, objective="entropy", num_classes=10, temperature=2.5)
+    warm = inference.exact_objectives(model, x, shortlist, model.candidates(), objective="entropy", num_classes=10, temperature=2.5)
     with model.use_task(3):
         ref = exact_score("entropy")(model(x[0]).unsqueeze(0) / 2.5, 10)[0]
     assert torch.allclose(warm[0, 2], ref, rtol=1e-5) and not torch.allclose(warm, exact)
@@ -238,7 +238,7 @@ def test_the_refine_temperature_reaches_the_exact_objective(permuted, monkeypatc
     monkeypatch.setattr(inference, "exact_objectives", spy)
     batches = list(stream.test_batches(1, 16, 2))
     cfg = InferenceConfig(method="binary", objective="entropy", num_images=16, refine="exact", refine_temperature=2.0)
-    evaluate_inferred(model, batches, 1, cfg)
+    evaluate_inferred(model, batches, 1, cfg, model.candidates())
     assert seen and set(seen) == {2.0}
 
 
@@ -248,7 +248,7 @@ def test_refine_exact_picks_the_shortlisted_mask_with_the_lowest_objective(permu
     x = torch.cat([_groups(stream, t, 3, 2) for t in range(NUM_TASKS)])  # 12 groups of 2 images
     tasks, steps = inference.infer_tasks(model, x, method=method, objective="entropy", refine="exact",
                                          refine_candidates=NUM_TASKS)
-    exact = inference.exact_objectives(model, x, torch.arange(NUM_TASKS).expand(12, NUM_TASKS), objective="entropy",
+    exact = inference.exact_objectives(model, x, torch.arange(NUM_TASKS).expand(12, NUM_TASKS), model.candidates(), objective="entropy",
                                        num_classes=10)
     assert torch.equal(tasks, exact.argmin(dim=1))
     assert tasks.tolist() == [t for t in range(NUM_TASKS) for _ in range(3)]
@@ -322,7 +322,7 @@ def test_gn_batches_are_inferred_with_the_configured_search():
     picks = {}
     for base in (2.0, 8.0):
         cfg = InferenceConfig(method="binary", objective="entropy", num_images=4, log_base=base)
-        picks[base] = evaluation.infer_batch_masks(model, images, cfg)
+        picks[base] = evaluation.infer_batch_masks(model, images, cfg, model.candidates())
         direct = inference.infer_tasks(model, torch.stack(images), method="binary", objective="entropy",
                                        num_classes=10, log_base=base)[0]
         assert picks[base] == direct.tolist()
@@ -339,9 +339,9 @@ def test_gn_evaluation_infers_among_the_candidates_it_is_given():
     g = torch.Generator().manual_seed(1)
     batches = [(torch.rand(4, 1, 28, 28, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(24)]
     cfg = InferenceConfig(method="one_shot", objective="entropy", num_images=4)
-    whole = evaluate_inferred(model, batches, 2, cfg)
+    whole = evaluate_inferred(model, batches, 2, cfg, model.candidates())
     assert set(whole.inferred_counts) - {0, 1}  # over the whole bank some batch goes to mask 2
-    prefix = evaluate_inferred(model, batches, 2, cfg, candidates=model.candidates(num_banked=2))
+    prefix = evaluate_inferred(model, batches, 2, cfg, model.candidates(num_banked=2))
     assert set(prefix.inferred_counts) <= {0, 1} and prefix.task_inference_acc == 0.0
     # earlier versions' row lists still work, with a warning, and mean the same candidates
     x = torch.stack([b[0] for b in batches[:6]])

@@ -262,7 +262,7 @@ def test_exact_refinement_runs_each_banked_mask_with_its_own_statistics(objectiv
         _train(model, t)
     x = torch.stack([_batches(t, n=1, size=6)[0][0] for t in range(3)])  # (3 groups, 6 images, ...)
     shortlist = torch.tensor([[0, 1, 2], [2, 0, 1], [1, 2, 0]])
-    exact = exact_objectives(model, x, shortlist, objective=objective, num_classes=4)
+    exact = exact_objectives(model, x, shortlist, model.candidates(), objective=objective, num_classes=4)
     for g in range(3):
         for slot, t in enumerate(shortlist[g].tolist()):
             with torch.no_grad(), model.use_task(t):

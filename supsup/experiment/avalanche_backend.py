@@ -170,10 +170,12 @@ def run_supsup(cfg: RunConfig, out_dir, *, resume: bool = False) -> RunResults:
             from ..evaluation import evaluate_per_image
             from ..integrations.avalanche import CachedBatches
 
+            candidates = model.candidates()
             for row, exp in zip(results.tasks, bench.test):
                 batches = list(CachedBatches.evaluation(strategy.data_cache.get(exp.dataset, "eval"),
                                                         batch_size=cfg.eval.batch_size, max_batches=cfg.eval.max_batches))
-                row.acc_inferred_per_image = evaluate_per_image(model, [(b[0], b[1]) for b in batches], cfg.inference)
+                row.acc_inferred_per_image = evaluate_per_image(model, [(b[0], b[1]) for b in batches], cfg.inference,
+                                                             candidates)
         results.eval_seconds += time.perf_counter() - t0
     results.summarise()
     if len(bench.train) in matrix_points(cfg):

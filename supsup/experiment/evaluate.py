@@ -142,10 +142,10 @@ class EvaluationCache:
 
 
 def evaluate_task(cfg: RunConfig, model: SupermaskModel, stream, task_id: int,
-                  mask_to_task: dict[int, int] | None, *, inferred: bool = True,
-                  candidates: Candidates | None = None, cache: EvaluationCache | None = None) -> TaskRow:
+                  mask_to_task: dict[int, int] | None, candidates: Candidates, *, inferred: bool = True,
+                  cache: EvaluationCache | None = None) -> TaskRow:
     """One task's row: GG accuracy, and in GN/NN (if ``inferred``) the task-inferred accuracy
-    per objective, over ``candidates`` (default: the bank and the mask in training). ``mask_to_task`` (NN) maps detected masks to the true tasks they stand for.
+    per objective, among ``candidates`` (:meth:`SupermaskModel.candidates`). ``mask_to_task`` (NN) maps detected masks to the true tasks they stand for.
     ``cache``: what evaluations of the same bank share (GG counts, mask-independent scores);
     with both cached, the task's test set is not even loaded."""
     row = TaskRow(task_id)
@@ -175,7 +175,6 @@ def evaluate_task(cfg: RunConfig, model: SupermaskModel, stream, task_id: int,
         row.acc_given_task, per_batch = evaluate_given_task(model, batches(), task_id)
     if cfg.scenario is Scenario.GG or not inferred:
         return row
-    candidates = model.candidates(include_active=True) if candidates is None else candidates
     only_banked = len(candidates) == candidates.banked  # a prefix of the bank: the state after that many tasks
     for i, objective in enumerate(objectives(cfg)):
         inf = dataclasses.replace(cfg.inference, objective=objective)
@@ -184,8 +183,8 @@ def evaluate_task(cfg: RunConfig, model: SupermaskModel, stream, task_id: int,
         if table is not None:
             res = evaluate_from_table(task_id, table, per_batch)
         else:
-            res = evaluate_inferred(model, batches(), task_id, inf, per_batch_given=per_batch, task_map=task_map,
-                                    candidates=candidates, true_mask=true_mask)
+            res = evaluate_inferred(model, batches(), task_id, inf, candidates, per_batch_given=per_batch,
+                                    task_map=task_map, true_mask=true_mask)
         scores = InferredScores(res.acc_inferred, res.task_inference_acc)
         if i == 0:
             row.inferred = scores
@@ -193,7 +192,7 @@ def evaluate_task(cfg: RunConfig, model: SupermaskModel, stream, task_id: int,
             row.shortlist_recall = res.shortlist_recall
             row.true_rank_counts = res.true_rank_counts
             if cfg.benchmark.labels == "global":  # class-incremental: also the task of each image alone
-                row.acc_inferred_per_image = evaluate_per_image(model, batches(), inf, candidates=candidates)
+                row.acc_inferred_per_image = evaluate_per_image(model, batches(), inf, candidates)
         else:
             row.by_objective[objective] = scores
     return row
@@ -209,7 +208,7 @@ def curve_point(cfg: RunConfig, model: SupermaskModel, stream, num_learned: int,
     t0 = time.perf_counter()
     tasks = sampled_tasks(num_learned, cfg.eval.sample_tasks)
     candidates = model.candidates(num_banked=num_learned) if bank_prefix else model.candidates(include_active=True)
-    rows = [evaluate_task(cfg, model, stream, t, mask_to_task, candidates=candidates, cache=cache) for t in tasks]
+    rows = [evaluate_task(cfg, model, stream, t, mask_to_task, candidates, cache=cache) for t in tasks]
     inferred = not cfg.scenario.task_given_at_test
     point = CurvePoint(num_tasks_learned=num_learned, tasks_evaluated=tasks, summary=Summary.of(rows, inferred=inferred),
                        seconds=time.perf_counter() - t0, rows=rows, inferred=inferred)
@@ -253,7 +252,7 @@ def final_evaluation(cfg: RunConfig, model: SupermaskModel, stream, results: Run
     rows = []
     candidates = model.candidates(include_active=True)
     for task_id in range(num_tasks):
-        row = evaluate_task(cfg, model, stream, task_id, mask_to_task, candidates=candidates,
+        row = evaluate_task(cfg, model, stream, task_id, mask_to_task, candidates,
                             inferred=task_id in inferred_tasks and task_id not in reuse, cache=cache)
         if task_id in reuse:
             old_row = reuse[task_id]

@@ -36,21 +36,12 @@ from ..training import (
 from .backends import BACKENDS
 from .build import build_model, build_stream, resolve_device
 from .distributed import Distributed
-from .evaluate import (
-    EvaluationCache,
-    GivenCounts,
-    accuracy_matrix,
-    curve_point,
-    deferred_evaluation,
-    final_evaluation,
-    matrix_points,
-    sampled_tasks,
-)
+from .evaluate import GivenCounts, deferred_evaluation, final_evaluation
 from .hopsupsup_run import check_hopsupsup, run_hopsupsup_native
 from .loggers import RunLogger
 from .parallel import evaluate_parallel, run_labeled_parallel
-from .report import write_report
-from .results import NNReport, RunResults, TaskRow
+from .results import NNReport, RunResults
+from .run import Run
 from .runlock import RunLockedError, run_lock
 from .runstate import (
     LoopState,
@@ -59,7 +50,6 @@ from .runstate import (
     restore_active_task,
     restore_checkpoint,
     resume_inside_task,
-    write_checkpoint,
 )
 
 __all__ = ["NativeBackend", "nn_report"]
@@ -82,71 +72,50 @@ def nn_report(model: SupermaskModel, state: NNState, check_every: int) -> NNRepo
                     counts={m: dict(d) for m, d in state.counts.items()}, shared_masks=shared)
 
 
-def _log_row(task: int, loss: float, acc: float | None, point, train_s: float, eval_s: float) -> dict:
-    row = {"task": task, "tasks_learned": task + 1, "loss": loss, "acc_given_task": acc,
-           "train_seconds": train_s, "eval_seconds": eval_s}
-    if point is not None:
-        row.update({"mean_acc_given_task": point.summary.mean_acc_given_task,
-                    "mean_acc_inferred": point.summary.inferred.acc_inferred,
-                    "task_inference_acc": point.summary.inferred.task_inference_acc})
-    return row
-
-
-def _run_labeled(cfg: RunConfig, train: TrainConfig, out: Path, model: SupermaskModel, stream, results: RunResults,
-                 loop: LoopState, training: TrainingState | None,
-                 logger: RunLogger, learned: dict[int, GivenCounts], cache: EvaluationCache) -> None:
+def _run_labeled(run: Run, loop: LoopState, training: TrainingState | None) -> None:
     """GG/GN: learn each task with its id, checkpoint after each (and every
-    ``train.checkpoint_every`` steps inside one); ``learned`` collects each task's GG counts
-    right after it was learned, which the points and the final evaluation (sharing ``cache``)
-    reuse."""
-    every = cfg.train.checkpoint_every
+    ``train.checkpoint_every`` steps inside one); each task's GG counts right after it was
+    learned go to ``run.learned``, which the points and the final evaluation reuse."""
+    cfg, model, every = run.cfg, run.model, run.cfg.train.checkpoint_every
     for task_id in range(loop.next_task, cfg.benchmark.num_tasks):
         t0 = time.perf_counter()
         resume = None
         if training is not None and training.step is not None and loop.active_task == task_id:
-            resume, training = resume_inside_task(out, model, task_id, training), None
+            resume, training = resume_inside_task(run.out, model, task_id, training), None
 
         def save(progress: TaskProgress, task_id: int = task_id) -> None:
-            write_checkpoint(out, cfg, model, results, LoopState(task_id, active_task=task_id),
-                             TrainingState.capture(model, progress))
+            run.checkpoint(LoopState(task_id, active_task=task_id), TrainingState.capture(model, progress))
             maybe_crash("inside_task_checkpoint")  # fault injection for the tests (inactive unless asked)
 
-        report = learn_task(model, stream.train_batches(task_id, train.iterations, train.batch_size),
-                            train, max_steps=train.iterations, progress=cfg.progress, resume=resume,
-                            checkpoint_every=every, on_checkpoint=save if every else None,
-                            on_step=logger.log_step if logger.tracks_steps else None)
+        report = learn_task(model, run.train_batches(task_id), run.train, max_steps=run.train.iterations,
+                            progress=cfg.progress, resume=resume, checkpoint_every=every,
+                            on_checkpoint=save if every else None,
+                            on_step=run.logger.log_step if run.logger.tracks_steps else None)
         if report.task_id != task_id:
             raise CheckpointError(f"expected to learn task {task_id}, the model learned {report.task_id}")
         if cfg.benchmark.labels == "global":  # class-incremental: the task answers among its own classes
-            model.set_task_classes(task_id, stream.task_classes(task_id))
+            model.set_task_classes(task_id, run.stream.task_classes(task_id))
         train_s = time.perf_counter() - t0
-        results.train_seconds += train_s
+        run.results.train_seconds += train_s
         t0 = time.perf_counter()
-        acc, per_batch = evaluate_given_task(model, stream.test_batches(task_id, cfg.eval.batch_size,
-                                                                        cfg.eval.max_batches), task_id)
-        learned[task_id] = GivenCounts(acc, per_batch, model.task_sha256(task_id))
-        results.tasks.append(TaskRow(task_id, acc_given_task=acc))
-        point = None
-        if task_id + 1 in matrix_points(cfg):
-            cache.prepare(sampled_tasks(task_id + 1, cfg.eval.sample_tasks))
-            point = curve_point(cfg, model, stream, task_id + 1, cache=cache)
-            results.curve.append(point)
+        acc, per_batch = evaluate_given_task(model, run.test_batches(task_id), task_id)
+        run.learned[task_id] = GivenCounts(acc, per_batch, model.task_sha256(task_id))
+        point = run.point_after(task_id + 1)
         eval_s = time.perf_counter() - t0
-        results.eval_seconds += eval_s
-        logger.log_task(_log_row(task_id, report.loss, acc, point, train_s, eval_s))
-        write_checkpoint(out, cfg, model, results, LoopState(task_id + 1))
+        run.results.eval_seconds += eval_s
+        run.record_task(task_id, report.loss, acc, point, train_s, eval_s)
+        run.checkpoint(LoopState(task_id + 1))
         log.info("task %d: acc_given_task %.4f", task_id, acc)
 
 
-def _run_unlabeled(cfg: RunConfig, train: TrainConfig, out: Path, model: SupermaskModel, stream, results: RunResults,
-                   loop: LoopState,
-                   training: TrainingState | None, logger: RunLogger) -> None:
+def _run_unlabeled(run: Run, loop: LoopState, training: TrainingState | None) -> None:
     """NN: train the stream without task ids; the detector picks the mask of every batch."""
+    cfg, model = run.cfg, run.model
     check_learning_rate(cfg.mask.kind, cfg.train.lr)
     detector = NNDetector(model, cfg.nn, None if loop.nn is None else NNState.from_dict(loop.nn))
     optimizer = None
-    if restore_active_task(out, model, loop, training):  # a mid-stream checkpoint: scores and optimizer state
-        optimizer = make_optimizer(model.trainable_parameters(), train)
+    if restore_active_task(run.out, model, loop, training):  # a mid-stream checkpoint: scores and optimizer state
+        optimizer = make_optimizer(model.trainable_parameters(), run.train)
         optimizer.load_state_dict(training.optimizer)
         if training.sampler is not None:  # a sampled mask kind: where its mask samples had got to
             model.sampler().set_state(training.sampler)
@@ -154,31 +123,30 @@ def _run_unlabeled(cfg: RunConfig, train: TrainConfig, out: Path, model: Superma
             detector.calibration.load_state(training.calibration or {}, model.device)
     for true_task in range(loop.next_task, cfg.benchmark.num_tasks):
         t0 = time.perf_counter()
-        optimizer, loss = train_unlabeled(detector, stream.train_batches(true_task, train.iterations, train.batch_size),
-                                          optimizer, train, true_task=true_task, total=train.iterations,
-                                          progress=cfg.progress)
+        optimizer, loss = train_unlabeled(detector, run.train_batches(true_task), optimizer, run.train,
+                                          true_task=true_task, total=run.train.iterations, progress=cfg.progress)
         train_s = time.perf_counter() - t0
-        results.train_seconds += train_s
-        point = None
-        if true_task + 1 in matrix_points(cfg):
-            # Evaluate the masks detected so far (the one in training included), each mapped
-            # to the true task it mostly saw.
-            point = curve_point(cfg, model, stream, true_task + 1, detector.mask_to_task())
+        run.results.train_seconds += train_s
+        # the masks detected so far (the one in training included), each mapped to the true
+        # task it mostly saw
+        point = run.point_after(true_task + 1, detector.mask_to_task())
+        eval_s = 0.0
+        acc = None
+        if point is not None:
             point.num_detected_tasks = model.num_learned_tasks
-            results.curve.append(point)
-            results.eval_seconds += point.seconds
-        acc = None if point is None else next((r.acc_given_task for r in point.rows if r.task_id == true_task), None)
-        logger.log_task(_log_row(true_task, loss, acc, point, train_s, 0.0 if point is None else point.seconds))
+            eval_s = point.seconds
+            run.results.eval_seconds += eval_s
+            acc = next((r.acc_given_task for r in point.rows if r.task_id == true_task), None)
+        run.record_task(true_task, loss, acc, point, train_s, eval_s, row=False)
         sampler = model.sampler()
         training = TrainingState(scores=[layer.scores for layer in model.masked_layers],
                                  optimizer=optimizer.state_dict(),
                                  sampler=None if sampler is None else sampler.get_state(),
                                  calibration=None if detector.calibration is None else detector.calibration.state())
-        write_checkpoint(out, cfg, model, results,
-                         LoopState(true_task + 1, model.active_task, detector.state.to_dict()), training)
+        run.checkpoint(LoopState(true_task + 1, model.active_task, detector.state.to_dict()), training)
     if model.active_task is not None:
         detector.finish()
-    results.nn = nn_report(model, detector.state, cfg.nn.check_every)
+    run.results.nn = nn_report(model, detector.state, cfg.nn.check_every)
 
 
 def _training_config(cfg: RunConfig, results: RunResults, stream, device, dist: Distributed) -> TrainConfig:
@@ -288,39 +256,24 @@ def _run(cfg: RunConfig, out: Path, resume: bool, device, dist: Distributed, hel
         atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     train = _training_config(cfg, results, stream, device, dist)
     logger = RunLogger(cfg, out, resume_from_task=loop.next_task, enabled=dist.is_main, on_task=on_task)
-    learned: dict[int, GivenCounts] = {}
-    cache = EvaluationCache(cfg, model, stream, learned)
+    run = Run(cfg, train, out, model, stream, results, logger, dist)
     try:
         if cfg.scenario is Scenario.NN:
-            _run_unlabeled(cfg, train, out, model, stream, results, loop, training, logger)
+            _run_unlabeled(run, loop, training)
         elif dist.enabled:
-            run_labeled_parallel(cfg, train, out, model, stream, results, loop, logger, dist, ranks)
+            run_labeled_parallel(run, loop, ranks)
         else:
-            _run_labeled(cfg, train, out, model, stream, results, loop, training, logger, learned, cache)
-        _finish(cfg, out, model, stream, results, dist, cache)
-        if dist.is_main:
-            logger.log_results(results)
-    finally:
-        logger.close()
-    return results
-
-
-def _finish(cfg: RunConfig, out: Path, model: SupermaskModel, stream, results: RunResults, dist: Distributed,
-            cache: EvaluationCache) -> None:
-    """The final evaluation, the accuracy matrix, the bank's size and digest, results.json."""
-    if dist.enabled:
-        evaluate_parallel(cfg, model, stream, results, dist)
-    else:
+            _run_labeled(run, loop, training)
         t0 = time.perf_counter()
-        if cfg.scenario is not Scenario.NN:  # points still missing (deferred, or resumed from several processes)
-            deferred_evaluation(cfg, model, stream, results, cache)
+        if dist.enabled:
+            evaluate_parallel(run)
+        elif cfg.scenario is not Scenario.NN:  # points still missing (deferred, or resumed from several processes)
+            deferred_evaluation(cfg, model, stream, results, run.cache)
         else:
             final_evaluation(cfg, model, stream, results)
-        results.eval_seconds += time.perf_counter() - t0
-    results.accuracy_matrix = accuracy_matrix(cfg, results)
-    results.record_bank(model)
-    if dist.is_main:
-        write_report(out, results)
+        return run.finish(time.perf_counter() - t0)
+    finally:
+        logger.close()
 
 
 BACKENDS.register("native")(NativeBackend())

@@ -6,21 +6,18 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import torch
 
 from .._faults import maybe_crash
 from ..bank import LIKELIHOOD_PREFIX, mask_key, norm_key
-from ..config import RunConfig, TrainConfig
 from ..evaluation import evaluate_given_task
 from ..model import SupermaskModel
 from ..training import fit_active_task, fit_task_likelihood
-from .distributed import Distributed
 from .evaluate import evaluate_task, matrix_points, sampled_tasks
-from .loggers import RunLogger
-from .results import CurvePoint, RunResults, Summary, TaskRow
-from .runstate import LoopState, TrainingState, resume_inside_task, write_checkpoint
+from .results import CurvePoint, Summary, TaskRow
+from .run import Run
+from .runstate import LoopState, TrainingState, resume_inside_task
 
 __all__ = ["evaluate_parallel", "run_labeled_parallel"]
 
@@ -37,14 +34,13 @@ def _row_shapes(model: SupermaskModel) -> dict[str, torch.Tensor]:
     return like
 
 
-def run_labeled_parallel(cfg: RunConfig, train: TrainConfig, out: Path, model: SupermaskModel, stream, results: RunResults,
-                         loop: LoopState,
-                         logger: RunLogger, dist: Distributed, ranks: list[TrainingState] = ()) -> None:
+def run_labeled_parallel(run: Run, loop: LoopState, ranks: list[TrainingState] = ()) -> None:
     """GG/GN: in each round of ``world`` tasks, rank ``r`` learns the round's task ``r``; the
     masks are gathered and banked in order on every rank; rank 0 checkpoints after each round
     and, with ``train.checkpoint_every``, every that many steps inside a full round (every
     rank's task in training; ``ranks``: those states of the checkpoint resumed from, used when
     it was taken by as many processes, else the round starts again: the same result)."""
+    cfg, model, results, dist = run.cfg, run.model, run.results, run.dist
     T = cfg.benchmark.num_tasks
     like = _row_shapes(model)
     if ranks and (loop.world != dist.world or loop.active_task != loop.next_task):
@@ -59,7 +55,7 @@ def run_labeled_parallel(cfg: RunConfig, train: TrainConfig, out: Path, model: S
             t0 = time.perf_counter()
             resume = None
             if ranks:  # the round stopped inside its tasks: this rank's goes on where it was
-                resume, ranks = resume_inside_task(out, model, task, ranks[dist.rank]), []
+                resume, ranks = resume_inside_task(run.out, model, task, ranks[dist.rank]), []
             else:
                 model.add_task(task)
             # inside a full round only: every rank reaches each checkpoint at the same step
@@ -67,14 +63,12 @@ def run_labeled_parallel(cfg: RunConfig, train: TrainConfig, out: Path, model: S
 
             def save(progress, start: int = start) -> None:
                 states = dist.gather(TrainingState.capture(model, progress).to_tensors())
-                if dist.is_main:
-                    write_checkpoint(out, cfg, model, results, LoopState(start, active_task=start, world=dist.world),
-                                     ranks=states)
+                run.checkpoint(LoopState(start, active_task=start, world=dist.world), ranks=states)
                 maybe_crash("inside_task_checkpoint")  # fault injection for the tests (inactive unless asked)
 
             try:
-                report = fit_active_task(model, stream.train_batches(task, train.iterations, train.batch_size),
-                                         train, max_steps=train.iterations, progress=cfg.progress and dist.is_main,
+                report = fit_active_task(model, run.train_batches(task), run.train, max_steps=run.train.iterations,
+                                         progress=cfg.progress and dist.is_main,
                                          resume=resume, checkpoint_every=every, on_checkpoint=save if every else None)
             except BaseException:
                 model.abandon_task()
@@ -97,51 +91,46 @@ def run_labeled_parallel(cfg: RunConfig, train: TrainConfig, out: Path, model: S
         model.import_tasks(state)
         if cfg.benchmark.labels == "global":  # class-incremental: every task answers among its own classes
             for t in range(start, min(start + dist.world, T)):
-                model.set_task_classes(t, stream.task_classes(t))
+                model.set_task_classes(t, run.stream.task_classes(t))
         t0 = time.perf_counter()
         acc = None
         if task < T:
-            acc, _ = evaluate_given_task(model, stream.test_batches(task, cfg.eval.batch_size, cfg.eval.max_batches),
-                                         task)
+            acc, _ = evaluate_given_task(model, run.test_batches(task), task)
         info = dist.gather(None if task >= T else (task, acc, loss, train_s, time.perf_counter() - t0))
         done = sorted(i for i in info if i is not None)
         results.train_seconds += max(i[3] for i in done)  # wall time of the round's training
         results.eval_seconds += max(i[4] for i in done)
         for t, acc_t, loss_t, train_t, eval_t in done:
-            results.tasks.append(TaskRow(t, acc_given_task=acc_t))
-            logger.log_task({"task": t, "tasks_learned": t + 1, "loss": loss_t, "acc_given_task": acc_t,
-                             "train_seconds": train_t, "eval_seconds": eval_t})
+            run.record_task(t, loss_t, acc_t, None, train_t, eval_t)
         next_task = min(start + dist.world, T)
-        if dist.is_main:
-            write_checkpoint(out, cfg, model, results, LoopState(next_task))
+        run.checkpoint(LoopState(next_task))
         log.info("tasks %d-%d learned on %d processes", start, next_task - 1, dist.world)
 
 
-def _sharded_rows(cfg: RunConfig, model: SupermaskModel, stream, pairs: list[tuple[int, int, bool]],
-                  dist: Distributed) -> dict[tuple[int, int], TaskRow]:
+def _sharded_rows(run: Run, pairs: list[tuple[int, int, bool]]) -> dict[tuple[int, int], TaskRow]:
     """Rows of ``(tasks learned n, task, with the task inferred)`` triples (n = the whole bank:
     the final evaluation; smaller n: the bank's first n masks), each evaluated by one rank,
     gathered on all."""
     mine = {}
-    for n, task, inferred in dist.shard(pairs):
-        mine[(n, task)] = evaluate_task(cfg, model, stream, task, None, inferred=inferred,
-                                        candidates=model.candidates(num_banked=n)).to_dict()
+    for n, task, inferred in run.dist.shard(pairs):
+        mine[(n, task)] = evaluate_task(run.cfg, run.model, run.stream, task, None, run.model.candidates(num_banked=n),
+                                        inferred=inferred).to_dict()
     out = {}
-    for part in dist.gather(mine):
+    for part in run.dist.gather(mine):
         out.update({key: TaskRow.from_dict(row) for key, row in part.items()})
     return out
 
 
-def evaluate_parallel(cfg: RunConfig, model: SupermaskModel, stream, results: RunResults, dist: Distributed) -> None:
+def evaluate_parallel(run: Run) -> None:
     """The accuracy-vs-tasks points (from bank prefixes) and the final evaluation, sharded over
     the ranks by (point, task); the same rows as one process computes."""
+    cfg, results = run.cfg, run.results
     T = cfg.benchmark.num_tasks
-    t0 = time.perf_counter()
     points = sorted(n for n in matrix_points(cfg) if n <= T and n not in {p.num_tasks_learned for p in results.curve})
     inferred_tasks = set(sampled_tasks(T, cfg.eval.sample_tasks)) if not cfg.scenario.task_given_at_test else set()
     pairs = [(n, t, True) for n in points if n < T for t in sampled_tasks(n, cfg.eval.sample_tasks)]
     pairs += [(T, t, t in inferred_tasks) for t in range(T)]
-    rows = _sharded_rows(cfg, model, stream, pairs, dist)
+    rows = _sharded_rows(run, pairs)
     inferred = not cfg.scenario.task_given_at_test
     for n in points:
         tasks = sampled_tasks(n, cfg.eval.sample_tasks)
@@ -157,4 +146,3 @@ def evaluate_parallel(cfg: RunConfig, model: SupermaskModel, stream, results: Ru
     if inferred:
         results.record_confusion(final, len(inferred_tasks))
     results.summarise()
-    results.eval_seconds += time.perf_counter() - t0

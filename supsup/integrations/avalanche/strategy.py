@@ -342,7 +342,7 @@ class SupSupStrategy(SupervisedTemplate):
         classified with that mask; one outcome of size 1 per image."""
         model = self.model
         masks = infer_batch_masks(model, list(x.unsqueeze(1)), dataclasses.replace(self.inference_config, num_images=1),
-                                  candidates=model.candidates(include_active=True))
+                                  model.candidates(include_active=True))
         logits = x.new_zeros(x.shape[0], self.num_classes)
         masks_t = torch.tensor(masks, device=x.device)
         for mask in sorted(set(masks)):
@@ -370,8 +370,8 @@ class SupSupStrategy(SupervisedTemplate):
         # Finished masks, plus the one being trained (evaluation during training, or NN):
         # candidate i is mask i.
         own = self.task_to_mask().get(self.task_id_of(self.experience))  # where it ranks: reporting only
-        (self._last_inference,) = infer_batches(model, [x], self.inference_config,
-                                                candidates=model.candidates(include_active=True), true_masks=[own])
+        (self._last_inference,) = infer_batches(model, [x], self.inference_config, model.candidates(include_active=True),
+                                                true_masks=[own])
         self.last_inferred_task = self._last_inference.mask
         return self.last_inferred_task
 
