@@ -566,15 +566,15 @@ def test_resume_inside_a_task_with_batchnorm_and_bernoulli_masks_is_bitwise_iden
     Bernoulli sampler's state; killed right after a checkpoint inside task 1, the resumed run
     ends with the bank and accuracies of the run that was never stopped."""
     sets = ["model.backbone=conv4_bn", "model.num_outputs=10", "inference.objective=entropy",
-            "mask.kind=bernoulli", "train.lr=0.3", "train.iterations=60", "train.batch_size=32",
-            "train.checkpoint_every=20", "benchmark.num_tasks=2", "eval.max_batches=2", "progress=false",
-            "inference.method=likelihood", "inference.likelihood_images=64"]
+            "mask.kind=bernoulli", "train.lr=0.3", "train.iterations=24", "train.batch_size=16",
+            "train.checkpoint_every=8", "benchmark.num_tasks=2", "eval.max_batches=1", "eval.batch_size=64",
+            "progress=false", "inference.method=likelihood", "inference.likelihood_images=32"]
     full, cut = tmp_path / "full", tmp_path / "cut"
     for out, env in ((full, None), (cut, {"SUPSUP_CRASH_AT": "inside_task_checkpoint:3"})):
         r = _cli(["run", "configs/permuted_mnist_gn.yaml", *_sets(sets), "--out", str(out)], env=env)
         assert r.returncode == (0 if env is None else -signal.SIGKILL), r.stderr
     tensors, meta = load_checkpoint(cut)
-    assert meta["loop"] == {"next_task": 1, "active_task": 1} and int(tensors["progress.step"]) == 20
+    assert meta["loop"] == {"next_task": 1, "active_task": 1} and int(tensors["progress.step"]) == 8
     assert len([k for k in tensors if k.startswith("running.")]) == 4 and "sampler" in tensors
     r = _cli(["run", "--resume", str(cut)])
     assert r.returncode == 0, r.stderr
@@ -611,9 +611,9 @@ def test_an_explicit_bf16_that_is_slower_warns_with_both_step_times(mnist_data, 
 def test_nn_resume_on_a_batchnorm_backbone_is_bitwise_identical(mnist_data, tmp_path):
     """The mask in training at an NN checkpoint goes on with its own BatchNorm running statistics
     (add_task starts them afresh: the checkpoint's must be put back after it)."""
-    sets = [*SMALL, "model.backbone=conv4_bn", "benchmark.num_tasks=2", "train.iterations=60",
-            "train.batch_size=32", "inference.method=likelihood", "inference.likelihood_images=64",
-            "eval.max_batches=2"]
+    sets = [*SMALL, "model.backbone=conv4_bn", "benchmark.num_tasks=2", "train.iterations=24",
+            "train.batch_size=16", "inference.method=likelihood", "inference.likelihood_images=32",
+            "eval.max_batches=1", "eval.batch_size=64"]
     full, out = _nn_run_killed_in_its_first_mask_then_resumed(tmp_path, sets)
     ra, rb = (json.loads((d / "results.json").read_text()) for d in (full, out))
     assert ra["bank_sha256"] == rb["bank_sha256"]  # masks, BatchNorm statistics, likelihood statistics
