@@ -156,3 +156,25 @@ def test_mask_overlap_and_density_are_counted_from_the_packed_bank():
     np.testing.assert_allclose(dens[name], [0.5, 0.5, 1.0])
     np.testing.assert_allclose(jac[name], [[1, 15 / 55, 0.5], [15 / 55, 1, 0.5], [0.5, 0.5, 1]])
     np.testing.assert_allclose(mask_densities(bank, [[7, 10]], [2, 0])[name], [1.0, 0.5])
+
+
+def test_results_json_round_trips_its_typed_reports_and_keeps_unknown_keys():
+    """What backends add to results.json (precision choice, communication, baselines, HopSupSup)
+    are typed fields read back as they were written; keys of a newer version are kept as they are."""
+    from supsup.config import Scenario
+    from supsup.experiment.results import BaselineReport, HopSupSupReport, RunResults
+
+    r = RunResults(Scenario.GN, "permuted_mnist", 2, "native", "supsup", "fc1024", precision="bf16",
+                   precision_step_ms={"fp32": 10.0, "bf16": 7.5}, communication_seconds=0.25,
+                   communication_bytes_per_task=39409, data_cache_seconds=1.5,
+                   baseline=BaselineReport({"lr": 0.1}, False, "multi", 1234, 100),
+                   hopsupsup=HopSupSupReport("storkey", [8, 8], 512, 256.0, 2, 30.0, 1.0, [{"task": 0}], [0.5]),
+                   extra={"from_a_newer_version": [1, 2]})
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d["precision"] == "bf16" and d["baseline_hparams"] == {"lr": 0.1} and d["hopsupsup"]["rule"] == "storkey"
+    back = RunResults.from_dict(d)
+    for name in ("precision", "precision_step_ms", "communication_seconds", "communication_bytes_per_task",
+                 "data_cache_seconds", "baseline", "hopsupsup"):
+        assert getattr(back, name) == getattr(r, name), name
+    assert back.extra == {"from_a_newer_version": [1, 2]}
+    assert back.to_dict() == d

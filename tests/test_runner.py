@@ -515,7 +515,7 @@ def test_precision_auto_times_both_and_records_its_choice(mnist_data, tmp_path):
     first = run_experiment(cfg, out)
     assert first["precision"] in ("fp32", "bf16") and set(first["precision_step_ms"]) == {"fp32", "bf16"}
     again = restore_checkpoint(out, cfg, build_model(cfg, torch.device("cpu"))).results
-    assert again.extra["precision"] == first["precision"]
+    assert again.precision == first["precision"]
 
 
 def test_sigkill_inside_a_task_then_resume_is_bitwise_identical(mnist_data, uninterrupted, tmp_path):

@@ -24,7 +24,15 @@ from .build import build_model, resolve_device
 from .evaluate import matrix_points
 from .native import nn_report
 from .report import write_report
-from .results import AccuracyMatrix, CurvePoint, InferredScores, RunResults, Summary, TaskRow
+from .results import (
+    AccuracyMatrix,
+    BaselineReport,
+    CurvePoint,
+    InferredScores,
+    RunResults,
+    Summary,
+    TaskRow,
+)
 
 __all__ = ["AvalancheBackend"]
 
@@ -190,7 +198,7 @@ def run_supsup(cfg: RunConfig, out_dir, *, resume: bool = False) -> RunResults:
     if cfg.scenario is Scenario.NN:
         results.nn = nn_report(model, strategy.nn_state, cfg.nn.check_every)
     results.record_bank(model)
-    results.extra["data_cache_seconds"] = strategy.data_cache.seconds
+    results.data_cache_seconds = strategy.data_cache.seconds
     write_report(out, results)
     return results
 
@@ -262,10 +270,9 @@ def run_baseline(cfg: RunConfig, out_dir, *, resume: bool = False) -> RunResults
     results.accuracy_matrix = AccuracyMatrix(num_tasks_learned=learned, **{kind: rows},
                                              before=None if before is None else {kind: before})
     cache = next(p for p in strategy.plugins if isinstance(p, TensorCachePlugin))
-    results.extra.update({"baseline_hparams": hparams, "accuracy_uses_task_id": uses_task_id, "head": head,
-                          "num_parameters": sum(p.numel() for p in model.parameters()),
-                          "optimizer_steps_per_task": cfg.train.iterations,
-                          "data_cache_seconds": cache.cache.seconds})
+    results.baseline = BaselineReport(hparams, uses_task_id, head, sum(p.numel() for p in model.parameters()),
+                                      cfg.train.iterations)
+    results.data_cache_seconds = cache.cache.seconds
     write_report(out, results)
     return results
 
@@ -317,7 +324,7 @@ def run_hopsupsup(cfg: RunConfig, out_dir, *, resume: bool = False) -> RunResult
         rows, details = evaluate(len(bench.train))
         results.eval_seconds += time.perf_counter() - t0
     finish_results(cfg, results, model, rows, details, points, losses)
-    results.extra["data_cache_seconds"] = strategy.data_cache.seconds
+    results.data_cache_seconds = strategy.data_cache.seconds
     write_report(out, results)
     return results
 

@@ -60,6 +60,7 @@ from .report import write_report
 from .results import (
     AccuracyMatrix,
     CurvePoint,
+    HopSupSupReport,
     InferredScores,
     RunResults,
     Summary,
@@ -168,13 +169,12 @@ def finish_results(cfg: RunConfig, results: RunResults, model: NeuronMaskNet, ro
     results.num_masked_weights = sum(cfg.hopfield.hidden)  # masked neurons
     results.bank_sha256 = hashlib.sha256(state).hexdigest()
     results.peak_rss_bytes = peak_rss_bytes()
-    results.extra["hopsupsup"] = {
-        "rule": cfg.hopfield.rule, "hidden": list(cfg.hopfield.hidden),
-        "store_bytes": model.store_bytes, "store_bytes_per_task": model.store_bytes / T,
-        "explicit_mask_bytes_per_task": mask_bytes(cfg.hopfield.hidden),
-        "mean_recovery_steps": sum(d["recovery_steps"] for d in details) / len(details),
-        "mean_recovery_seconds": sum(d["recovery_seconds"] for d in details) / len(details),
-        "tasks": details, "train_loss_last": losses}
+    results.hopsupsup = HopSupSupReport(
+        rule=cfg.hopfield.rule, hidden=list(cfg.hopfield.hidden), store_bytes=model.store_bytes,
+        store_bytes_per_task=model.store_bytes / T, explicit_mask_bytes_per_task=mask_bytes(cfg.hopfield.hidden),
+        mean_recovery_steps=sum(d["recovery_steps"] for d in details) / len(details),
+        mean_recovery_seconds=sum(d["recovery_seconds"] for d in details) / len(details),
+        tasks=details, train_loss_last=losses)
 
 
 def _save(out: Path, cfg: RunConfig, model: NeuronMaskNet, learned, next_task: int, results: RunResults,

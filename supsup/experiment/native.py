@@ -152,13 +152,13 @@ def _run_unlabeled(run: Run, loop: LoopState, training: TrainingState | None) ->
 def _training_config(cfg: RunConfig, results: RunResults, stream, device, dist: Distributed) -> TrainConfig:
     """``cfg.train`` with ``precision: auto`` resolved: bf16 only if a few timed steps of a
     throwaway copy of the model are faster in it here (rank 0 decides for every rank). The
-    choice and the timings are recorded in the results (``extra.precision``); a resumed run keeps
+    choice and the timings are recorded in the results (``precision``); a resumed run keeps
     its recorded choice, so that it goes on as it started. An explicit ``bf16`` is timed the same
     way once and warns when it is the slower."""
     asked = cfg.train.precision
-    if asked == "fp32" or (asked == "bf16" and "precision_step_ms" in results.extra):
+    if asked == "fp32" or (asked == "bf16" and results.precision_step_ms is not None):
         return cfg.train
-    chosen = results.extra.get("precision") if asked == "auto" else None
+    chosen = results.precision if asked == "auto" else None
     if chosen is None:
         timings = None
         if dist.is_main:
@@ -173,8 +173,8 @@ def _training_config(cfg: RunConfig, results: RunResults, stream, device, dist: 
                               f"{timings['bf16']:.1f} ms against {timings['fp32']:.1f} ms): train.precision=auto "
                               "picks the faster", UserWarning, stacklevel=2)
         chosen, timings = dist.broadcast((chosen, timings))
-        results.extra.update({"precision": chosen if asked == "auto" else asked, "precision_step_ms": timings})
-    return dataclasses.replace(cfg.train, precision=results.extra["precision"])
+        results.precision, results.precision_step_ms = chosen if asked == "auto" else asked, timings
+    return dataclasses.replace(cfg.train, precision=results.precision)
 
 
 class NativeBackend:

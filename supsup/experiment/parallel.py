@@ -80,9 +80,8 @@ def run_labeled_parallel(run: Run, loop: LoopState, ranks: list[TrainingState] =
             loss, train_s = report.loss, time.perf_counter() - t0
         t0 = time.perf_counter()
         gathered = [g for g in dist.gather_task_rows(rows, like) if g is not None]
-        results.extra["communication_seconds"] = results.extra.get("communication_seconds", 0.0) + (
-            time.perf_counter() - t0)
-        results.extra["communication_bytes_per_task"] = 1 + sum(v.numel() * v.element_size() for v in like.values())
+        results.communication_seconds = (results.communication_seconds or 0.0) + time.perf_counter() - t0
+        results.communication_bytes_per_task = 1 + sum(v.numel() * v.element_size() for v in like.values())
         state = {k: torch.cat([g[k] for g in gathered]) for k in like}
         # likelihood statistics differ in shape from task to task: sent as objects, in rank order
         round_stats = [g for g in dist.gather(stats) if g is not None]

@@ -9,6 +9,7 @@ versions, which lack the newer keys).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from ..version import __version__
 if TYPE_CHECKING:  # annotations only: results are data, they do not need the model at run time
     from ..model import SupermaskModel
 
-__all__ = ["AccuracyMatrix", "CurvePoint", "InferredScores", "NNReport", "RunResults", "Summary", "TaskRow",
+__all__ = ["AccuracyMatrix", "BaselineReport", "CurvePoint", "HopSupSupReport", "InferredScores", "NNReport", "RunResults", "Summary", "TaskRow",
            "peak_rss_bytes", "safe_mean"]
 
 
@@ -288,13 +289,63 @@ class NNReport:
                    shared_masks={int(m): [int(t) for t in v] for m, v in d.get("nn_shared_masks", {}).items()})
 
 
+@dataclass
+class BaselineReport:
+    """What an Avalanche baseline run reports besides its accuracies."""
+
+    hparams: dict[str, Any]
+    accuracy_uses_task_id: bool
+    head: str
+    num_parameters: int
+    optimizer_steps_per_task: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"baseline_hparams": self.hparams, "accuracy_uses_task_id": self.accuracy_uses_task_id,
+                "head": self.head, "num_parameters": self.num_parameters,
+                "optimizer_steps_per_task": self.optimizer_steps_per_task}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BaselineReport | None:
+        if "baseline_hparams" not in d:
+            return None
+        return cls(d["baseline_hparams"], bool(d["accuracy_uses_task_id"]), d["head"], int(d["num_parameters"]),
+                   int(d["optimizer_steps_per_task"]))
+
+
+@dataclass
+class HopSupSupReport:
+    """What a HopSupSup run reports besides its accuracies: its Hopfield stores, and how the
+    masks were recovered (``tasks``: per task, its recovery steps, seconds and Hamming distances)."""
+
+    rule: str
+    hidden: list[int]
+    store_bytes: int
+    store_bytes_per_task: float
+    explicit_mask_bytes_per_task: int
+    mean_recovery_steps: float
+    mean_recovery_seconds: float
+    tasks: list[dict[str, Any]]
+    train_loss_last: list[float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> HopSupSupReport | None:
+        return None if d is None else cls(**d)
+
+
 _HEAD_KEYS = ("scenario", "benchmark", "num_tasks", "backend", "method", "backbone")
+#: optional top-level keys of results.json that are typed fields of RunResults, written as they are
+_OPTIONAL_KEYS = ("precision", "precision_step_ms", "communication_seconds", "communication_bytes_per_task",
+                  "data_cache_seconds")
 
 
 @dataclass
 class RunResults:
-    """Everything a run reports (``results.json``). ``extra`` holds backend-specific keys
-    (e.g. a baseline's hyperparameters) written as they are."""
+    """Everything a run reports (``results.json``). ``extra`` holds the keys of a results.json
+    that this version does not know (written by a newer one), kept and written back as they are;
+    nothing in this version writes to it."""
 
     scenario: Scenario
     benchmark: str
@@ -317,6 +368,16 @@ class RunResults:
     #: task_confusion[true task][inferred task] = test batches (GN/NN, the first objective)
     task_confusion: dict[int, dict[int, int]] | None = None
     supsup_version: str = __version__
+    #: ``train.precision: auto``'s choice, and the timed training steps it was made on (native)
+    precision: str | None = None
+    precision_step_ms: dict[str, float] | None = None
+    #: torchrun: seconds spent gathering the round's masks, and the bytes one task sends
+    communication_seconds: float | None = None
+    communication_bytes_per_task: int | None = None
+    #: Avalanche: seconds spent turning experiences into cached tensors
+    data_cache_seconds: float | None = None
+    baseline: BaselineReport | None = None
+    hopsupsup: HopSupSupReport | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -378,6 +439,11 @@ class RunResults:
         if self.task_confusion is not None:
             d["task_confusion"] = {str(t): {str(i): c for i, c in sorted(row.items())}
                                    for t, row in sorted(self.task_confusion.items())}
+        d.update({k: getattr(self, k) for k in _OPTIONAL_KEYS if getattr(self, k) is not None})
+        if self.baseline is not None:
+            d.update(self.baseline.to_dict())
+        if self.hopsupsup is not None:
+            d["hopsupsup"] = self.hopsupsup.to_dict()
         d.update(self.extra)
         return d
 
@@ -389,7 +455,10 @@ class RunResults:
                                    "tasks_inferred", "peak_rss_bytes", "nn_allocations", "mask_to_task",
                                    "nn_counts", "nn_shared_masks", "accuracy_matrix", "task_confusion",
                                    "average_accuracy", "bwt", "forgetting", "fwt", "acc_inferred_per_image",
-                                   "shortlist_recall", "mean_true_rank"}
+                                   "shortlist_recall", "mean_true_rank", "hopsupsup", *_OPTIONAL_KEYS}
+        baseline = BaselineReport.from_dict(d)
+        if baseline is not None:
+            known |= set(baseline.to_dict())
         known |= {k for k in d if k.startswith(("mean_acc_inferred_", "task_inference_acc_"))}
         return cls(scenario=Scenario(d["scenario"]), benchmark=d["benchmark"], num_tasks=int(d["num_tasks"]),
                    backend=d.get("backend", "native"), method=d.get("method", "supsup"), backbone=d.get("backbone", ""),
@@ -402,4 +471,6 @@ class RunResults:
                    task_confusion={int(t): {int(i): int(c) for i, c in row.items()}
                                    for t, row in d["task_confusion"].items()} if d.get("task_confusion") else None,
                    supsup_version=d.get("supsup_version", "unknown"),
+                   **{k: d[k] for k in _OPTIONAL_KEYS if k in d}, baseline=baseline,
+                   hopsupsup=HopSupSupReport.from_dict(d.get("hopsupsup")),
                    extra={k: v for k, v in d.items() if k not in known})
