@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from .config import PRECISIONS, TrainConfig
 from .model import SupermaskModel
 from .optim import OPTIMIZERS
 
-__all__ = ["CalibrationBuffer", "TaskReport", "fit_active_task", "fit_task_likelihood", "learn_task", "make_optimizer", "make_scheduler", "training_autocast", "train_loss",
+__all__ = ["CalibrationBuffer", "StepTime", "TaskReport", "fit_active_task", "fit_task_likelihood", "learn_task", "make_optimizer", "make_scheduler", "training_autocast", "train_loss",
            "train_steps", "train_task"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -116,22 +117,26 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps: in
 def train_steps(model: SupermaskModel, optimizer: torch.optim.Optimizer, batches: Iterable[Batch],
                 *, total: int | None = None, desc: str = "", progress: bool = True,
                 precision: str = "fp32", scheduler=None, start: int = 0, recent: list[float] | None = None,
-                on_step: Callable[[int, list[float]], None] | None = None) -> float:
+                on_step: Callable[[int, list[float]], None] | None = None, step_time: StepTime | None = None) -> float:
     """Cross-entropy steps on the active task (``scheduler`` stepped after each); returns the
     mean loss of the last 50 steps. A task resumed inside its training continues at step
     ``start`` with the losses it had (``recent``); ``on_step(steps done, recent losses)`` runs
-    after every step (checkpoints)."""
+    after every step (checkpoints); ``step_time`` sums the seconds inside the steps (forward,
+    backward, update, up to the loss on the host), leaving out data, progress and callbacks."""
     model.train_mode()
     recent = list(recent or [])
     bar = tqdm(batches, total=total, initial=start, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for step, (x, y) in enumerate(bar, start=start):
+        t0 = time.perf_counter()
         loss = train_loss(model, x, y, precision)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        recent.append(loss.item())
+        recent.append(loss.item())  # waits for the step on a GPU: the step's time ends here
+        if step_time is not None:
+            step_time.seconds += time.perf_counter() - t0
         recent = recent[-50:]
         if step % 20 == 0:
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
@@ -233,13 +238,22 @@ class TaskProgress:
 
 @dataclass(frozen=True)
 class TaskReport:
-    """What learning a task did: its id, the mean loss of its last 50 steps, its steps, and its
-    last training images (when the model keeps likelihood statistics)."""
+    """What learning a task did: its id, the mean loss of its last 50 steps, its steps, its
+    last training images (when the model keeps likelihood statistics) and the seconds spent
+    inside its optimizer steps (:class:`StepTime`)."""
 
     task_id: int
     loss: float
     steps: int
     calibration: CalibrationBuffer | None = None
+    step_seconds: float = 0.0
+
+
+@dataclass
+class StepTime:
+    """Seconds spent inside optimizer steps, summed (what a run adds around them is the rest)."""
+
+    seconds: float = 0.0
 
 
 #: The learning rates measured to let a mask kind learn, where the paper's 1e-4 does not: RMSprop
@@ -360,8 +374,9 @@ def fit_active_task(model: SupermaskModel, batches: Iterable[Batch], cfg: TrainC
                                    scheduler=None if scheduler is None else scheduler.state_dict(),
                                    calibration={} if buffer is None else buffer.state()))
 
+    step_time = StepTime()
     loss = train_steps(model, optimizer, counting(stream), total=steps, desc=f"task {task_id}", progress=progress,
                        precision=cfg.precision, scheduler=scheduler, start=start, recent=recent,
                        on_step=after_step if on_step is not None or (checkpoint_every and on_checkpoint is not None)
-                       else None)
-    return TaskReport(task_id=task_id, loss=loss, steps=counted[0], calibration=buffer)
+                       else None, step_time=step_time)
+    return TaskReport(task_id=task_id, loss=loss, steps=counted[0], calibration=buffer, step_seconds=step_time.seconds)

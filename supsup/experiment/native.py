@@ -97,6 +97,7 @@ def _run_labeled(run: Run, loop: LoopState, training: TrainingState | None) -> N
             model.set_task_classes(task_id, run.stream.task_classes(task_id))
         train_s = time.perf_counter() - t0
         run.results.train_seconds += train_s
+        run.results.train_step_seconds = (run.results.train_step_seconds or 0.0) + report.step_seconds
         t0 = time.perf_counter()
         acc, per_batch = evaluate_given_task(model, run.test_batches(task_id), task_id)
         run.learned[task_id] = GivenCounts(acc, per_batch, model.task_sha256(task_id))

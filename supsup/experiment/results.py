@@ -337,7 +337,7 @@ class HopSupSupReport:
 
 _HEAD_KEYS = ("scenario", "benchmark", "num_tasks", "backend", "method", "backbone")
 #: optional top-level keys of results.json that are typed fields of RunResults, written as they are
-_OPTIONAL_KEYS = ("precision", "precision_step_ms", "communication_seconds", "communication_bytes_per_task",
+_OPTIONAL_KEYS = ("train_step_seconds", "precision", "precision_step_ms", "communication_seconds", "communication_bytes_per_task",
                   "data_cache_seconds")
 
 
@@ -368,6 +368,9 @@ class RunResults:
     #: task_confusion[true task][inferred task] = test batches (GN/NN, the first objective)
     task_confusion: dict[int, dict[int, int]] | None = None
     supsup_version: str = __version__
+    #: of ``train_seconds``, the seconds inside the optimizer steps (native GG/GN, one process):
+    #: the rest is what the run adds around them (data, logging, progress, checkpoints, fits)
+    train_step_seconds: float | None = None
     #: ``train.precision: auto``'s choice, and the timed training steps it was made on (native)
     precision: str | None = None
     precision_step_ms: dict[str, float] | None = None
