@@ -355,7 +355,10 @@ def test_avalanche_backend_reproduces_native_runner(tmp_path, mnist_data, scenar
     the same GN protocol (supsup.evaluation) to the same numbers."""
     native = run_experiment(_split_cfg(f"scenario={scenario}", *extra), tmp_path / "native")
     aval = run_experiment(_split_cfg(f"scenario={scenario}", "backend=avalanche", *extra), tmp_path / "aval")
-    assert set(native) <= set(aval)
+    # the native loop times its own optimizer steps; Avalanche's loop is Avalanche's
+    assert set(native) - {"train_step_seconds"} <= set(aval)
+    if scenario != "NN":  # GG/GN: the steps are part of a task's training time
+        assert 0 < native["train_step_seconds"] <= native["train_seconds"]
     assert [r["acc_given_task"] for r in aval["tasks"]] == [r["acc_given_task"] for r in native["tasks"]]
     assert aval["mean_acc_given_task"] > 0.7
     saved = json.loads((tmp_path / "aval" / "results.json").read_text())
